@@ -1,0 +1,34 @@
+# The two commands of the README. Each sets up what it needs on a fresh machine with only Python.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: smoke test lint venv clean
+
+smoke: $(VENV)/.runtime-installed
+	$(VENV)/bin/envcheck gpu-smoke
+
+test: $(VENV)/.test-installed
+	$(PY) -m pytest tests/unit tests/integration $(PYTEST_ARGS)
+
+lint: $(VENV)/.test-installed
+	$(VENV)/bin/ruff check envcheck model scripts tests
+
+venv: $(PY)
+
+$(PY):
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "envcheck needs Python >= 3.11"'
+	$(PYTHON) -m venv $(VENV) || { scripts/install_system_packages.sh python3-venv && $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.runtime-installed: $(PY) pyproject.toml
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test-installed: $(PY) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.runtime-installed
+
+clean:
+	rm -rf $(VENV) .pytest_cache

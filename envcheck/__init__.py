@@ -1,0 +1,3 @@
+"""envcheck: GPU container environment and diagnostics toolkit."""
+
+__version__ = "0.1.0"
