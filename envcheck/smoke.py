@@ -20,7 +20,8 @@ MODEL_SMOKE_ARGV = [sys.executable, "-m", "model.smoke", "--json"]
 MODEL_CHECK_IDS = ("model.load", "model.parity", "model.generate")
 
 
-def gpu_smoke(*, timeout_s: float = 600.0, run: Runner = runner_module.run) -> Report:
+def gpu_smoke(*, timeout_s: float = 600.0, run: Runner | None = None) -> Report:
+    run = run or runner_module.run  # looked up per call, so tests can replace the seam
     result = run(MODEL_SMOKE_ARGV, timeout_s)
     model_report, problem = parse_model_report(result)
     if problem is not None:

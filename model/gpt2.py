@@ -208,6 +208,6 @@ def check_ids(ids_BT, cfg: GPT2Config, *, extra_positions: int = 0) -> None:
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
     total = shape[1] + extra_positions
     if total > cfg.n_positions:
-        raise ValueError(
-            f"sequence length {total} exceeds the context length n_positions={cfg.n_positions}"
-        )
+        what = f"sequence length {total}" if not extra_positions else (
+            f"prompt length {shape[1]} + {extra_positions} new tokens = {total}")
+        raise ValueError(f"{what} exceeds the context length n_positions={cfg.n_positions}")

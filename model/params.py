@@ -84,7 +84,9 @@ def read_config(path: Path) -> GPT2Config:
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; a checkpoint needs {CONFIG_FILE}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path}: unreadable config ({error}); re-save the checkpoint") from None
+        raise CheckpointError(
+            f"{path}: unreadable config ({error}); re-save the checkpoint"
+        ) from None
     if not isinstance(hf, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     try:

@@ -3,7 +3,7 @@
 Writes model/data/tiny-gpt2/{config.json, model.safetensors, golden.npz, golden.json}: a small
 random GPT-2 (seeded, save_pretrained layout) plus HF's float32 logits for fixed ids and HF's
 greedy continuation. `python -m model.smoke` checks our loader and forward against these.
-Run: .venv/bin/python scripts/make_tiny_checkpoint.py  (needs the `test` extra: torch, transformers)
+Run: .venv/bin/python -m scripts.make_tiny_checkpoint  (needs the `test` extra: torch, transformers)
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import transformers
 
+from scripts.hf_oracle import save_random_gpt2
+
 TINY = dict(vocab_size=8192, n_positions=256, n_embd=64, n_layer=3, n_head=4)
 SEED = 20261121
 IDS_SHAPE = (2, 16)
@@ -23,13 +25,7 @@ NEW_TOKENS = 16
 
 
 def build(out_dir: Path) -> dict:
-    torch.manual_seed(SEED)
-    config = transformers.GPT2Config(
-        **TINY, bos_token_id=TINY["vocab_size"] - 1, eos_token_id=TINY["vocab_size"] - 1,
-        attn_implementation="eager",
-    )
-    hf = transformers.GPT2LMHeadModel(config).eval()
-    hf.save_pretrained(out_dir, safe_serialization=True)
+    hf = save_random_gpt2(out_dir, SEED, **TINY)
     ids_BT = np.random.default_rng(SEED).integers(0, TINY["vocab_size"], IDS_SHAPE)
     with torch.no_grad():
         logits_BTV = hf(torch.from_numpy(ids_BT)).logits.numpy().astype(np.float32)

@@ -1,0 +1,113 @@
+"""`envcheck gpu-smoke` through click's CliRunner with a fake runner at the subprocess seam:
+verdicts, exact exit codes, JSON schema; plus the README/help meta-checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from envcheck import smoke
+from envcheck.cli import cli
+from envcheck.runner import RunResult
+from tests.conftest import REPO
+
+
+def model_report(backend="cpu", parity="pass", diff=4.8e-7):
+    checks = [
+        {"id": "model.load", "status": "pass", "summary": "tiny-gpt2: 3 layers"},
+        {"id": "model.parity", "status": parity, "summary": f"max |Δ| {diff:.2e}",
+         "max_abs_diff": diff, "tolerance": 1e-4,
+         "fix": None if parity == "pass" else "the device computes wrong numbers"},
+        {"id": "model.generate", "status": "pass", "summary": "greedy equal", "tokens_per_s": 99.0},
+    ]
+    return {
+        "schema": "envcheck.model-smoke/v1", "ok": parity == "pass", "impl": "reference",
+        "checkpoint": "x", "checks": checks, "timings_s": {"forward": 0.001, "generate": 0.3},
+        "device": {"backend": backend, "device_kind": "NVIDIA H100 80GB HBM3" if backend == "gpu"
+                   else "cpu", "device_count": 1, "jax": "0.10.2"},
+    }
+
+
+def invoke(monkeypatch, result: RunResult, *args):
+    calls = []
+
+    def fake_run(argv, timeout_s, env=None):
+        calls.append((argv, timeout_s))
+        return result
+
+    monkeypatch.setattr(smoke.runner_module, "run", fake_run)
+    outcome = CliRunner().invoke(cli, ["gpu-smoke", *args])
+    return outcome, calls
+
+
+def ok(report) -> RunResult:
+    return RunResult(0 if report["ok"] else 1, "progress noise\n" + json.dumps(report), "")
+
+
+def test_cpu_fallback_is_labelled_and_exits_0(monkeypatch):
+    outcome, calls = invoke(monkeypatch, ok(model_report()), "--timeout-s", "42")
+    assert outcome.exit_code == 0, outcome.output
+    assert calls[0][0][1:] == ["-m", "model.smoke", "--json"] and calls[0][1] == 42
+    assert "WARN jax.backend" in outcome.output and "CPU fallback" in outcome.output
+    assert outcome.output.strip().splitlines()[-1].startswith("VERDICT cpu-fallback")
+
+
+def test_require_gpu_turns_fallback_into_exit_1(monkeypatch):
+    outcome, _ = invoke(monkeypatch, ok(model_report()), "--require-gpu")
+    assert outcome.exit_code == 1
+
+
+def test_gpu_verdict(monkeypatch):
+    outcome, _ = invoke(monkeypatch, ok(model_report(backend="gpu")), "--require-gpu", "--json")
+    assert outcome.exit_code == 0
+    report = json.loads(outcome.output)
+    assert report["schema"] == "envcheck.smoke/v1" and report["verdict"] == "gpu"
+    assert report["device"]["device_kind"] == "NVIDIA H100 80GB HBM3"
+    assert report["model"]["max_abs_diff"] == 4.8e-7
+    assert [c["id"] for c in report["checks"]] == ["jax.backend", "model.load", "model.parity",
+                                                   "model.generate"]
+
+
+def test_wrong_numerics_fail_with_the_fix(monkeypatch):
+    outcome, _ = invoke(monkeypatch, ok(model_report(backend="gpu", parity="fail", diff=0.3)))
+    assert outcome.exit_code == 1
+    assert "FAIL model.parity" in outcome.output
+    assert "fix: the device computes wrong numbers" in outcome.output
+    assert "VERDICT fail" in outcome.output
+
+
+@pytest.mark.parametrize("result,summary", [
+    (RunResult(1, "", "Traceback ...\nImportError: no jax"), "gave no report (exit code 1)"),
+    (RunResult(124, "", "timed out after 600 s"), "timed out"),
+    (RunResult(0, '{"schema": "other"}', ""), "gave no report (exit code 0)"),
+])
+def test_a_broken_model_run_is_one_failed_check(monkeypatch, result, summary):
+    outcome, _ = invoke(monkeypatch, result, "--json")
+    assert outcome.exit_code == 1
+    report = json.loads(outcome.output)
+    assert report["verdict"] == "fail"
+    assert report["checks"][0]["id"] == "model.run" and summary in report["checks"][0]["summary"]
+
+
+def test_bad_option_is_a_usage_error():
+    outcome = CliRunner().invoke(cli, ["gpu-smoke", "--timeout-s", "0"])
+    assert outcome.exit_code == 2 and "--timeout-s" in outcome.output
+
+
+def all_commands():
+    return sorted(cli.commands)
+
+
+@pytest.mark.parametrize("name", all_commands())
+def test_every_command_has_help_and_is_in_the_readme(name):
+    outcome = CliRunner().invoke(cli, [name, "--help"])
+    assert outcome.exit_code == 0 and "Example:" in outcome.output
+    assert f"envcheck {name}" in (REPO / "README.md").read_text()
+
+
+def test_every_check_id_is_documented_in_the_readme():
+    readme = (REPO / "README.md").read_text()
+    for check_id in ("jax.backend", "model.run", *smoke.MODEL_CHECK_IDS):
+        assert f"`{check_id}`" in readme, check_id

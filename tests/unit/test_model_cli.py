@@ -1,0 +1,117 @@
+"""`python -m model.logits|generate|smoke` as users run them: real subprocesses, exact exit codes,
+one-line errors and never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, TINY
+
+
+def run_module(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300, check=False)
+
+
+def assert_one_line_error(done, *fragments):
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_logits_writes_hf_golden_logits(tmp_path):
+    golden = np.load(TINY / "golden.npz")
+    np.save(tmp_path / "ids.npy", golden["ids_BT"])
+    done = run_module("model.logits", "--checkpoint", str(TINY), "--ids",
+                      str(tmp_path / "ids.npy"), "--out", str(tmp_path / "logits.npy"))
+    assert done.returncode == 0, done.stderr
+    logits_BTV = np.load(tmp_path / "logits.npy")
+    assert logits_BTV.dtype == np.float32 and logits_BTV.shape == (2, 16, 8192)
+    assert np.abs(logits_BTV - golden["logits_BTV"]).max() < 1e-4
+
+
+@pytest.mark.parametrize("ids,fragment", [
+    (np.array([[5, 9000]]), "token id 9000 is outside the vocabulary [0, 8192)"),
+    (np.zeros((1, 300), np.int64), "sequence length 300 exceeds the context length"),
+])
+def test_logits_bad_ids_leave_no_output(tmp_path, ids, fragment):
+    np.save(tmp_path / "ids.npy", ids)
+    done = run_module("model.logits", "--checkpoint", str(TINY), "--ids",
+                      str(tmp_path / "ids.npy"), "--out", str(tmp_path / "logits.npy"))
+    assert_one_line_error(done, fragment)
+    assert list(tmp_path.iterdir()) == [tmp_path / "ids.npy"]
+
+
+def test_logits_missing_ids_file(tmp_path):
+    done = run_module("model.logits", "--checkpoint", str(TINY), "--ids",
+                      str(tmp_path / "nope.npy"), "--out", str(tmp_path / "out.npy"))
+    assert_one_line_error(done, "nope.npy: no such ids file")
+
+
+def test_generate_greedy_json_matches_golden():
+    golden = np.load(TINY / "golden.npz")
+    prompt = ",".join(str(i) for i in golden["ids_BT"][0])
+    done = run_module("model.generate", "--checkpoint", str(TINY), "--prompt-ids", prompt,
+                      "--max-new-tokens", "16", "--greedy", "--json")
+    assert done.returncode == 0, done.stderr
+    assert "RuntimeWarning" not in done.stderr
+    report = json.loads(done.stdout)
+    assert report["ids"] == golden["greedy_BS"][0].tolist()
+    assert report["new_ids"] == golden["greedy_BS"][0, 16:].tolist()
+
+
+def test_generate_text_output_is_the_ids():
+    done = run_module("model.generate", "--checkpoint", str(TINY), "--prompt-ids", "1,2,3",
+                      "--max-new-tokens", "4", "--top-k", "5", "--seed", "1")
+    assert done.returncode == 0, done.stderr
+    ids = [int(i) for i in done.stdout.strip().split(",")]
+    assert ids[:3] == [1, 2, 3] and len(ids) == 7
+
+
+def test_generate_truncated_checkpoint(tmp_path):
+    for name in ("config.json", "model.safetensors"):
+        data = (TINY / name).read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 2] if name.endswith("tensors") else data)
+    done = run_module("model.generate", "--checkpoint", str(tmp_path), "--prompt-ids", "1",
+                      "--max-new-tokens", "2")
+    assert_one_line_error(done, "model.safetensors: truncated")
+
+
+def test_generate_bad_prompt():
+    done = run_module("model.generate", "--checkpoint", str(TINY), "--prompt-ids", "1,x",
+                      "--max-new-tokens", "2")
+    assert_one_line_error(done, "expected comma-separated integers")
+
+
+def test_smoke_json_passes_on_this_machine():
+    done = run_module("model.smoke", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["schema"] == "envcheck.model-smoke/v1" and report["ok"] is True
+    assert [c["id"] for c in report["checks"]] == ["model.load", "model.parity", "model.generate"]
+    assert report["checks"][1]["max_abs_diff"] < 1e-4
+    assert report["device"]["backend"] in ("cpu", "gpu")
+
+
+def test_smoke_fails_with_exit_1_when_golden_disagrees(tmp_path):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((TINY / name).read_bytes())
+    golden = dict(np.load(TINY / "golden.npz"))
+    golden["logits_BTV"] = golden["logits_BTV"] + 0.01
+    np.savez(tmp_path / "golden.npz", **golden)
+    done = run_module("model.smoke", "--checkpoint", str(tmp_path))
+    assert done.returncode == 1, done.stderr
+    assert "FAIL  model.parity" in done.stdout and done.stdout.strip().endswith("FAILED")
+
+
+def test_smoke_without_golden_is_a_usage_error(tmp_path):
+    done = run_module("model.smoke", "--checkpoint", str(tmp_path))
+    assert_one_line_error(done, "no golden.npz")
