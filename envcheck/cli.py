@@ -56,7 +56,8 @@ def render_smoke(report: Report, console: Console) -> None:
         device = report.facts["device"]
         timings_s = model["timings_s"]
         console.print(
-            f"model: impl {model['impl']} on {device['backend']} ({device['device_kind']}), "
+            f"model: attention {model['impl']} → {model['impl_used']} on {device['backend']} "
+            f"({device['device_kind']}), "
             f"max |Δlogit| vs HF {model['max_abs_diff']:.2e}, forward "
             f"{timings_s['forward'] * 1e3:.2f} ms, greedy decode "
             f"{model['generate_tokens_per_s']} tok/s"

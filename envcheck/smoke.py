@@ -17,7 +17,7 @@ from envcheck.report import Check, Report
 from envcheck.runner import Runner, RunResult
 
 MODEL_SMOKE_ARGV = [sys.executable, "-m", "model.smoke", "--json"]
-MODEL_CHECK_IDS = ("model.load", "model.parity", "model.generate")
+MODEL_CHECK_IDS = ("model.load", "model.parity", "model.generate", "model.attention")
 
 
 def gpu_smoke(*, timeout_s: float = 600.0, run: Runner | None = None) -> Report:
@@ -68,7 +68,8 @@ def model_check(raw: dict[str, Any]) -> Check:
 def model_facts(model_report: dict[str, Any]) -> dict[str, Any]:
     by_id = {c["id"]: c for c in model_report["checks"]}
     return {
-        "impl": model_report["impl"],
+        "impl": model_report["impl"], "impl_used": model_report["impl_used"],
+        "attention": by_id["model.attention"].get("implementations", []),
         "max_abs_diff": by_id["model.parity"].get("max_abs_diff"),
         "tolerance": by_id["model.parity"].get("tolerance"),
         "generate_tokens_per_s": by_id["model.generate"].get("tokens_per_s"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -22,6 +23,13 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         print(f"error: {error}", file=sys.stderr)
         code = EXIT_USAGE
     sys.exit(code)
+
+
+def add_impl_option(parser: argparse.ArgumentParser) -> None:
+    from model.attention import CHOICES
+
+    parser.add_argument("--impl", default="auto", choices=CHOICES,
+                        help="attention implementation (auto: the best for this backend)")
 
 
 def parse_ids(text: str) -> np.ndarray:

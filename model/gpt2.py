@@ -117,7 +117,7 @@ class Attention(nnx.Module):
         self.c_attn = _linear(cfg.n_embd, 3 * cfg.n_embd, dtype, rngs)
         self.c_proj = _linear(cfg.n_embd, cfg.n_embd, dtype, rngs)
 
-    def __call__(self, x_BTD, kv_cache=None, pos=0, impl="reference"):
+    def __call__(self, x_BTD, kv_cache=None, pos=0, impl="auto"):
         """kv_cache: None, or (k_BSNH, v_BSNH) preallocated; this call writes its keys/values at
         [pos, pos+T) and attends over the whole cache (keys past pos+T are masked causally)."""
         B, T, D = x_BTD.shape
@@ -141,7 +141,7 @@ class Block(nnx.Module):
         self.ln_2 = _layer_norm(cfg, dtype, rngs)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_BTD, kv_cache=None, pos=0, impl="reference"):
+    def __call__(self, x_BTD, kv_cache=None, pos=0, impl="auto"):
         # Pre-LN residual block: x += attn(ln_1(x)); x += mlp(ln_2(x)).
         attn_BTD, kv_cache = self.attn(self.ln_1(x_BTD), kv_cache, pos, impl)
         x_BTD = x_BTD + attn_BTD
@@ -163,7 +163,7 @@ class GPT2(nnx.Module):
         self.h = nnx.List([Block(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.n_layer)])
         self.ln_f = _layer_norm(cfg, dtype, rngs)
 
-    def __call__(self, ids_BT, *, impl: str = "reference"):
+    def __call__(self, ids_BT, *, impl: str = "auto"):
         """Logits [B, T, V] for int ids [B, T] (no cache, positions 0..T-1)."""
         logits_BTV, _ = self.forward(ids_BT, impl=impl)
         return logits_BTV
@@ -173,7 +173,7 @@ class GPT2(nnx.Module):
         pos_T = pos + jnp.arange(ids_BT.shape[1])
         return self.wte(ids_BT) + self.wpe(pos_T)[None]
 
-    def forward(self, ids_BT, *, kv_cache=None, pos=0, impl="reference", last_only=False):
+    def forward(self, ids_BT, *, kv_cache=None, pos=0, impl="auto", last_only=False):
         """The full forward pass. kv_cache: None or a list of L (k_BSNH, v_BSNH) pairs written at
         [pos, pos+T). last_only: logits for the last position only ([B, 1, V]), what decoding
         needs; it skips most of the lm_head, the largest matmul at small T."""

@@ -9,8 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from model._cli import EXIT_OK, load_ids, run_main, save_npy_atomic
-from model.attention import IMPLEMENTATIONS
+from model._cli import EXIT_OK, add_impl_option, load_ids, run_main, save_npy_atomic
 from model.gpt2 import check_ids
 from model.params import from_pretrained
 
@@ -20,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="HF GPT-2 directory or hub id")
     parser.add_argument("--ids", required=True, type=Path, help=".npy int array [B, T]")
     parser.add_argument("--out", required=True, type=Path, help=".npy float32 [B, T, V] to write")
-    parser.add_argument("--impl", default="reference", choices=sorted(IMPLEMENTATIONS))
+    add_impl_option(parser)
     args = parser.parse_args(argv)
     if not args.out.parent.is_dir():
         raise ValueError(f"--out {args.out}: directory {args.out.parent} does not exist")

@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from model._cli import EXIT_FAILED, EXIT_OK, run_main
-from model.attention import IMPLEMENTATIONS
+from model._cli import EXIT_FAILED, EXIT_OK, add_impl_option, run_main
+from model.attention import IMPLEMENTATIONS, resolve_impl, unavailable_reason
 from model.generate import generate
 from model.params import from_pretrained
 
@@ -28,6 +29,7 @@ SCHEMA = "envcheck.model-smoke/v1"
 BUNDLED = Path(__file__).resolve().parent / "data" / "tiny-gpt2"
 # float32 with "highest" matmul precision lands near 1e-6 on CPU and GPU; TF32 would be ~1e-3.
 PARITY_TOLERANCE = 1e-4
+BF16_TOLERANCE = 3e-2  # bf16 logits of the tiny model (|logit| ≲ 1) differ by ~5e-3 between impls
 TIMED_RUNS = 5
 
 
@@ -59,6 +61,51 @@ def check_parity(gpt2, golden, impl: str, timings_s: dict) -> dict:
         "max_abs_diff": diff, "tolerance": PARITY_TOLERANCE,
         "fix": None if ok else "the device computes wrong numbers: check the driver/CUDA stack "
         "(and XLA flags such as TF32 overrides), then rerun",
+    }
+
+
+def implementation_results(gpt2, ids_BT, tolerance: float, timings_s: dict) -> list[dict]:
+    """One model dtype: each implementation's logits against `reference`'s (max |Δ|), or why it
+    cannot run here ("unavailable: ...")."""
+    dtype = jnp.dtype(gpt2.dtype).name
+    reference_BTV = np.asarray(jax.jit(lambda m, ids: m(ids, impl="reference"))(gpt2, ids_BT),
+                               np.float32)
+    results = []
+    for name in IMPLEMENTATIONS:
+        reason = unavailable_reason(name, gpt2.dtype)
+        if reason:
+            results.append({"impl": name, "dtype": dtype, "status": "unavailable",
+                            "reason": reason})
+            continue
+        if name == "reference":
+            continue
+        forward = jax.jit(lambda m, ids, name=name: m(ids, impl=name))
+        logits_BTV, _ = timed(forward, gpt2, ids_BT)
+        _, timings_s[f"forward_{name}_{dtype}"] = timed(forward, gpt2, ids_BT)
+        diff = float(np.max(np.abs(np.asarray(logits_BTV, np.float32) - reference_BTV)))
+        results.append({"impl": name, "dtype": dtype, "max_abs_diff": diff,
+                        "tolerance": tolerance,
+                        "status": "pass" if diff <= tolerance else "fail"})
+    return results
+
+
+def check_implementations(checkpoint: Path, gpt2, golden, timings_s: dict) -> dict:
+    """Every attention implementation on the model's logits, in float32 and bfloat16 (where
+    cuDNN runs), against the reference implementation in the same dtype."""
+    bf16 = from_pretrained(checkpoint, dtype=jnp.bfloat16)
+    results = (implementation_results(gpt2, golden["ids_BT"], PARITY_TOLERANCE, timings_s)
+               + implementation_results(bf16, golden["ids_BT"], BF16_TOLERANCE, timings_s))
+    failed = sorted({f"{r['impl']} ({r['dtype']})" for r in results if r["status"] == "fail"})
+    ran = ", ".join(f"{r['impl']} {r['max_abs_diff']:.1e}" for r in results
+                    if "max_abs_diff" in r and r["dtype"] == "float32")
+    skipped = sorted({f"{r['impl']} unavailable: {r['reason']}" for r in results
+                      if r["status"] == "unavailable"})
+    return {
+        "id": "model.attention", "status": "fail" if failed else "pass",
+        "summary": "; ".join([f"float32 logits vs reference attention: {ran}", *skipped]),
+        "implementations": results,
+        "fix": None if not failed else f"{', '.join(failed)} give wrong logits on this device: "
+        "run with --impl reference and report the kernel bug",
     }
 
 
@@ -96,10 +143,12 @@ def run_smoke(checkpoint: Path, impl: str) -> dict:
                    f"d={cfg.n_embd}, vocab {cfg.vocab_size}",
     }
     checks = [load, check_parity(gpt2, golden, impl, timings_s),
-              check_generate(gpt2, golden, impl, timings_s)]
+              check_generate(gpt2, golden, impl, timings_s),
+              check_implementations(checkpoint, gpt2, golden, timings_s)]
     return {
-        "schema": SCHEMA, "ok": all(c["status"] == "pass" for c in checks),
-        "impl": impl, "checkpoint": str(checkpoint), "device": device_facts(),
+        "schema": SCHEMA, "ok": all(c["status"] == "pass" for c in checks), "impl": impl,
+        "impl_used": resolve_impl(impl, gpt2.dtype, golden["ids_BT"].shape[1]),
+        "checkpoint": str(checkpoint), "device": device_facts(),
         "checks": checks, "timings_s": {k: round(v, 6) for k, v in timings_s.items()},
     }
 
@@ -107,9 +156,9 @@ def run_smoke(checkpoint: Path, impl: str) -> dict:
 def render_text(report: dict) -> str:
     device = report["device"]
     lines = [f"model smoke on {device['backend']} ({device['device_kind']}), "
-             f"jax {device['jax']}, attention impl {report['impl']}"]
+             f"jax {device['jax']}, attention impl {report['impl']} → {report['impl_used']}"]
     for check in report["checks"]:
-        lines.append(f"  {check['status'].upper():<5} {check['id']:<15} {check['summary']}")
+        lines.append(f"  {check['status'].upper():<5} {check['id']:<16} {check['summary']}")
         if check.get("fix"):
             lines.append(f"        fix: {check['fix']}")
     timings = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in report["timings_s"].items())
@@ -121,7 +170,7 @@ def render_text(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.smoke", description=__doc__)
     parser.add_argument("--json", action="store_true", help="one JSON report on stdout")
-    parser.add_argument("--impl", default="reference", choices=sorted(IMPLEMENTATIONS))
+    add_impl_option(parser)
     parser.add_argument("--checkpoint", type=Path, default=BUNDLED,
                         help="a directory with config.json, model.safetensors and golden.npz")
     args = parser.parse_args(argv)

@@ -34,7 +34,7 @@ class Sampling(NamedTuple):
 def generate(gpt2: GPT2, ids_BT, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, greedy: bool = False, seed: int = 0,
-             eos_id: int | None = None, impl: str = "reference") -> np.ndarray:
+             eos_id: int | None = None, impl: str = "auto") -> np.ndarray:
     """ids [B, T] -> ids [B, T + max_new_tokens]. Rows that emit `eos_id` are padded with it."""
     ids_BT = np.asarray(ids_BT)
     check_ids(ids_BT, gpt2.config, extra_positions=max_new_tokens)

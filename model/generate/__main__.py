@@ -9,8 +9,7 @@ import time
 
 import numpy as np
 
-from model._cli import EXIT_OK, parse_ids, run_main
-from model.attention import IMPLEMENTATIONS
+from model._cli import EXIT_OK, add_impl_option, parse_ids, run_main
 from model.generate import generate
 from model.params import from_pretrained
 
@@ -26,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--impl", default="reference", choices=sorted(IMPLEMENTATIONS))
+    add_impl_option(parser)
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args(argv)
     prompt_BT = parse_ids(args.prompt_ids)

@@ -21,9 +21,12 @@ def model_report(backend="cpu", parity="pass", diff=4.8e-7):
          "max_abs_diff": diff, "tolerance": 1e-4,
          "fix": None if parity == "pass" else "the device computes wrong numbers"},
         {"id": "model.generate", "status": "pass", "summary": "greedy equal", "tokens_per_s": 99.0},
+        {"id": "model.attention", "status": "pass", "summary": "xla 0.0e+00",
+         "implementations": [{"impl": "xla", "dtype": "float32", "max_abs_diff": 0.0}]},
     ]
     return {
-        "schema": "envcheck.model-smoke/v1", "ok": parity == "pass", "impl": "reference",
+        "schema": "envcheck.model-smoke/v1", "ok": parity == "pass", "impl": "auto",
+        "impl_used": "cudnn" if backend == "gpu" else "xla",
         "checkpoint": "x", "checks": checks, "timings_s": {"forward": 0.001, "generate": 0.3},
         "device": {"backend": backend, "device_kind": "NVIDIA H100 80GB HBM3" if backend == "gpu"
                    else "cpu", "device_count": 1, "jax": "0.10.2"},
@@ -67,7 +70,8 @@ def test_gpu_verdict(monkeypatch):
     assert report["device"]["device_kind"] == "NVIDIA H100 80GB HBM3"
     assert report["model"]["max_abs_diff"] == 4.8e-7
     assert [c["id"] for c in report["checks"]] == ["jax.backend", "model.load", "model.parity",
-                                                   "model.generate"]
+                                                   "model.generate", "model.attention"]
+    assert report["model"]["impl_used"] == "cudnn"
 
 
 def test_wrong_numerics_fail_with_the_fix(monkeypatch):

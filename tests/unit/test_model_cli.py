@@ -96,7 +96,14 @@ def test_smoke_json_passes_on_this_machine():
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["schema"] == "envcheck.model-smoke/v1" and report["ok"] is True
-    assert [c["id"] for c in report["checks"]] == ["model.load", "model.parity", "model.generate"]
+    assert [c["id"] for c in report["checks"]] == ["model.load", "model.parity", "model.generate",
+                                                   "model.attention"]
+    by_impl = {(r["impl"], r["dtype"]): r for r in report["checks"][3]["implementations"]}
+    assert by_impl[("flash", "float32")]["max_abs_diff"] < 1e-4
+    assert by_impl[("pallas", "bfloat16")]["status"] == "pass"
+    if report["device"]["backend"] == "cpu":
+        assert by_impl[("cudnn", "bfloat16")]["status"] == "unavailable"
+        assert report["impl_used"] == "xla"
     assert report["checks"][1]["max_abs_diff"] < 1e-4
     assert report["device"]["backend"] in ("cpu", "gpu")
 
