@@ -115,7 +115,9 @@ def _forward(q_BTNH, k_BSNH, v_BSNH, q_offset, causal, block_q, block_k):
         return (_untile(out_BTNH, tile_BNQH, i * bq),
                 _untile(lse_BTN, m_BNQ + jnp.log(l_BNQ), i * bq))
 
-    outputs = (jnp.zeros(q_pad.shape, q_BTNH.dtype), jnp.zeros((B, T_pad, N), jnp.float32))
+    # Poisoned with NaN: every element must be written by a query tile, and tests check it.
+    outputs = (jnp.full(q_pad.shape, jnp.nan, q_BTNH.dtype),
+               jnp.full((B, T_pad, N), jnp.nan, jnp.float32))
     out_BTNH, lse_BTN = jax.lax.fori_loop(0, T_pad // bq, query_tile, outputs)
     return out_BTNH[:, :T], lse_BTN
 

@@ -21,8 +21,9 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
+
+from scripts.benchlib import best_time_s
 
 CPU_LENGTHS = (1024, 2048, 4096, 8192)
 CPU_IMPLS = ("reference", "xla", "flash")
@@ -30,16 +31,6 @@ GPU_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 GPU_IMPLS = ("cudnn", "pallas", "jax-pallas-mha", "xla", "flash")
 N_HEADS, HEAD_DIM = 12, 64
 REPO = Path(__file__).resolve().parent.parent
-
-
-def best_time_s(fn, repeats: int) -> float:
-    fn()  # compile and warm up
-    runs_s = []
-    for _ in range(repeats):
-        start_s = time.perf_counter()
-        fn()
-        runs_s.append(time.perf_counter() - start_s)
-    return min(runs_s)
 
 
 def inputs(B: int, T: int, dtype):

@@ -22,20 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from scripts.benchlib import best_time_s
+
 PREFILL_T, PROMPT_T, NEW_TOKENS = 256, 16, 64
 MATMUL_N, BANDWIDTH_BYTES = 4096, 1 << 30
 # GPT-2 124M [derived, ../shared/reference/gpt2-attention.md §4.3]: block matmul weights + lm_head.
 BLOCK_MATMUL_PARAMS, LM_HEAD_PARAMS, N_LAYER, D_MODEL = 84_934_656, 38_597_376, 12, 768
-
-
-def best_time_s(fn, repeats: int) -> float:
-    fn()  # warm-up (and compilation)
-    runs_s = []
-    for _ in range(repeats):
-        start_s = time.perf_counter()
-        fn()
-        runs_s.append(time.perf_counter() - start_s)
-    return min(runs_s)
 
 
 def part_ceilings(repeats: int) -> dict:
