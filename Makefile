@@ -9,7 +9,11 @@ PYTEST_ARGS ?=
 smoke: $(VENV)/.runtime-installed
 	$(VENV)/bin/envcheck gpu-smoke
 
+# Real components the integration tests drive (Debian packages; installed when root or sudo).
+SYSTEM_PACKAGES := skopeo docker-registry apache2-utils gcc gzip
+
 test: $(VENV)/.test-installed
+	scripts/install_system_packages.sh $(SYSTEM_PACKAGES) || echo "warning: could not install $(SYSTEM_PACKAGES); integration tests that need them will skip (or fail under CI=true)"
 	$(PY) -m pytest tests/unit tests/integration $(PYTEST_ARGS)
 
 lint: $(VENV)/.test-installed

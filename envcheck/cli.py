@@ -9,7 +9,7 @@ import click
 from rich.console import Console
 
 from envcheck import __version__
-from envcheck.report import EXIT_FAILED, EXIT_OK, Report, render_checks
+from envcheck.report import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Report, render_checks
 
 VERDICT_TEXT = {
     "gpu": "VERDICT gpu: the model test ran on the GPU and matched HF",
@@ -47,6 +47,99 @@ def gpu_smoke_command(as_json: bool, require_gpu: bool, timeout_s: float) -> Non
         render_smoke(report, Console(highlight=False, soft_wrap=True))
     failed = report.verdict == "fail" or (require_gpu and report.verdict != "gpu")
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
+
+
+@cli.command("inspect-image")
+@click.argument("ref")
+@click.option("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-arch index.")
+@click.option("--files", "file_globs", multiple=True, metavar="GLOB",
+              help="List matching paths of the merged filesystem (repeatable).")
+@click.option("--layers/--no-layers", default=True, show_default=True,
+              help="Stream every layer (diff_ids, files, ld.so.cache) or stop at the config.")
+@click.option("--driver-version", metavar="X.Y[.Z]",
+              help="Judge NVIDIA_REQUIRE_CUDA against this driver (default: this host's).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON report (envcheck.image/v1).")
+@click.option("--timeout-s", type=click.FloatRange(min=1), default=30, show_default=True,
+              help="Per-request limit for registry and daemon calls.")
+def inspect_image_command(ref, platform, file_globs, layers, driver_version, as_json,
+                          timeout_s) -> None:
+    """Inspect an image without running it: digests, env, CUDA, where libcuda resolves.
+
+    REF: a registry reference (nvidia/cuda:12.8.0-cudnn-devel-ubuntu24.04,
+    localhost:5000/x:tag, docker://…, …@sha256:…), docker-daemon:NAME[:TAG],
+    docker-archive:PATH or oci:DIR[:TAG].
+
+    \b
+    Example:
+        envcheck inspect-image nvidia/cuda:12.8.0-cudnn-devel-ubuntu24.04 --driver-version 550.54
+    """
+    from envcheck.image import inspect as pipeline
+    from envcheck.image.render import render_image
+
+    if driver_version is not None:
+        _check_version_option(driver_version)
+    try:
+        with _layer_progress() as progress:
+            report = pipeline.inspect_image(
+                ref, platform=platform, file_globs=file_globs, layers=layers,
+                driver_version=driver_version, progress=progress, timeout_s=timeout_s)
+    except ValueError as error:  # ReferenceError, LayerError
+        _fail(str(error), EXIT_USAGE if type(error).__name__ == "ReferenceError" else EXIT_FAILED)
+    except pipeline.SourceError as error:
+        _fail(str(error), error.exit_code)
+    if as_json:
+        payload = report.to_json()
+        payload.pop("env_all", None)
+        click.echo(json.dumps(payload, indent=2))
+    else:
+        render_image(report, Console(highlight=False, soft_wrap=True))
+    sys.exit(EXIT_FAILED if report.verdict == "fail" else EXIT_OK)
+
+
+def _check_version_option(text: str) -> None:
+    import re
+
+    if not re.fullmatch(r"\d+(\.\d+){1,2}", text):
+        raise click.BadParameter(f"{text!r} is not X.Y or X.Y.Z", param_hint="--driver-version")
+
+
+def _fail(message: str, code: int):
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+class _layer_progress:
+    """Per-layer progress bars (bytes, rate, ETA) on stderr, only on a terminal."""
+
+    def __init__(self):
+        self._progress = None
+
+    def __enter__(self):
+        if not sys.stderr.isatty():
+            return None
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress("layer {task.fields[index]}", BarColumn(), DownloadColumn(),
+                                  TransferSpeedColumn(), TimeRemainingColumn(),
+                                  console=Console(stderr=True), transient=True)
+        self._progress.__enter__()
+
+        def start(index: int, size: int):
+            task = self._progress.add_task("", total=size or None, index=index)
+            return lambda n: self._progress.advance(task, n)
+
+        return start
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+        return False
 
 
 def render_smoke(report: Report, console: Console) -> None:

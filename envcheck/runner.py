@@ -29,15 +29,17 @@ class RunResult:
 Runner = Callable[..., RunResult]
 
 
-def run(argv: list[str], timeout_s: float, env: Mapping[str, str] | None = None) -> RunResult:
+def run(argv: list[str], timeout_s: float, env: Mapping[str, str] | None = None,
+        input_text: str | None = None) -> RunResult:
     """Run argv (never through a shell) and capture text output; rc 124 on timeout,
-    126 when not executable, 127 when not found."""
+    126 when not executable, 127 when not found. `input_text` is fed to stdin."""
     assert argv and all(isinstance(a, str) for a in argv), argv
     assert timeout_s > 0, timeout_s
     try:
         done = subprocess.run(
             argv, capture_output=True, text=True, errors="replace", timeout=timeout_s,
-            check=False, env=None if env is None else dict(env), stdin=subprocess.DEVNULL,
+            check=False, env=None if env is None else dict(env), input=input_text,
+            stdin=subprocess.DEVNULL if input_text is None else None,
         )
     except FileNotFoundError:
         return RunResult(RC_NOT_FOUND, "", f"{argv[0]}: command not found")

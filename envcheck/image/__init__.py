@@ -1,0 +1,2 @@
+"""inspect-image: reference -> source -> manifest/config -> layers -> facts, never a whole layer
+in memory."""

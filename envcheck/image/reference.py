@@ -1,0 +1,105 @@
+"""Image references and transports: registry refs (with or without `docker://`), `docker-daemon:`,
+`docker-archive:`, `oci:`. Grammar per the distribution spec and Docker's normalisation:
+`nvidia/cuda:12.8.0-…` means Docker Hub (`registry-1.docker.io`, `library/` for one-part names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+DOCKER_HUB = "registry-1.docker.io"
+HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
+COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+TRANSPORTS = ("docker", "docker-daemon", "docker-archive", "oci")
+
+
+class ReferenceError(ValueError):
+    """A reference that cannot be parsed; the message says what form is expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRef:
+    transport: str  # one of TRANSPORTS
+    registry: str = ""  # docker: host[:port]
+    repository: str = ""  # docker / docker-daemon: path within the registry
+    tag: str | None = None
+    digest: str | None = None
+    path: str = ""  # docker-archive / oci: filesystem path
+
+    def __str__(self) -> str:
+        if self.transport in ("docker-archive", "oci"):
+            return f"{self.transport}:{self.path}" + (f":{self.tag}" if self.tag else "")
+        name = self.repository if self.transport == "docker-daemon" else (
+            f"{self.registry}/{self.repository}")
+        suffix = (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
+        prefix = "docker-daemon:" if self.transport == "docker-daemon" else ""
+        return f"{prefix}{name}{suffix}"
+
+    @property
+    def reference(self) -> str:
+        """What to ask the registry for: the digest when pinned, else the tag."""
+        return self.digest or self.tag or "latest"
+
+
+def parse(text: str) -> ImageRef:
+    text = text.strip()
+    if not text:
+        raise ReferenceError("empty image reference")
+    if text.startswith("docker-daemon:"):
+        registry, repository, tag, digest = _split_name(text.removeprefix("docker-daemon:"))
+        name = repository if registry in ("", DOCKER_HUB) else f"{registry}/{repository}"
+        name = name.removeprefix("library/")
+        return ImageRef("docker-daemon", repository=name, tag=tag or (None if digest else "latest"),
+                        digest=digest)
+    for transport in ("docker-archive", "oci"):
+        if text.startswith(transport + ":"):
+            path, tag = _split_path(text.removeprefix(transport + ":"), transport)
+            return ImageRef(transport, path=path, tag=tag)
+    if ":" in text.split("/")[0] and "://" in text and not text.startswith("docker://"):
+        raise ReferenceError(
+            f"{text!r}: unknown transport; use a registry reference (optionally docker://), "
+            "docker-daemon:NAME[:TAG], docker-archive:PATH or oci:DIR[:TAG]")
+    registry, repository, tag, digest = _split_name(text.removeprefix("docker://"))
+    return ImageRef("docker", registry=registry or DOCKER_HUB, repository=repository,
+                    tag=tag or (None if digest else "latest"), digest=digest)
+
+
+def _split_path(rest: str, transport: str) -> tuple[str, str | None]:
+    if not rest:
+        raise ReferenceError(f"{transport}: needs a path, e.g. {transport}:./image")
+    path, _, tag = rest.rpartition(":") if ":" in rest else (rest, "", "")
+    if transport == "oci" and tag and TAG_RE.fullmatch(tag) and "/" not in tag:
+        return path, tag
+    return rest, None
+
+
+def _split_name(name: str) -> tuple[str, str, str | None, str | None]:
+    """'[host[:port]/]repo/path[:tag][@sha256:…]' -> (registry, repository, tag, digest)."""
+    original = name
+    digest = None
+    if "@" in name:
+        name, digest = name.split("@", 1)
+        if not DIGEST_RE.fullmatch(digest):
+            raise ReferenceError(f"{original!r}: digest must be sha256:<64 hex digits>")
+    tag = None
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:
+        name, tag = name.rsplit(":", 1)
+        if not TAG_RE.fullmatch(tag):
+            raise ReferenceError(f"{original!r}: invalid tag {tag!r}")
+    parts = name.split("/")
+    registry = ""
+    if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
+        registry = parts.pop(0)
+    if registry in HUB_ALIASES:
+        registry = DOCKER_HUB
+    if not parts or not all(COMPONENT_RE.fullmatch(p) for p in parts):
+        raise ReferenceError(
+            f"{original!r}: not an image reference; expected [REGISTRY/]NAME[:TAG][@sha256:DIGEST] "
+            "with lowercase path components, or docker-daemon:, docker-archive:, oci:")
+    if registry in ("", DOCKER_HUB) and len(parts) == 1:
+        parts.insert(0, "library")
+    return registry, "/".join(parts), tag, digest

@@ -1,0 +1,291 @@
+"""OCI distribution client: Accept headers for every manifest type, Bearer token flow (anonymous
+too; nvcr.io's challenge has no `service`), credentials from the Docker config (auths and
+credential helpers), retries with backoff honouring Retry-After, resumable blob reads with Range,
+and every manifest checked against its digest. Redirects to blob storage are followed by
+`requests`, which drops Authorization when the host changes (distribution spec: MUST NOT forward).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import requests
+
+from envcheck import runner as runner_module
+
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+RETRY_STATUSES = (429, 500, 502, 503, 504)
+ATTEMPTS_MAX = 5
+BACKOFF_S = 0.5
+RETRY_AFTER_MAX_S = 30.0
+MANIFEST_BYTES_MAX = 4 * 1024 * 1024
+HUB_CONFIG_KEY = "https://index.docker.io/v1/"
+CHALLENGE_RE = re.compile(r'(\w+)="([^"]*)"')
+
+
+class RegistryError(Exception):
+    """A registry failure, one line: the reference and the cause (never a secret)."""
+
+
+def base_url(registry: str) -> str:
+    host = registry.split(":")[0] if not registry.startswith("[") else registry.split("]")[0] + "]"
+    scheme = "http" if host in LOOPBACK_HOSTS else "https"
+    return f"{scheme}://{registry}"
+
+
+def docker_credentials(registry: str, config_dir: str | None = None) -> tuple[str, str] | None:
+    """(username, secret) for `registry` from the Docker config: credHelpers, credsStore, auths."""
+    directory = Path(config_dir or os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker")
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    keys = [registry, f"https://{registry}"] + (
+        [HUB_CONFIG_KEY, "docker.io", "index.docker.io"] if registry == "registry-1.docker.io"
+        else [])
+    helper = next((config.get("credHelpers", {}).get(k) for k in keys
+                   if k in config.get("credHelpers", {})), None) or config.get("credsStore")
+    if helper:
+        found = _from_helper(helper, keys[0] if registry != "registry-1.docker.io"
+                             else HUB_CONFIG_KEY)
+        if found:
+            return found
+    for key in keys:
+        entry = config.get("auths", {}).get(key)
+        if entry and entry.get("auth"):
+            try:
+                user, _, secret = base64.b64decode(entry["auth"]).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                return None
+            return user, secret
+    return None
+
+
+def _from_helper(helper: str, server: str) -> tuple[str, str] | None:
+    result = runner_module.run([f"docker-credential-{helper}", "get"], 10, input_text=server)
+    if result.rc != 0:
+        return None
+    try:
+        data = json.loads(result.out)
+        return data["Username"], data["Secret"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class RegistryClient:
+    def __init__(self, registry: str, repository: str, *, timeout_s: float = 30.0,
+                 credentials: tuple[str, str] | None = None, session=None):
+        self.registry, self.repository = registry, repository
+        self.base = base_url(registry)
+        self.timeout_s = timeout_s
+        self._credentials = credentials
+        self._session = session or requests.Session()
+        self._authorization: str | None = None
+
+    def _url(self, kind: str, reference: str) -> str:
+        return f"{self.base}/v2/{self.repository}/{kind}/{reference}"
+
+    def _where(self, reference: str) -> str:
+        return f"{self.registry}/{self.repository}@{reference}" if reference.startswith(
+            "sha256:") else f"{self.registry}/{self.repository}:{reference}"
+
+    def request(self, url: str, what: str, headers: dict | None = None, stream: bool = False):
+        """GET with auth, retries and backoff; returns a 2xx response or raises RegistryError."""
+        authenticated = False
+        for attempt in range(ATTEMPTS_MAX):
+            send = dict(headers or {})
+            if self._authorization:
+                send["Authorization"] = self._authorization
+            try:
+                response = self._session.get(url, headers=send, stream=stream,
+                                             timeout=self.timeout_s, allow_redirects=True)
+            except requests.RequestException as error:
+                if attempt + 1 == ATTEMPTS_MAX:
+                    raise RegistryError(f"{what}: cannot reach {self.base} "
+                                        f"({type(error).__name__})") from None
+                time.sleep(BACKOFF_S * 2**attempt)
+                continue
+            if response.status_code == 401 and not authenticated:
+                self._authenticate(response, what)
+                authenticated = True
+                continue
+            if response.status_code in RETRY_STATUSES and attempt + 1 < ATTEMPTS_MAX:
+                time.sleep(_retry_after_s(response, attempt))
+                continue
+            if response.ok:
+                return response
+            raise RegistryError(f"{what}: {_status_text(response)}")
+        raise RegistryError(f"{what}: gave up after {ATTEMPTS_MAX} attempts")
+
+    def _authenticate(self, response, what: str) -> None:
+        challenge = response.headers.get("WWW-Authenticate", "")
+        scheme = challenge.split(" ", 1)[0].lower()
+        if scheme == "basic":
+            if not self._credentials:
+                raise RegistryError(f"{what}: 401 unauthorized and no credentials for "
+                                    f"{self.registry}: run `docker login {self.registry}`")
+            token = base64.b64encode(":".join(self._credentials).encode()).decode()
+            self._authorization = f"Basic {token}"
+            return
+        if scheme != "bearer":
+            raise RegistryError(f"{what}: 401 unauthorized with an unknown challenge "
+                                f"{scheme or '(none)'}")
+        params = dict(CHALLENGE_RE.findall(challenge))
+        realm = params.pop("realm", None)
+        if not realm:
+            raise RegistryError(f"{what}: 401 with a Bearer challenge that has no realm")
+        query = {"scope": params.get("scope") or f"repository:{self.repository}:pull"}
+        if params.get("service"):  # nvcr.io sends none: leave it out
+            query["service"] = params["service"]
+        auth = self._credentials if self._credentials else None
+        try:
+            reply = self._session.get(realm, params=query, auth=auth, timeout=self.timeout_s)
+        except requests.RequestException as error:
+            raise RegistryError(f"{what}: token service unreachable ({type(error).__name__})") \
+                from None
+        if not reply.ok:
+            hint = "" if self._credentials else f"; if the image is private run `docker login " \
+                f"{self.registry}`"
+            raise RegistryError(f"{what}: token request refused ({_status_text(reply)}){hint}")
+        try:
+            body = reply.json()
+            token = body.get("token") or body.get("access_token")
+        except ValueError:
+            token = None
+        if not token:
+            raise RegistryError(f"{what}: the token service answered without a token")
+        self._authorization = f"Bearer {token}"
+
+    def manifest(self, reference: str) -> tuple[bytes, str, str]:
+        """(raw bytes, media type, verified digest) of a manifest or index."""
+        what = self._where(reference)
+        response = self.request(self._url("manifests", reference), what,
+                                {"Accept": ", ".join(MANIFEST_TYPES)})
+        body = response.content
+        if len(body) > MANIFEST_BYTES_MAX:
+            raise RegistryError(f"{what}: manifest of {len(body)} bytes is over the limit")
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        claimed = response.headers.get("Docker-Content-Digest")
+        for expected in (reference if reference.startswith("sha256:") else None, claimed):
+            if expected and expected != digest:
+                raise RegistryError(f"{what}: manifest digest {digest} does not match "
+                                    f"{expected}: refusing unverified content")
+        media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+        check_media_type(body, media_type, what)
+        return body, media_type, digest
+
+    def blob_bytes(self, digest: str, limit_bytes: int = MANIFEST_BYTES_MAX) -> bytes:
+        """A small blob (a config), verified against its digest."""
+        what = self._where(digest)
+        body = self.request(self._url("blobs", digest), what).content
+        if len(body) > limit_bytes:
+            raise RegistryError(f"{what}: blob of {len(body)} bytes is over the limit")
+        if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+            raise RegistryError(f"{what}: blob content does not match its digest")
+        return body
+
+    def open_blob(self, digest: str) -> io.RawIOBase:
+        return ResumingBlob(self, digest)
+
+
+def check_media_type(body: bytes, header_type: str, what: str) -> None:
+    """Reject a manifest whose `mediaType` field disagrees with the Content-Type it came with."""
+    try:
+        declared = json.loads(body).get("mediaType")
+    except (ValueError, AttributeError):
+        raise RegistryError(f"{what}: the manifest is not JSON") from None
+    if declared and header_type and header_type != "application/octet-stream" and (
+            declared != header_type):
+        raise RegistryError(f"{what}: Content-Type {header_type} disagrees with the manifest's "
+                            f"mediaType {declared}")
+
+
+class ResumingBlob(io.RawIOBase):
+    """A blob as a stream; a dropped connection is resumed with Range from where it stopped."""
+
+    def __init__(self, client: RegistryClient, digest: str):
+        self._client, self._digest = client, digest
+        self._url = client._url("blobs", digest)
+        self._what = client._where(digest)
+        self._position = 0
+        self._resumes = 0
+        self._response = None
+        self._chunks = None
+        self._buffer = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def _open(self) -> None:
+        headers = {"Range": f"bytes={self._position}-"} if self._position else {}
+        self._response = self._client.request(self._url, self._what, headers, stream=True)
+        if self._position and self._response.status_code != 206:
+            raise RegistryError(f"{self._what}: connection dropped at byte {self._position} and "
+                                "the registry does not support Range to resume")
+        self._chunks = self._response.raw.stream(1 << 20, decode_content=False)
+
+    def readinto(self, buffer) -> int:
+        while not self._buffer:
+            if self._chunks is None:
+                self._open()
+            try:
+                self._buffer = next(self._chunks)
+            except StopIteration:
+                return 0
+            except (requests.RequestException, OSError, Exception) as error:
+                if not _is_connection_error(error) or self._resumes >= ATTEMPTS_MAX:
+                    raise RegistryError(f"{self._what}: download failed at byte "
+                                        f"{self._position} ({type(error).__name__})") from None
+                self._resumes += 1
+                self._response.close()
+                self._chunks = None
+        n = min(len(buffer), len(self._buffer))
+        buffer[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        self._position += n
+        return n
+
+    def close(self) -> None:
+        if self._response is not None:
+            self._response.close()
+        super().close()
+
+
+def _is_connection_error(error: Exception) -> bool:
+    names = {type(error).__name__, *(type(a).__name__ for a in error.args
+                                     if isinstance(a, Exception))}
+    return bool(names & {"ProtocolError", "IncompleteRead", "ConnectionError",
+                         "ChunkedEncodingError", "ReadTimeoutError", "ConnectionResetError"})
+
+
+def _retry_after_s(response, attempt: int) -> float:
+    header = response.headers.get("Retry-After", "")
+    try:
+        return min(float(header), RETRY_AFTER_MAX_S)
+    except ValueError:
+        return BACKOFF_S * 2**attempt
+
+
+def _status_text(response) -> str:
+    reasons = {401: "401 unauthorized", 403: "403 forbidden", 404: "404 not found",
+               429: "429 too many requests (rate limited)"}
+    text = reasons.get(response.status_code, f"HTTP {response.status_code}")
+    try:
+        errors = response.json().get("errors") or []
+        detail = "; ".join(str(e.get("message", "")) for e in errors if isinstance(e, dict))
+    except (ValueError, AttributeError):
+        detail = ""
+    return f"{text} ({detail})" if detail else text

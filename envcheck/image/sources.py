@@ -1,0 +1,272 @@
+"""One ImageSource interface over a registry, the Docker daemon, a `docker save` archive (legacy
+and OCI-style) and an OCI image layout. A source hands out the top-level manifest, small verified
+JSON blobs, and layer streams (which layers.scan_layer verifies while it reads them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import posixpath
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from envcheck.image.reference import ImageRef
+from envcheck.image.registry import RegistryClient, RegistryError, docker_credentials
+
+INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
+               "application/vnd.docker.distribution.manifest.list.v2+json")
+JSON_BYTES_MAX = 4 * 1024 * 1024
+REF_NAME = "org.opencontainers.image.ref.name"
+LEGACY_LAYER_TYPE = "application/vnd.docker.image.rootfs.diff.tar"
+
+
+class SourceError(Exception):
+    """The image cannot be read from its source; the message names it and the cause."""
+
+    exit_code = 1
+
+
+class UnreadableInput(SourceError):
+    """A local path that is not there or not an image at all (exit 2)."""
+
+    exit_code = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Top:
+    """The top-level object: an index or a manifest; digest None where the source has none."""
+
+    body: dict
+    media_type: str
+    digest: str | None
+
+
+class ImageSource(Protocol):
+    description: str
+
+    def top(self) -> Top: ...
+
+    def manifest(self, digest: str) -> Top: ...
+
+    def json_blob(self, digest: str) -> dict: ...
+
+    def open_layer(self, descriptor: dict) -> BinaryIO: ...
+
+    def close(self) -> None: ...
+
+
+def _verified_json(data: bytes, digest: str | None, what: str) -> dict:
+    if digest is not None and "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        raise SourceError(f"{what}: content does not match digest {digest}")
+    try:
+        body = json.loads(data)
+    except ValueError:
+        raise SourceError(f"{what}: not valid JSON") from None
+    if not isinstance(body, dict):
+        raise SourceError(f"{what}: expected a JSON object")
+    return body
+
+
+class RegistrySource:
+    def __init__(self, ref: ImageRef, timeout_s: float = 30.0):
+        self.ref = ref
+        self.description = str(ref)
+        self.client = RegistryClient(ref.registry, ref.repository, timeout_s=timeout_s,
+                                     credentials=docker_credentials(ref.registry))
+
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except RegistryError as error:
+            raise SourceError(str(error)) from None
+
+    def top(self) -> Top:
+        return self.manifest(self.ref.reference)
+
+    def manifest(self, digest: str) -> Top:
+        body, media_type, verified = self._call(self.client.manifest, digest)
+        parsed = _verified_json(body, verified, f"{self.description} manifest")
+        return Top(parsed, media_type or parsed.get("mediaType", ""), verified)
+
+    def json_blob(self, digest: str) -> dict:
+        data = self._call(self.client.blob_bytes, digest)
+        return _verified_json(data, digest, f"{self.ref.registry}/{self.ref.repository}@{digest}")
+
+    def open_layer(self, descriptor: dict) -> BinaryIO:
+        return self.client.open_blob(descriptor["digest"])
+
+    def close(self) -> None:
+        pass
+
+
+class OciLayoutSource:
+    def __init__(self, ref: ImageRef):
+        self.root = Path(ref.path)
+        self.tag = ref.tag
+        self.description = str(ref)
+        if not (self.root / "index.json").is_file():
+            raise UnreadableInput(f"{ref.path}: not an OCI image layout (no index.json); "
+                                  "make one with `skopeo copy … oci:DIR:TAG`")
+
+    def _blob_path(self, digest: str) -> Path:
+        algorithm, _, encoded = digest.partition(":")
+        path = self.root / "blobs" / algorithm / encoded
+        if not path.is_file():
+            raise SourceError(f"{self.description}: blob {digest} is missing from the layout")
+        return path
+
+    def _read(self, digest: str) -> bytes:
+        path = self._blob_path(digest)
+        if path.stat().st_size > JSON_BYTES_MAX:
+            raise SourceError(f"{self.description}: JSON blob {digest} is over the size limit")
+        return path.read_bytes()
+
+    def top(self) -> Top:
+        index = _verified_json((self.root / "index.json").read_bytes(), None,
+                               f"{self.root}/index.json")
+        entries = index.get("manifests") or []
+        named = [m for m in entries if m.get("annotations", {}).get(REF_NAME) == self.tag]
+        if self.tag and not named and len(entries) != 1:
+            tags = sorted(m.get("annotations", {}).get(REF_NAME, "?") for m in entries)
+            raise SourceError(f"{self.description}: no manifest tagged {self.tag!r} "
+                              f"(tags: {', '.join(tags) or 'none'})")
+        chosen = named[0] if named else (entries[0] if entries else None)
+        if chosen is None:
+            raise SourceError(f"{self.description}: index.json lists no manifests")
+        return self.manifest(chosen["digest"])
+
+    def manifest(self, digest: str) -> Top:
+        body = _verified_json(self._read(digest), digest, f"{self.description}@{digest}")
+        return Top(body, body.get("mediaType", ""), digest)
+
+    def json_blob(self, digest: str) -> dict:
+        return _verified_json(self._read(digest), digest, f"{self.description}@{digest}")
+
+    def open_layer(self, descriptor: dict) -> BinaryIO:
+        return self._blob_path(descriptor["digest"]).open("rb")
+
+    def close(self) -> None:
+        pass
+
+
+class DockerArchiveSource:
+    """A `docker save` tar: manifest.json names the config and layers, as `<id>/layer.tar` +
+    `<hex>.json` (legacy) or `blobs/sha256/<hex>` (Docker ≥ 25, OCI-style). Members are read in
+    place through the tar index; nothing is extracted."""
+
+    def __init__(self, ref: ImageRef, cleanup: Path | None = None):
+        self.path = Path(ref.path)
+        self.description = str(ref)
+        self._cleanup = cleanup
+        try:
+            self.tar = tarfile.open(self.path, "r:")
+        except FileNotFoundError:
+            raise UnreadableInput(f"{ref.path}: no such file; make one with "
+                                  "`docker save IMAGE -o FILE`") from None
+        except (tarfile.TarError, OSError) as error:
+            raise UnreadableInput(f"{ref.path}: not a docker save archive ({error})") from None
+        self.members = {posixpath.normpath(m.name): m for m in self.tar.getmembers()}
+        entries = self._json("manifest.json")
+        if not isinstance(entries, list) or not entries:
+            raise SourceError(f"{self.description}: manifest.json lists no images")
+        self.entry = entries[0]
+
+    def _member_bytes(self, name: str) -> bytes:
+        member = self.members.get(posixpath.normpath(name))
+        if member is None or not member.isfile():
+            raise SourceError(f"{self.description}: {name} is missing from the archive")
+        if member.size > JSON_BYTES_MAX:
+            raise SourceError(f"{self.description}: {name} is over the size limit")
+        return self.tar.extractfile(member).read()
+
+    def _json(self, name: str):
+        try:
+            return json.loads(self._member_bytes(name))
+        except ValueError:
+            raise SourceError(f"{self.description}: {name} is not valid JSON") from None
+
+    @staticmethod
+    def _digest_of(name: str) -> str | None:
+        """The digest a member's name promises: blobs/sha256/<hex> or legacy <hex>.json."""
+        parts = name.split("/")
+        if len(parts) == 3 and parts[0] == "blobs":
+            return f"{parts[1]}:{parts[2]}"
+        stem = name.removesuffix(".json")
+        return f"sha256:{stem}" if name.endswith(".json") and len(stem) == 64 else None
+
+    def top(self) -> Top:
+        config_name = self.entry.get("Config", "")
+        layers = [{"mediaType": LEGACY_LAYER_TYPE, "digest": self._digest_of(name),
+                   "size": self.members[posixpath.normpath(name)].size, "member": name}
+                  for name in self.entry.get("Layers", []) if self._has(name)]
+        missing = [n for n in self.entry.get("Layers", []) if not self._has(n)]
+        if missing:
+            raise SourceError(f"{self.description}: layer {missing[0]} named in manifest.json "
+                              "is missing from the archive")
+        body = {"schemaVersion": 2, "mediaType": "(docker save manifest.json)",
+                "config": {"digest": self._digest_of(config_name), "member": config_name},
+                "layers": layers, "repoTags": self.entry.get("RepoTags") or []}
+        return Top(body, "docker-archive", None)
+
+    def _has(self, name: str) -> bool:
+        return posixpath.normpath(name) in self.members
+
+    def manifest(self, digest: str) -> Top:
+        raise SourceError(f"{self.description}: docker save archives hold no manifest {digest}")
+
+    def json_blob(self, digest: str) -> dict:
+        name = self.entry.get("Config", "")
+        return _verified_json(self._member_bytes(name), digest, f"{self.description} config")
+
+    def open_layer(self, descriptor: dict) -> BinaryIO:
+        return self.tar.extractfile(self.members[posixpath.normpath(descriptor["member"])])
+
+    def close(self) -> None:
+        self.tar.close()
+        if self._cleanup is not None:
+            self._cleanup.unlink(missing_ok=True)
+
+
+def daemon_source(ref: ImageRef, timeout_s: float = 60.0) -> DockerArchiveSource:
+    """The daemon's image, streamed by `docker save` (SDK) into a temp file — layers go to disk in
+    chunks, never into memory — then read as a docker archive."""
+    import docker
+
+    name = ref.repository + (f":{ref.tag}" if ref.tag else "") + (
+        f"@{ref.digest}" if ref.digest else "")
+    try:
+        client = docker.from_env(timeout=int(timeout_s))
+        image = client.images.get(name)
+    except docker.errors.ImageNotFound:
+        raise SourceError(f"docker-daemon:{name}: no such image in the daemon; "
+                          "pull or build it first") from None
+    except docker.errors.DockerException as error:
+        raise SourceError(f"docker-daemon:{name}: Docker daemon not reachable "
+                          f"({str(error).splitlines()[0][:160]}); start dockerd or set "
+                          "DOCKER_HOST") from None
+    handle, temp = tempfile.mkstemp(prefix="envcheck-save-", suffix=".tar")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            for chunk in image.save(chunk_size=1 << 20, named=False):
+                out.write(chunk)
+    except docker.errors.DockerException as error:
+        Path(temp).unlink(missing_ok=True)
+        raise SourceError(f"docker-daemon:{name}: docker save failed ({error})") from None
+    return DockerArchiveSource(ImageRef("docker-archive", path=temp), cleanup=Path(temp))
+
+
+def open_source(ref: ImageRef, timeout_s: float = 30.0) -> ImageSource:
+    if ref.transport == "docker":
+        return RegistrySource(ref, timeout_s)
+    if ref.transport == "oci":
+        return OciLayoutSource(ref)
+    if ref.transport == "docker-archive":
+        return DockerArchiveSource(ref)
+    if ref.transport == "docker-daemon":
+        return daemon_source(ref, timeout_s)
+    raise AssertionError(ref.transport)

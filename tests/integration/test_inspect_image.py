@@ -1,0 +1,248 @@
+"""`envcheck inspect-image` against real components: a CUDA-like image (real ELF libraries, an
+ld.so.cache made by the real ldconfig) in an OCI layout, pushed to a real docker-registry by
+skopeo, saved as a docker archive by skopeo. Oracles: skopeo inspect (digests, config), the
+layers' uncompressed sha256 computed by gzip -dc | sha256sum."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+
+from scripts import cuda_image
+from tests.integration.conftest import Registry, require_binary, skopeo
+
+
+def envcheck(*args: str, env=None):
+    done = subprocess.run([sys.executable, "-m", "envcheck", "inspect-image", *args],
+                          capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def inspect_json(*args: str) -> dict:
+    done = envcheck(*args, "--json")
+    assert done.returncode in (0, 1), done.stderr
+    return json.loads(done.stdout)
+
+
+def one_line_error(done, code: int, *fragments: str) -> None:
+    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), done.stderr
+    assert done.stdout == ""
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def sha256_of_gunzip(path) -> str:
+    gunzip = subprocess.run(["gzip", "-dc", str(path)], capture_output=True, check=True)
+    return "sha256:" + hashlib.sha256(gunzip.stdout).hexdigest()
+
+
+def test_oci_layout_digests_equal_skopeo_and_sha256sum(cuda_layout):
+    layout, built = cuda_layout
+    ref = f"oci:{layout}:12.8.0-cudnn-devel"
+    report = inspect_json(ref)
+    raw_manifest = skopeo("inspect", "--raw", ref).encode()
+    raw_config = skopeo("inspect", "--config", "--raw", ref).encode()
+    assert report["manifest"]["digest"] == "sha256:" + hashlib.sha256(raw_manifest).hexdigest()
+    assert report["config"]["digest"] == "sha256:" + hashlib.sha256(raw_config).hexdigest()
+    diff_ids = [layer["diff_id"] for layer in report["layers"]]
+    assert diff_ids == json.loads(raw_config)["rootfs"]["diff_ids"] == built["diff_ids"]
+    for layer in report["layers"]:
+        blob = layout / "blobs" / "sha256" / layer["digest"].split(":")[1]
+        assert sha256_of_gunzip(blob) == layer["diff_id"]
+    assert report["verdict"] == "ok"
+
+
+def test_registry_image_matches_skopeo(pushed):
+    report = inspect_json(pushed, "--driver-version", "570.124.06")
+    seen = json.loads(skopeo("inspect", "--tls-verify=false", f"docker://{pushed}"))
+    assert report["manifest"]["digest"] == seen["Digest"]
+    assert [layer["digest"] for layer in report["layers"]] == seen["Layers"]
+    assert report["env"]["LD_LIBRARY_PATH"] == "/usr/local/nvidia/lib:/usr/local/nvidia/lib64"
+    assert report["env"]["CUDA_VERSION"] == "12.8.0"
+    assert report["labels"]["com.nvidia.cudnn.version"] == "9.7.0.66-1"
+    assert report["entrypoint"] == ["/opt/nvidia/nvidia_entrypoint.sh"]
+    checks = {c["id"]: c for c in report["checks"]}
+    assert checks["image.diff-ids"]["status"] == "pass"
+    assert checks["image.requirement"]["status"] == "pass"
+    assert report["cuda"]["packages"]["cudnn"] == {"package": "libcudnn9-cuda-12",
+                                                   "version": "9.7.0.66-1"}
+    assert report["cuda"]["libraries"]["cudart"] == "12.8.57"
+    assert report["cuda"]["libraries"]["compat_libcuda"] == "570.124.06"
+    libraries = {lib["soname"]: lib for lib in report["libraries"]}
+    assert libraries["libcuda.so.1"]["resolves_to"] is None
+    assert libraries["libcudart.so.12"]["via"] == "ld.so.cache"
+    assert libraries["libcudnn.so.9"]["resolves_to"] == "/usr/lib/x86_64-linux-gnu/libcudnn.so.9"
+    assert report["cuda"]["stubs"] == [f"/{cuda_image.CUDA_LIB}/stubs/libcuda.so"]
+
+
+def test_requirement_verdicts_for_old_drivers(pushed):
+    refused = inspect_json(pushed, "--no-layers", "--driver-version", "520.61.05")
+    check = next(c for c in refused["checks"] if c["id"] == "image.requirement")
+    assert check["status"] == "fail" and "unsatisfied condition: cuda>=12.8" in check["summary"]
+    assert refused["requirement"]["cases"][0] == {
+        "constraints": "cuda>=12.8", "needs": "driver >= 570.26 (CUDA 12.8)"}
+    assert len(refused["requirement"]["cases"]) == 61
+    branch = inspect_json(pushed, "--driver-version", "550.54.15")
+    assert branch["requirement"]["toolkit_starts"] is None
+    assert "tesla" in branch["requirement"]["brands"]
+    assert "minor-version compatibility" in branch["requirement"]["how"]
+
+
+def test_merged_view_applies_whiteouts_and_opaque_dirs(cuda_layout):
+    layout, _ = cuda_layout
+    report = inspect_json(f"oci:{layout}", "--files", "etc/removed.conf", "--files", "opt/old/*",
+                          "--files", "usr/local/cuda")
+    rows = {row["path"]: row for row in report["files"]}
+    assert "/etc/removed.conf" not in rows and "/opt/old/hidden.txt" not in rows
+    assert rows["/opt/old/new.txt"]["layer"] == 2
+    assert rows["/usr/local/cuda"]["kind"] == "symlink" and rows["/usr/local/cuda"]["link"] == \
+        "cuda-12.8"
+
+
+def test_docker_archive_from_skopeo(cuda_layout, tmp_path):
+    layout, built = cuda_layout
+    archive = tmp_path / "cuda.tar"
+    skopeo("copy", f"oci:{layout}:12.8.0-cudnn-devel", f"docker-archive:{archive}:cuda:test")
+    report = inspect_json(f"docker-archive:{archive}")
+    assert report["config"]["digest"] == built["config_digest"]
+    assert [layer["diff_id"] for layer in report["layers"]] == built["diff_ids"]
+    assert {c["id"]: c["status"] for c in report["checks"]}["image.diff-ids"] == "pass"
+
+
+def test_zstd_layers_through_the_registry(registry, tmp_path):
+    layout = tmp_path / "zstd"
+    built = cuda_image.build_layout(layout, tag="zstd", compression="zstd")
+    ref = f"{registry.host}/cuda-zstd:latest"
+    skopeo("copy", "--dest-tls-verify=false", f"oci:{layout}:zstd", f"docker://{ref}")
+    report = inspect_json(ref)
+    assert {layer["compression"] for layer in report["layers"]} == {"zstd"}
+    assert [layer["diff_id"] for layer in report["layers"]] == built["diff_ids"]
+
+
+def test_multi_arch_index_and_platform_choice(registry, tmp_path):
+    layout = tmp_path / "multi"
+    built = cuda_image.build_multiarch(layout)
+    ref = f"{registry.host}/cuda-multi:latest"
+    skopeo("copy", "--all", "--dest-tls-verify=false", f"oci:{layout}:multi", f"docker://{ref}")
+    amd64 = inspect_json(ref, "--platform", "linux/amd64", "--no-layers")
+    arm64 = inspect_json(ref, "--platform", "linux/arm64")
+    raw_index = skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{ref}").encode()
+    assert amd64["index_digest"] == arm64["index_digest"] == \
+        "sha256:" + hashlib.sha256(raw_index).hexdigest() == built["index_digest"]
+    assert amd64["manifest"]["digest"] == built["amd64"]["manifest_digest"]
+    assert arm64["manifest"]["digest"] == built["arm64"]["manifest_digest"]
+    assert arm64["config"]["platform"] == "linux/arm64"
+    missing = envcheck(ref, "--platform", "linux/s390x")
+    one_line_error(missing, 1, "no manifest for platform linux/s390x",
+                   "linux/amd64, linux/arm64")
+
+
+def test_unknown_reference_syntax_is_a_usage_error():
+    one_line_error(envcheck("ftp://example/x"), 2, "unknown transport")
+    one_line_error(envcheck("Not/A/Valid:Ref"), 2, "not an image reference")
+
+
+def test_missing_image_in_the_registry(registry):
+    one_line_error(envcheck(f"{registry.host}/nothing/here:1"), 1, "404 not found",
+                   f"{registry.host}/nothing/here:1")
+
+
+def test_missing_local_inputs(tmp_path):
+    one_line_error(envcheck(f"oci:{tmp_path}"), 2, "not an OCI image layout")
+    one_line_error(envcheck(f"docker-archive:{tmp_path}/none.tar"), 2, "no such file")
+
+
+def test_corrupted_blob_is_never_reported(cuda_layout, tmp_path):
+    layout, built = cuda_layout
+    copy = tmp_path / "corrupt"
+    shutil.copytree(layout, copy)
+    blob = copy / "blobs" / "sha256" / built["layers"][1]["digest"].split(":")[1]
+    data = bytearray(blob.read_bytes())
+    data[-20] ^= 0xFF  # inside the gzip trailer region: decompression or the digest must catch it
+    blob.write_bytes(bytes(data))
+    done = envcheck(f"oci:{copy}")
+    one_line_error(done, 1, "layer 1")
+
+
+def test_truncated_gzip_layer(cuda_layout, tmp_path):
+    layout, built = cuda_layout
+    copy = tmp_path / "truncated"
+    shutil.copytree(layout, copy)
+    blob = copy / "blobs" / "sha256" / built["layers"][0]["digest"].split(":")[1]
+    blob.write_bytes(blob.read_bytes()[: blob.stat().st_size // 2])
+    one_line_error(envcheck(f"oci:{copy}"), 1, "layer 0")
+
+
+def test_layer_with_parent_paths_is_refused(tmp_path):
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("../../etc/evil")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"evil"))
+    cuda_image.write_image(tmp_path / "evil", "x", [buffer.getvalue()], ["ADD evil /"], "gzip",
+                           "amd64")
+    one_line_error(envcheck(f"oci:{tmp_path / 'evil'}:x"), 1, "escapes the image root")
+
+
+def test_malformed_ld_so_cache_is_a_failed_check(tmp_path):
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        data = b"glibc-ld.so.cache1.1" + b"\xff" * 40
+        info = tarfile.TarInfo("etc/ld.so.cache")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    cuda_image.write_image(tmp_path / "badcache", "x", [buffer.getvalue()], ["ADD x /"], "gzip",
+                           "amd64")
+    done = envcheck(f"oci:{tmp_path / 'badcache'}:x")
+    assert done.returncode == 1
+    assert "FAIL image.ldcache" in done.stdout and "malformed" in done.stdout
+
+
+def test_registry_401_without_credentials(tmp_path, cuda_layout):
+    htpasswd = require_binary("htpasswd")
+    secrets = tmp_path / "htpasswd"
+    subprocess.run([htpasswd, "-Bbc", str(secrets), "envcheck", "s3cret-planted"], check=True,
+                   capture_output=True)
+    server = Registry(tmp_path, htpasswd=secrets)
+    try:
+        done = envcheck(f"{server.host}/private/cuda:1", env={
+            "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DOCKER_CONFIG": str(tmp_path)})
+        one_line_error(done, 1, "401 unauthorized", "docker login")
+    finally:
+        server.stop()
+
+
+def test_registry_basic_auth_with_docker_config(tmp_path, cuda_layout):
+    import base64
+
+    htpasswd = require_binary("htpasswd")
+    secrets = tmp_path / "htpasswd"
+    subprocess.run([htpasswd, "-Bbc", str(secrets), "envcheck", "s3cret-planted"], check=True,
+                   capture_output=True)
+    server = Registry(tmp_path, htpasswd=secrets)
+    try:
+        layout, _ = cuda_layout
+        ref = f"{server.host}/private/cuda:1"
+        skopeo("copy", "--dest-tls-verify=false", "--dest-creds", "envcheck:s3cret-planted",
+               f"oci:{layout}:12.8.0-cudnn-devel", f"docker://{ref}")
+        auth = base64.b64encode(b"envcheck:s3cret-planted").decode()
+        (tmp_path / "config.json").write_text(json.dumps({"auths": {server.host: {"auth": auth}}}))
+        done = envcheck(ref, "--json", env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                                            "DOCKER_CONFIG": str(tmp_path)})
+        assert done.returncode == 0, done.stderr
+        assert "s3cret-planted" not in done.stdout + done.stderr
+        assert json.loads(done.stdout)["verdict"] == "ok"
+    finally:
+        server.stop()

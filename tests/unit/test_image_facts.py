@@ -1,0 +1,161 @@
+"""Image references, NVIDIA_REQUIRE_CUDA decoding and verdicts, dpkg/library version facts, and
+the streaming layer reader on hand-made tar streams."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import tarfile
+
+import pytest
+
+from envcheck.image import cuda, layers, reference
+from scripts.cuda_image import REQUIRE
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("nvidia/cuda:12.8.0-cudnn-devel-ubuntu24.04",
+     ("docker", "registry-1.docker.io", "nvidia/cuda", "12.8.0-cudnn-devel-ubuntu24.04")),
+    ("ubuntu", ("docker", "registry-1.docker.io", "library/ubuntu", "latest")),
+    ("docker://docker.io/library/ubuntu:24.04",
+     ("docker", "registry-1.docker.io", "library/ubuntu", "24.04")),
+    ("nvcr.io/nvidia/cuda:12.8.0-base-ubuntu24.04",
+     ("docker", "nvcr.io", "nvidia/cuda", "12.8.0-base-ubuntu24.04")),
+    ("localhost:5000/x:tag", ("docker", "localhost:5000", "x", "tag")),
+    ("docker-daemon:envcheck-dev", ("docker-daemon", "", "envcheck-dev", "latest")),
+])
+def test_references(text, expected):
+    ref = reference.parse(text)
+    assert (ref.transport, ref.registry, ref.repository, ref.tag) == expected
+
+
+def test_digest_references_and_paths():
+    digest = "sha256:" + "ab" * 32
+    ref = reference.parse(f"127.0.0.1:5000/a/b@{digest}")
+    assert ref.digest == digest and ref.tag is None and ref.reference == digest
+    assert reference.parse("oci:/tmp/dir:v1").path == "/tmp/dir"
+    assert reference.parse("oci:/tmp/dir:v1").tag == "v1"
+    assert reference.parse("docker-archive:/tmp/x.tar").path == "/tmp/x.tar"
+
+
+@pytest.mark.parametrize("text", ["", "UPPER/x", "x@sha256:zz", "http://h/x", "a:b:c", "oci:"])
+def test_bad_references(text):
+    with pytest.raises(reference.ReferenceError):
+        reference.parse(text)
+
+
+def test_the_real_12_8_requirement_string():
+    alternatives = cuda.parse_requirement(REQUIRE)
+    assert len(alternatives) == 61
+    assert [str(c) for c in alternatives[0]] == ["cuda>=12.8"]
+    assert [str(c) for c in alternatives[1]] == ["brand=unknown", "driver>=470", "driver<471"]
+    assert cuda.minimum_driver(alternatives[0]) == "driver >= 570.26 (CUDA 12.8)"
+
+
+@pytest.mark.parametrize("driver,starts,runs", [
+    ("570.124.06", True, True), ("580.65.06", True, True), ("575.51.03", True, True),
+    ("565.57.01", None, True), ("470.256.02", None, False), ("520.61.05", False, True),
+    ("555.42.06", False, True),
+])
+def test_verdicts(driver, starts, runs):
+    verdict = cuda.requirement_verdict(REQUIRE, "12.8.0", driver, compat_libcuda=None)
+    assert verdict["toolkit_starts"] is starts
+    if starts is not False:
+        assert verdict["cuda_runs"] is runs
+
+
+def test_forward_compat_makes_an_old_branch_run():
+    verdict = cuda.requirement_verdict(REQUIRE, "12.8.0", "470.256.02", "570.124.06")
+    assert verdict["cuda_runs"] is None and "forward compatibility" in verdict["how"]
+
+
+def test_requirement_syntax_errors():
+    with pytest.raises(cuda.RequirementError, match="'gpu>=1'"):
+        cuda.parse_requirement("cuda>=12.8 gpu>=1")
+    with pytest.raises(cuda.RequirementError, match="not a version"):
+        cuda.parse_requirement("cuda>=twelve")
+
+
+def test_dpkg_and_library_versions():
+    status = ("Package: libcudnn9-cuda-12\nStatus: install ok installed\nVersion: 9.7.0.66-1\n\n"
+              "Package: libnccl2\nStatus: deinstall ok config-files\nVersion: 2.0\n\n"
+              "Package: cuda-cudart-12-8\nStatus: install ok installed\nVersion: 12.8.57-1\n")
+    found = cuda.package_versions(cuda.parse_dpkg_status(status))
+    assert found == {"cuda": {"package": "cuda-cudart-12-8", "version": "12.8.57-1"},
+                     "cudnn": {"package": "libcudnn9-cuda-12", "version": "9.7.0.66-1"}}
+    libs = cuda.library_versions(["usr/local/cuda/lib64/libcudart.so.12.8.57",
+                                  "usr/lib/x86_64-linux-gnu/libcudnn.so.9",
+                                  "usr/lib/x86_64-linux-gnu/libcudnn.so.9.7.0",
+                                  "usr/local/cuda-12.8/compat/libcuda.so.570.124.06"])
+    assert libs == {"cudart": "12.8.57", "cudnn": "9.7.0", "compat_libcuda": "570.124.06"}
+
+
+def tar_of(entries) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_whiteouts_hide_only_lower_layers():
+    lower = tar_of([("etc/a", b"1"), ("etc/b", b"2"), ("opt/d/x", b"3"), ("opt/d/y", b"4")])
+    upper = tar_of([("etc/.wh.a", b""), ("opt/d/.wh..wh..opq", b""), ("opt/d/z", b"5"),
+                    ("etc/b", b"22")])
+    view = layers.MergedView()
+    for index, data in enumerate((lower, upper)):
+        view.apply(layers.scan_layer(io.BytesIO(gzip.compress(data)), index))
+    assert sorted(view.files) == ["etc/b", "opt/d/z"]
+    assert view.files["etc/b"].layer == 1 and view.files["etc/b"].size == 2
+
+
+@pytest.mark.parametrize("compress,name", [
+    (lambda d: d, "none"), (lambda d: gzip.compress(d), "gzip"),
+    (lambda d: gzip.compress(d[:700]) + gzip.compress(d[700:]), "gzip"),  # multi-member
+    (lambda d: __import__("zstandard").ZstdCompressor().compress(d), "zstd"),
+])
+def test_compressions_give_the_same_diff_id(compress, name):
+    import hashlib
+
+    data = tar_of([("etc/ld.so.cache", b"x" * 3000), ("usr/bin/tool", b"y" * 5000)])
+    blob = compress(data)
+    scan = layers.scan_layer(io.BytesIO(blob), 0,
+                             expected_digest="sha256:" + hashlib.sha256(blob).hexdigest(),
+                             expected_size=len(blob))
+    assert scan.compression == name
+    assert scan.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert scan.kept == {"etc/ld.so.cache": b"x" * 3000}
+
+
+def test_digest_mismatch_is_an_error():
+    blob = gzip.compress(tar_of([("a", b"1")]))
+    with pytest.raises(layers.LayerError, match="does not match"):
+        layers.scan_layer(io.BytesIO(blob), 2, expected_digest="sha256:" + "0" * 64)
+
+
+def test_uncompressed_size_limit_stops_a_tar_bomb(monkeypatch):
+    monkeypatch.setattr(layers, "UNCOMPRESSED_BYTES_MAX", 100_000)
+    bomb = gzip.compress(tar_of([("zeros", b"\0" * 1_000_000)]))
+    assert len(bomb) < 5000
+    with pytest.raises(layers.LayerError, match="more than 100000 bytes"):
+        layers.scan_layer(io.BytesIO(bomb), 0)
+
+
+def test_symlinks_resolve_inside_the_image():
+    view = layers.MergedView()
+    data = tar_of([("usr/local/cuda-12.8/lib/libx.so.1", b"elf")])
+    view.apply(layers.scan_layer(io.BytesIO(data), 0))
+    link = tarfile.TarInfo("usr/local/cuda")
+    link.type, link.linkname = tarfile.SYMTYPE, "cuda-12.8"
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.addfile(link)
+    view.apply(layers.scan_layer(io.BytesIO(buffer.getvalue()), 1))
+    assert view.resolve("/usr/local/cuda/lib/libx.so.1") == "usr/local/cuda-12.8/lib/libx.so.1"
+    assert view.resolve("/usr/local/cuda/lib/missing") is None
