@@ -11,6 +11,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from scripts import cuda_image
 from tests.integration.conftest import Registry, require_binary, skopeo
 
@@ -210,39 +212,37 @@ def test_malformed_ld_so_cache_is_a_failed_check(tmp_path):
     assert "FAIL image.ldcache" in done.stdout and "malformed" in done.stdout
 
 
-def test_registry_401_without_credentials(tmp_path, cuda_layout):
-    htpasswd = require_binary("htpasswd")
+@pytest.fixture
+def auth_registry(tmp_path):
+    """A second registry behind htpasswd (Basic) auth, user envcheck / a planted secret."""
     secrets = tmp_path / "htpasswd"
-    subprocess.run([htpasswd, "-Bbc", str(secrets), "envcheck", "s3cret-planted"], check=True,
-                   capture_output=True)
+    subprocess.run([require_binary("htpasswd"), "-Bbc", str(secrets), "envcheck",
+                    "s3cret-planted"], check=True, capture_output=True)
     server = Registry(tmp_path, htpasswd=secrets)
-    try:
-        done = envcheck(f"{server.host}/private/cuda:1", env={
-            "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "DOCKER_CONFIG": str(tmp_path)})
-        one_line_error(done, 1, "401 unauthorized", "docker login")
-    finally:
-        server.stop()
+    yield server
+    server.stop()
 
 
-def test_registry_basic_auth_with_docker_config(tmp_path, cuda_layout):
+def isolated_env(home) -> dict:
+    return {"PATH": "/usr/bin:/bin", "HOME": str(home), "DOCKER_CONFIG": str(home)}
+
+
+def test_registry_401_without_credentials(auth_registry, tmp_path):
+    done = envcheck(f"{auth_registry.host}/private/cuda:1", env=isolated_env(tmp_path))
+    one_line_error(done, 1, "401 unauthorized", "docker login")
+
+
+def test_registry_basic_auth_with_docker_config(auth_registry, tmp_path, cuda_layout):
     import base64
 
-    htpasswd = require_binary("htpasswd")
-    secrets = tmp_path / "htpasswd"
-    subprocess.run([htpasswd, "-Bbc", str(secrets), "envcheck", "s3cret-planted"], check=True,
-                   capture_output=True)
-    server = Registry(tmp_path, htpasswd=secrets)
-    try:
-        layout, _ = cuda_layout
-        ref = f"{server.host}/private/cuda:1"
-        skopeo("copy", "--dest-tls-verify=false", "--dest-creds", "envcheck:s3cret-planted",
-               f"oci:{layout}:12.8.0-cudnn-devel", f"docker://{ref}")
-        auth = base64.b64encode(b"envcheck:s3cret-planted").decode()
-        (tmp_path / "config.json").write_text(json.dumps({"auths": {server.host: {"auth": auth}}}))
-        done = envcheck(ref, "--json", env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-                                            "DOCKER_CONFIG": str(tmp_path)})
-        assert done.returncode == 0, done.stderr
-        assert "s3cret-planted" not in done.stdout + done.stderr
-        assert json.loads(done.stdout)["verdict"] == "ok"
-    finally:
-        server.stop()
+    layout, _ = cuda_layout
+    ref = f"{auth_registry.host}/private/cuda:1"
+    skopeo("copy", "--dest-tls-verify=false", "--dest-creds", "envcheck:s3cret-planted",
+           f"oci:{layout}:12.8.0-cudnn-devel", f"docker://{ref}")
+    auth = base64.b64encode(b"envcheck:s3cret-planted").decode()
+    (tmp_path / "config.json").write_text(json.dumps({"auths": {auth_registry.host:
+                                                                {"auth": auth}}}))
+    done = envcheck(ref, "--json", env=isolated_env(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "s3cret-planted" not in done.stdout + done.stderr
+    assert json.loads(done.stdout)["verdict"] == "ok"
