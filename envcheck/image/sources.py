@@ -257,7 +257,9 @@ def daemon_source(ref: ImageRef, timeout_s: float = 60.0) -> DockerArchiveSource
     except docker.errors.DockerException as error:
         Path(temp).unlink(missing_ok=True)
         raise SourceError(f"docker-daemon:{name}: docker save failed ({error})") from None
-    return DockerArchiveSource(ImageRef("docker-archive", path=temp), cleanup=Path(temp))
+    source = DockerArchiveSource(ImageRef("docker-archive", path=temp), cleanup=Path(temp))
+    source.description = f"docker-daemon:{name}"
+    return source
 
 
 def open_source(ref: ImageRef, timeout_s: float = 30.0) -> ImageSource:

@@ -87,6 +87,23 @@ def skopeo(*args: str) -> str:
 
 
 @pytest.fixture(scope="session")
+def engine():
+    """DOCKER_HOST of a real Docker Engine (started here when none answers, stopped after)."""
+    from scripts import test_engine
+
+    require_binary("dockerd")
+    try:
+        host, started_pid = test_engine.start()
+    except RuntimeError as error:
+        if IN_CI:
+            pytest.fail(str(error))
+        pytest.skip(str(error))
+    yield host
+    if started_pid is not None:
+        test_engine.stop(started_pid)
+
+
+@pytest.fixture(scope="session")
 def cuda_layout(tmp_path_factory) -> tuple[Path, dict]:
     """The CUDA-like image as an OCI layout (gzip layers)."""
     require_binary("gcc")

@@ -246,3 +246,57 @@ def test_registry_basic_auth_with_docker_config(auth_registry, tmp_path, cuda_la
     assert done.returncode == 0, done.stderr
     assert "s3cret-planted" not in done.stdout + done.stderr
     assert json.loads(done.stdout)["verdict"] == "ok"
+
+
+def test_docker_daemon_source(engine, cuda_layout):
+    import os
+
+    import docker
+
+    layout, built = cuda_layout
+    skopeo("copy", "--dest-daemon-host", engine, f"oci:{layout}:12.8.0-cudnn-devel",
+           "docker-daemon:envcheck-test/cuda:daemon")
+    try:
+        done = envcheck("docker-daemon:envcheck-test/cuda:daemon", "--json",
+                        env={**os.environ, "DOCKER_HOST": engine})
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        image = docker.DockerClient(base_url=engine).images.get("envcheck-test/cuda:daemon")
+        assert report["config"]["digest"] == image.id == built["config_digest"]
+        assert [layer["diff_id"] for layer in report["layers"]] == built["diff_ids"]
+        missing = envcheck("docker-daemon:envcheck-test/none:x",
+                           env={**os.environ, "DOCKER_HOST": engine})
+        one_line_error(missing, 1, "no such image in the daemon")
+    finally:
+        docker.DockerClient(base_url=engine).images.remove("envcheck-test/cuda:daemon",
+                                                           force=True)
+
+
+def test_daemon_not_running(tmp_path):
+    import os
+
+    done = envcheck("docker-daemon:x:y", env={**os.environ,
+                                              "DOCKER_HOST": f"unix://{tmp_path}/none.sock"})
+    one_line_error(done, 1, "Docker daemon not reachable")
+
+
+def test_oci_style_docker_archive(cuda_layout, tmp_path):
+    """Docker ≥ 25 saves blobs/sha256/… plus index.json and manifest.json naming blob paths."""
+    import tarfile
+
+    layout, built = cuda_layout
+    archive = tmp_path / "oci-style.tar"
+    manifest = [{"Config": "blobs/sha256/" + built["config_digest"].split(":")[1],
+                 "RepoTags": ["cuda:oci-style"],
+                 "Layers": ["blobs/sha256/" + layer["digest"].split(":")[1]
+                            for layer in built["layers"]]}]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with tarfile.open(archive, "w") as tar:
+        for name in ("blobs", "index.json", "oci-layout"):
+            tar.add(layout / name, arcname=name)
+        tar.add(tmp_path / "manifest.json", arcname="manifest.json")
+    report = inspect_json(f"docker-archive:{archive}")
+    assert [layer["digest"] for layer in report["layers"]] == [
+        layer["digest"] for layer in built["layers"]]
+    assert [layer["diff_id"] for layer in report["layers"]] == built["diff_ids"]
+    assert report["verdict"] == "ok"

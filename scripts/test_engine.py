@@ -1,0 +1,94 @@
+"""A Docker Engine for tests and benchmarks on a machine with no GPU and no registry access:
+use the one that answers (DOCKER_HOST or the default socket), else start `dockerd` with its own
+data-root and socket under a temp dir — `--bridge=none --iptables=false --ip-masq=false`, so it
+never creates networks — and stop it by pid afterwards.
+
+    python -m scripts.test_engine start   # prints DOCKER_HOST=unix:///…/docker.sock
+    python -m scripts.test_engine stop
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STATE = Path(tempfile.gettempdir()) / "envcheck-engine"
+START_TIMEOUT_S = 60
+
+
+def answers(host: str | None) -> bool:
+    import docker
+
+    try:
+        client = docker.DockerClient(base_url=host, timeout=5) if host else docker.from_env(
+            timeout=5)
+        client.ping()
+        client.close()
+        return True
+    except Exception:  # any failure means "not this one"
+        return False
+
+
+def start() -> tuple[str, int | None]:
+    """(DOCKER_HOST, pid of the dockerd we started or None when one was already there)."""
+    existing = os.environ.get("DOCKER_HOST")
+    if answers(existing):
+        return existing or "unix:///var/run/docker.sock", None
+    socket = STATE / "docker.sock"
+    host = f"unix://{socket}"
+    if answers(host):
+        return host, int((STATE / "docker.pid").read_text())
+    dockerd = shutil.which("dockerd")
+    if dockerd is None:
+        raise RuntimeError("dockerd is not installed: apt-get install docker.io (as root)")
+    STATE.mkdir(parents=True, exist_ok=True)
+    log = (STATE / "dockerd.log").open("ab")
+    process = subprocess.Popen(
+        [dockerd, "--bridge=none", "--iptables=false", "--ip-masq=false",
+         f"--data-root={STATE / 'data'}", f"--exec-root={STATE / 'exec'}",
+         f"--pidfile={STATE / 'docker.pid'}", f"--host={host}"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"dockerd exited ({process.returncode}); see {STATE}/dockerd.log")
+        if answers(host):
+            return host, process.pid
+        time.sleep(0.3)
+    process.terminate()
+    raise RuntimeError(f"dockerd did not answer within {START_TIMEOUT_S} s; see "
+                       f"{STATE}/dockerd.log")
+
+
+def stop(pid: int | None = None) -> None:
+    pid_file = STATE / "docker.pid"
+    if pid is None and pid_file.exists():
+        pid = int(pid_file.read_text())
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    for _ in range(100):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["start"]:
+        print(f"DOCKER_HOST={start()[0]}")
+    elif sys.argv[1:] == ["stop"]:
+        stop()
+    else:
+        sys.exit(__doc__)
