@@ -9,16 +9,15 @@ limit; everything else is a header in the file table.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import posixpath
 import tarfile
-import zlib
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-CHUNK_BYTES = 1 << 20
-GZIP_MAGIC, ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
+from envcheck.image.blobstream import BlobStream, StreamError
+
+ZERO_BLOCK = bytes(512)
+PAX_BYTES_MAX = 1024 * 1024  # a PAX or GNU long-name header larger than this is hostile
 KEEP_FILES = ("etc/ld.so.cache", "var/lib/dpkg/status", "etc/ld.so.conf")
 KEEP_PREFIXES = ("etc/ld.so.conf.d/", "var/lib/dpkg/status.d/")
 KEEP_BYTES_MAX = 64 * 1024 * 1024
@@ -59,91 +58,6 @@ class LayerScan:
         return len(self.files)
 
 
-class HashingReader(io.RawIOBase):
-    """Reads through `source`, hashing and counting; `finish` checks the digest and size."""
-
-    def __init__(self, source: BinaryIO, limit_bytes: int | None = None,
-                 progress: Callable[[int], None] | None = None):
-        self._source = source
-        self._hash = hashlib.sha256()
-        self.count = 0
-        self._limit = limit_bytes
-        self._progress = progress
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        data = self._source.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        self._hash.update(data)
-        self.count += n
-        if self._limit is not None and self.count > self._limit:
-            raise LayerError(f"more than {self._limit} bytes: refusing to read further "
-                             "(a tar bomb, or the wrong size)")
-        if self._progress is not None and n:
-            self._progress(n)
-        return n
-
-    def drain(self) -> None:
-        while self.read(CHUNK_BYTES):
-            pass
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + self._hash.hexdigest()
-
-
-class _GzipStream(io.RawIOBase):
-    """Streaming gzip (multi-member) decompression: ISA-L when installed, zlib otherwise."""
-
-    def __init__(self, source: BinaryIO):
-        self._source = source
-        try:
-            from isal import isal_zlib as engine
-        except ImportError:  # pragma: no cover - depends on the optional wheel
-            engine = zlib
-        self._engine = engine
-        self._inflate = engine.decompressobj(31)
-        self._pending = b""
-        self._eof = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while not self._pending and not self._eof:
-            data = self._inflate.unconsumed_tail or self._source.read(CHUNK_BYTES)
-            if not data:
-                if not self._inflate.eof:
-                    raise LayerError("truncated gzip stream: the compressed layer ends early")
-                self._eof = True
-                break
-            self._pending = self._inflate.decompress(data, CHUNK_BYTES * 4)
-            if self._inflate.eof and self._inflate.unused_data:
-                rest = self._inflate.unused_data  # another gzip member follows
-                self._inflate = self._engine.decompressobj(31)
-                self._pending += self._inflate.decompress(rest, CHUNK_BYTES * 4)
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
-        self._pending = self._pending[n:]
-        return n
-
-
-def decompressed(stream: BinaryIO) -> tuple[BinaryIO, str]:
-    """Sniff the magic bytes (never trust names) and wrap `stream` in the right decompressor."""
-    reader = io.BufferedReader(stream, CHUNK_BYTES)
-    magic = reader.peek(4)[:4]
-    if magic.startswith(GZIP_MAGIC):
-        return io.BufferedReader(_GzipStream(reader), CHUNK_BYTES), "gzip"
-    if magic == ZSTD_MAGIC:
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(reader, read_size=CHUNK_BYTES), "zstd"
-    return reader, "none"
-
-
 def clean_path(name: str, layer: int) -> str:
     """A tar member name as a root-relative path; `..` that climbs out of the root is an error
     (nothing is ever written to disk, but such a layer is malformed)."""
@@ -176,36 +90,29 @@ def scan_layer(blob: BinaryIO, index: int, *, expected_digest: str | None = None
                expected_size: int | None = None,
                progress: Callable[[int], None] | None = None) -> LayerScan:
     """Stream one layer blob; raise LayerError on a digest/size mismatch or a broken stream."""
-    compressed = HashingReader(blob, limit_bytes=expected_size, progress=progress)
-    plain, compression = decompressed(compressed)
-    uncompressed = HashingReader(plain, limit_bytes=UNCOMPRESSED_BYTES_MAX)
-    scan = LayerScan(index, compression=compression)
+    stream = BlobStream(blob, limit_bytes=expected_size, uncompressed_max=UNCOMPRESSED_BYTES_MAX,
+                        progress=progress)
+    scan = LayerScan(index)
     name = f"layer {index}" + (f" ({expected_digest})" if expected_digest else "")
     try:
-        with tarfile.open(fileobj=uncompressed, mode="r|") as tar:
-            for member in tar:
-                _record(scan, tar, member)
-        uncompressed.drain()  # tar padding after the end-of-archive blocks counts in the diff_id
-        compressed.drain()
-    except LayerError as error:
+        chunks = iter(stream)
+        walk_tar(_Chunks(chunks), lambda info, read: _record(scan, info, read))
+        stream.drain(chunks)  # padding after the end-of-archive blocks counts in the diff_id
+    except (LayerError, StreamError) as error:
         raise LayerError(f"{name}: {error}") from None
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
-        raise LayerError(f"{name}: unreadable {compression} tar stream ({error})") from None
-    except Exception as error:
-        if type(error).__module__.startswith(("zstandard", "isal")):
-            raise LayerError(f"{name}: corrupt {compression} stream ({error})") from None
-        raise
-    scan.digest, scan.compressed_bytes = compressed.digest, compressed.count
-    scan.diff_id, scan.uncompressed_bytes = uncompressed.digest, uncompressed.count
-    if expected_size is not None and compressed.count != expected_size:
-        raise LayerError(f"{name}: {compressed.count} bytes, the descriptor says {expected_size}")
+    scan.compression = stream.compression
+    scan.digest, scan.compressed_bytes = stream.digest, stream.compressed_bytes
+    scan.diff_id, scan.uncompressed_bytes = stream.diff_id, stream.uncompressed_bytes
+    if expected_size is not None and stream.compressed_bytes != expected_size:
+        raise LayerError(f"{name}: {stream.compressed_bytes} bytes, the descriptor says "
+                         f"{expected_size}")
     if expected_digest is not None and scan.digest != expected_digest:
         raise LayerError(f"{name}: content digest {scan.digest} does not match: corrupted or "
                          "tampered blob")
     return scan
 
 
-def _record(scan: LayerScan, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+def _record(scan: LayerScan, member: tarfile.TarInfo, read: Callable[[], bytes]) -> None:
     path = clean_path(member.name, scan.index)
     if not path:
         return
@@ -220,8 +127,127 @@ def _record(scan: LayerScan, tar: tarfile.TarFile, member: tarfile.TarInfo) -> N
     scan.files[path] = FileInfo(member.size, member.mode, _kind(member), link, scan.index)
     wanted = path in KEEP_FILES or path.startswith(KEEP_PREFIXES)
     if wanted and member.isreg() and member.size <= KEEP_BYTES_MAX:
-        handle = tar.extractfile(member)
-        scan.kept[path] = handle.read() if handle else b""
+        scan.kept[path] = read()
+
+
+class _Chunks:
+    """Byte-exact reads and cheap skips over an iterator of chunks."""
+
+    def __init__(self, iterator: Iterator[bytes]):
+        self._iterator = iterator
+        self._chunk = memoryview(b"")
+
+    def _fill(self) -> bool:
+        while not self._chunk:
+            nxt = next(self._iterator, None)
+            if nxt is None:
+                return False
+            self._chunk = memoryview(nxt)
+        return True
+
+    def read(self, n: int) -> bytes:
+        parts = []
+        while n > 0 and self._fill():
+            part = self._chunk[:n]
+            self._chunk = self._chunk[len(part):]
+            parts.append(bytes(part))
+            n -= len(part)
+        return b"".join(parts)
+
+    def skip(self, n: int) -> int:
+        skipped = 0
+        while n > skipped and self._fill():
+            step = min(n - skipped, len(self._chunk))
+            self._chunk = self._chunk[step:]
+            skipped += step
+        return skipped
+
+
+def _pax_records(raw: bytes) -> dict[str, str]:
+    """'%d key=value\n' records of a PAX extended header."""
+    records, position = {}, 0
+    while position < len(raw) and raw[position:position + 1] != b"\0":
+        space = raw.find(b" ", position)
+        try:
+            length = int(raw[position:space])
+        except ValueError:
+            raise LayerError("malformed PAX extended header") from None
+        if length <= 0 or space < 0 or position + length > len(raw):
+            raise LayerError("malformed PAX extended header")
+        key, _, value = raw[space + 1:position + length - 1].partition(b"=")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        position += length
+    return records
+
+
+def _padded(size: int) -> int:
+    return (size + 511) // 512 * 512
+
+
+def _data(chunks: _Chunks, size: int, what: str) -> bytes:
+    if size > PAX_BYTES_MAX:
+        raise LayerError(f"{what} of {size} bytes is over the {PAX_BYTES_MAX}-byte limit")
+    raw = chunks.read(_padded(size))
+    if len(raw) < _padded(size):
+        raise LayerError("truncated tar stream")
+    return raw[:size]
+
+
+def _header(block: bytes) -> tarfile.TarInfo:
+    if len(block) < 512:
+        raise LayerError("truncated tar stream")
+    try:
+        return tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError as error:
+        raise LayerError(f"bad tar header ({error})") from None
+
+
+def walk_tar(chunks: _Chunks, on_member: Callable) -> None:
+    """Walk tar headers (ustar, GNU long names, PAX), skipping file data without copying it.
+    on_member(info, read) is called per entry; `read()` returns that entry's content."""
+    pax: dict[str, str] = {}
+    long_names: dict[bytes, str] = {}
+    while True:
+        block = chunks.read(512)
+        if not block or block == ZERO_BLOCK:
+            return  # the end-of-archive marker (or a tar that stops at a header boundary)
+        info = _header(block)
+        if info.type in (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):
+            pax = _pax_records(_data(chunks, info.size, "PAX header"))
+            continue
+        if info.type == tarfile.XGLTYPE:
+            _data(chunks, info.size, "PAX global header")
+            continue
+        if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+            raw = _data(chunks, info.size, "GNU long name").split(b"\0", 1)[0]
+            long_names[info.type] = raw.decode("utf-8", "surrogateescape")
+            continue
+        info.name = pax.get("path") or long_names.get(tarfile.GNUTYPE_LONGNAME) or info.name
+        info.linkname = (pax.get("linkpath") or long_names.get(tarfile.GNUTYPE_LONGLINK)
+                         or info.linkname)
+        if "size" in pax:
+            info.size = int(pax["size"])
+        pax, long_names = {}, {}
+        _member(chunks, info, on_member)
+
+
+def _member(chunks: _Chunks, info: tarfile.TarInfo, on_member: Callable) -> None:
+    """Hand one entry to on_member, then skip whatever of its data it did not read."""
+    has_data = info.isreg() or info.type not in tarfile.SUPPORTED_TYPES
+    size = info.size if has_data else 0
+    taken = [0]
+
+    def read() -> bytes:
+        taken[0] = size
+        data = chunks.read(size)
+        if len(data) < size:
+            raise LayerError("truncated tar stream")
+        return data
+
+    on_member(info, read)
+    remaining = _padded(size) - taken[0]
+    if chunks.skip(remaining) < remaining:
+        raise LayerError("truncated tar stream")
 
 
 class MergedView:

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from scripts import cuda_image
+from scripts.local_registry import Registry
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -29,51 +27,14 @@ def require_binary(name: str) -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Registry:
-    """A docker-registry process on 127.0.0.1:<free port>, optionally behind htpasswd auth."""
-
-    def __init__(self, root: Path, htpasswd: Path | None = None):
-        self.port = free_port()
-        self.host = f"127.0.0.1:{self.port}"
-        self.storage = root / "storage"
-        auth = (f"auth:\n  htpasswd:\n    realm: envcheck-test\n    path: {htpasswd}\n"
-                if htpasswd else "")
-        config = root / "config.yml"
-        config.write_text(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
-            f"    rootdirectory: {self.storage}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: 127.0.0.1:{self.port}\n{auth}")
-        self.log = (root / "registry.log").open("w")
-        self.process = subprocess.Popen([require_binary("docker-registry"), "serve", str(config)],
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                requests.get(f"http://{self.host}/v2/", timeout=1)
-                return
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"docker-registry did not start on {self.host}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self.log.close()
+def start_registry(root: Path, htpasswd: Path | None = None) -> Registry:
+    require_binary("docker-registry")
+    return Registry(root, htpasswd)
 
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory):
-    server = Registry(tmp_path_factory.mktemp("registry"))
+    server = start_registry(tmp_path_factory.mktemp("registry"))
     yield server
     server.stop()
 

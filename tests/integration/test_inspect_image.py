@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from scripts import cuda_image
-from tests.integration.conftest import Registry, require_binary, skopeo
+from tests.integration.conftest import require_binary, skopeo, start_registry
 
 
 def envcheck(*args: str, env=None):
@@ -218,7 +218,7 @@ def auth_registry(tmp_path):
     secrets = tmp_path / "htpasswd"
     subprocess.run([require_binary("htpasswd"), "-Bbc", str(secrets), "envcheck",
                     "s3cret-planted"], check=True, capture_output=True)
-    server = Registry(tmp_path, htpasswd=secrets)
+    server = start_registry(tmp_path, htpasswd=secrets)
     yield server
     server.stop()
 

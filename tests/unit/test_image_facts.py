@@ -159,3 +159,33 @@ def test_symlinks_resolve_inside_the_image():
     view.apply(layers.scan_layer(io.BytesIO(buffer.getvalue()), 1))
     assert view.resolve("/usr/local/cuda/lib/libx.so.1") == "usr/local/cuda-12.8/lib/libx.so.1"
     assert view.resolve("/usr/local/cuda/lib/missing") is None
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix", "ustar"])
+def test_file_list_equals_gnu_tar(tmp_path, fmt):
+    """Long names (GNU 'L' records, PAX path records), symlinks, hard links: the streamed
+    listing equals `tar -t` on the same archive."""
+    import shutil
+    import subprocess
+
+    if shutil.which("tar") is None:
+        pytest.skip("GNU tar is the oracle here")
+    root = tmp_path / "root"
+    deep = root / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    (deep / "file-with-a-long-name.txt").write_text("x" * 700)
+    (root / "link").symlink_to("plain")
+    (root / "plain").write_text("p")
+    (root / "hard").hardlink_to(root / "plain")
+    archive = tmp_path / "t.tar"
+    names = ["plain", "hard", "link", "d" * 60] if fmt == "ustar" else ["."]
+    subprocess.run(["tar", f"--format={fmt}", "-cf", str(archive), "-C", str(root), *names],
+                   check=True, capture_output=True)
+    listed = subprocess.run(["tar", "-tf", str(archive)], check=True, capture_output=True,
+                            text=True).stdout.split()
+    scan = layers.scan_layer(io.BytesIO(archive.read_bytes()), 0)
+    expected = {p.rstrip("/").removeprefix("./") for p in listed} - {"", "."}
+    assert set(scan.files) == expected
+    assert scan.files["link"].kind == "symlink"
+    kinds = {scan.files["hard"].kind, scan.files["plain"].kind}
+    assert kinds == {"file", "hardlink"}  # whichever tar stored second links to the first

@@ -1,0 +1,196 @@
+"""A layer blob as a stream of decompressed chunks, with both digests computed on the way.
+
+Three stages overlap on separate threads so a layer streams at close to download speed:
+  reader thread   blob.read(1 MiB) -> sha256 of the compressed bytes (the blob digest)
+  caller          gzip (ISA-L when installed, else zlib) / zstd / plain -> chunks out
+  hasher thread   sha256 of the uncompressed bytes (the diff_id)
+hashlib, ISA-L, zlib and socket reads release the GIL, so the stages really run in parallel.
+Queues are bounded (a few MiB in flight), so memory stays flat whatever the layer size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import zlib
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+
+CHUNK_BYTES = 1 << 20
+QUEUE_CHUNKS = 8
+GZIP_MAGIC, ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
+_DONE = object()
+
+
+class StreamError(ValueError):
+    """A blob that ends early, is corrupt, or is larger than its limit."""
+
+
+class _Pump(threading.Thread):
+    """Runs `produce(put)` on a thread; the consumer iterates; errors cross over."""
+
+    def __init__(self, produce: Callable[[Callable[[bytes], None]], None]):
+        super().__init__(daemon=True)
+        self._produce = produce
+        self._queue: queue.Queue = queue.Queue(QUEUE_CHUNKS)
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+
+    def put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def run(self) -> None:
+        try:
+            self._produce(self.put)
+        except BaseException as error:  # handed to the consumer, re-raised there
+            self._error = error
+        finally:
+            self.put(_DONE)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield item
+
+    def cancel(self) -> None:
+        self._stop.set()
+
+
+class BlobStream:
+    """Iterate over decompressed chunks of `blob`; after exhausting it, `digest`, `diff_id`,
+    `compressed_bytes`, `uncompressed_bytes` and `compression` hold the verified facts."""
+
+    def __init__(self, blob: BinaryIO, *, limit_bytes: int | None, uncompressed_max: int,
+                 progress: Callable[[int], None] | None = None):
+        self._blob, self._limit, self._uncompressed_max = blob, limit_bytes, uncompressed_max
+        self._progress = progress
+        self._compressed_hash, self._plain_hash = hashlib.sha256(), hashlib.sha256()
+        self.compressed_bytes = self.uncompressed_bytes = 0
+        self.compression = ""
+
+    def _read_compressed(self, put) -> None:
+        while True:
+            data = self._blob.read(CHUNK_BYTES)
+            if not data:
+                return
+            self._compressed_hash.update(data)
+            self.compressed_bytes += len(data)
+            if self._limit is not None and self.compressed_bytes > self._limit:
+                raise StreamError(f"blob is larger than its descriptor's {self._limit} bytes")
+            if self._progress is not None:
+                self._progress(len(data))
+            put(data)
+
+    def _hash_plain(self, chunks: queue.Queue) -> None:
+        while (chunk := chunks.get()) is not _DONE:
+            self._plain_hash.update(chunk)
+
+    def __iter__(self) -> Iterator[bytes]:
+        reader = _Pump(self._read_compressed)
+        plain: queue.Queue = queue.Queue(QUEUE_CHUNKS)
+        hasher = threading.Thread(target=self._hash_plain, args=(plain,), daemon=True)
+        reader.start()
+        hasher.start()
+        try:
+            for chunk in self._decompress(iter(reader)):
+                self.uncompressed_bytes += len(chunk)
+                if self.uncompressed_bytes > self._uncompressed_max:
+                    raise StreamError(f"more than {self._uncompressed_max} bytes uncompressed: "
+                                      "refusing to read further (a tar bomb?)")
+                plain.put(chunk)
+                yield chunk
+        finally:
+            reader.cancel()
+            plain.put(_DONE)
+            hasher.join()
+
+    def _decompress(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        first = next(chunks, b"")
+        if first.startswith(GZIP_MAGIC):
+            self.compression = "gzip"
+            yield from _inflate(first, chunks, _gzip_engine(), "gzip")
+        elif first.startswith(ZSTD_MAGIC):
+            import zstandard
+
+            self.compression = "zstd"
+            yield from _inflate(first, chunks, _ZstdEngine(zstandard), "zstd")
+        else:
+            self.compression = "none"
+            if first:
+                yield first
+            yield from chunks
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self._compressed_hash.hexdigest()
+
+    @property
+    def diff_id(self) -> str:
+        return "sha256:" + self._plain_hash.hexdigest()
+
+    def drain(self, iterator: Iterator[bytes]) -> None:
+        for _ in iterator:
+            pass
+
+
+def _gzip_engine():
+    try:
+        from isal import isal_zlib
+    except ImportError:  # pragma: no cover - the optional fast path
+        isal_zlib = zlib
+
+    class Engine:
+        def new(self):
+            return isal_zlib.decompressobj(31)
+
+        errors = (zlib.error, getattr(isal_zlib, "error", zlib.error))
+
+    return Engine()
+
+
+class _ZstdEngine:
+    def __init__(self, zstandard):
+        self._zstandard = zstandard
+        self.errors = (zstandard.ZstdError,)
+
+    def new(self):
+        return self._zstandard.ZstdDecompressor().decompressobj()
+
+
+def _inflate(first: bytes, chunks: Iterator[bytes], engine, name: str) -> Iterator[bytes]:
+    """Decompress member after member (concatenated gzip members / zstd frames)."""
+    inflater = engine.new()
+    pending = first
+    try:
+        while True:
+            if not pending:
+                pending = next(chunks, b"")
+                if not pending:
+                    break
+            out = inflater.decompress(pending)
+            pending = b""
+            if out:
+                yield out
+            if inflater.eof:
+                rest = inflater.unused_data
+                inflater = engine.new()
+                pending = rest
+                if not rest:
+                    following = next(chunks, b"")
+                    if not following:
+                        return
+                    pending = following
+        if not inflater.eof:
+            raise StreamError(f"truncated {name} stream: the compressed layer ends early")
+    except engine.errors as error:
+        raise StreamError(f"corrupt {name} stream ({error})") from None

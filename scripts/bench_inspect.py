@@ -1,0 +1,215 @@
+"""Benchmark (not a test): `envcheck inspect-image` on an image with a ≥ 1 GB compressed layer,
+side by side with the tools people use, in one run.
+
+Builds the CUDA-like image plus one big gzip layer (files of mixed random and repetitive bytes,
+about 1.7:1 compressible), pushes it to a local docker-registry with skopeo, then times, each as
+its own process with the OS's peak RSS (wait4):
+  floor       curl BLOB | sha256sum                        (download + hash: the floor)
+  gzip|tar    curl BLOB | gzip -dc | tar -t
+  docker save docker save IMAGE > /dev/null                (after docker pull from the registry)
+  skopeo copy skopeo copy docker://… oci:DIR
+  envcheck    envcheck inspect-image REF --json            (every layer: digests, diff_ids, files)
+Goals: envcheck ≤ 1.1× the floor, ≥ 2.5× faster than gzip|tar, peak RSS ≤ 150 MB.
+
+Run: .venv/bin/python -m scripts.bench_inspect [--gigabytes 1.0] [--workdir DIR] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from scripts import cuda_image
+
+FILE_BYTES = 1 << 20
+RANDOM_FRACTION = 0.55  # the rest of each file is repetitive text: ~1.7:1 overall
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, sink):
+        self.sink, self.hash, self.count = sink, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        self.count += len(data)
+        return self.sink.write(data)
+
+
+def big_layer(path: Path, compressed_bytes_min: int) -> dict:
+    """Stream a tar of 1 MiB files through ISA-L gzip into `path` until the compressed size
+    reaches the target; returns its digest, size and diff_id. Never holds the layer in memory."""
+    from isal import igzip
+
+    phrase = b"CUDA kernel libcublasLt sm_90 PTX JIT cache "
+    text = (phrase * (FILE_BYTES // len(phrase) + 1))[:FILE_BYTES]
+    random_bytes = int(FILE_BYTES * RANDOM_FRACTION)
+    with path.open("wb") as raw:
+        compressed = _HashingWriter(raw)
+        with igzip.IGzipFile(fileobj=compressed, mode="wb", compresslevel=1, mtime=0) as gz:
+            plain = _HashingWriter(gz)
+            with tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                index = 0
+                while compressed.count < compressed_bytes_min:
+                    data = os.urandom(random_bytes) + text[: FILE_BYTES - random_bytes]
+                    info = tarfile.TarInfo(f"opt/big/{index // 1000:03d}/blob-{index:06d}.bin")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                    index += 1
+    return {"digest": "sha256:" + compressed.hash.hexdigest(), "size": compressed.count,
+            "diff_id": "sha256:" + plain.hash.hexdigest(), "files": index,
+            "uncompressed": plain.count}
+
+
+def build_image(workdir: Path, gigabytes: float) -> tuple[Path, dict]:
+    layout = workdir / "layout"
+    blob_path = workdir / "big.tar.gz"
+    big = big_layer(blob_path, int(gigabytes * 1e9))
+    built = cuda_image.build_layout(layout, tag="bench")
+    (layout / "blobs/sha256" / big["digest"].split(":")[1]).unlink(missing_ok=True)
+    shutil.move(blob_path, layout / "blobs/sha256" / big["digest"].split(":")[1])
+    extend_manifest(layout, built, big)
+    return layout, big
+
+
+def extend_manifest(layout: Path, built: dict, big: dict) -> None:
+    """Append the big layer to the image's manifest and config (new digests, new index)."""
+    blobs = layout / "blobs/sha256"
+    manifest = json.loads((blobs / built["manifest_digest"].split(":")[1]).read_text())
+    config = json.loads((blobs / built["config_digest"].split(":")[1]).read_text())
+    config["rootfs"]["diff_ids"].append(big["diff_id"])
+    config["history"].append({"created_by": "COPY big /opt/big # buildkit"})
+    config_bytes = json.dumps(config).encode()
+    config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
+    (blobs / config_digest.split(":")[1]).write_bytes(config_bytes)
+    manifest["config"].update(digest=config_digest, size=len(config_bytes))
+    manifest["layers"].append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                               "digest": big["digest"], "size": big["size"]})
+    manifest_bytes = json.dumps(manifest).encode()
+    manifest_digest = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
+    (blobs / manifest_digest.split(":")[1]).write_bytes(manifest_bytes)
+    index = json.loads((layout / "index.json").read_text())
+    index["manifests"][0].update(digest=manifest_digest, size=len(manifest_bytes))
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def timed(name: str, command: str, limit_s: float = 1800) -> dict:
+    """Run a shell pipeline; wall time and the peak RSS of its largest process (wait4)."""
+    start_s = time.perf_counter()
+    process = subprocess.Popen(["bash", "-o", "pipefail", "-c", command],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killer = threading.Timer(limit_s, process.kill)
+    killer.start()
+    _, status, usage = os.wait4(process.pid, 0)
+    killer.cancel()
+    wall_s = time.perf_counter() - start_s
+    process.returncode = os.waitstatus_to_exitcode(status)
+    error = process.stderr.read().decode(errors="replace")[-500:]
+    process.stderr.close()
+    row = {"name": name, "wall_s": wall_s, "peak_rss_bytes": usage.ru_maxrss * 1024,
+           "rc": process.returncode, "command": command}
+    if process.returncode != 0:
+        row["error"] = error
+    print(f"  {name:<12} {wall_s:8.2f} s  {usage.ru_maxrss / 1024:8.0f} MB  "
+          f"rc={process.returncode}", file=sys.stderr)
+    return row
+
+
+def run(workdir: Path, gigabytes: float) -> dict:
+    from scripts import test_engine
+    from scripts.local_registry import Registry
+
+    print(f"building the image (≥ {gigabytes} GB compressed layer)…", file=sys.stderr)
+    layout, big = build_image(workdir, gigabytes)
+    registry = Registry(workdir / "registry-root")
+    engine, started = None, None
+    try:
+        ref = f"{registry.host}/bench/cuda:big"
+        subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:bench",
+                        f"docker://{ref}"], check=True, capture_output=True)
+        blob_url = f"http://{registry.host}/v2/bench/cuda/blobs/{big['digest']}"
+        venv = Path(sys.executable).parent
+        rows = [
+            timed("floor", f"curl -sf {blob_url} | sha256sum"),
+            timed("gzip|tar", f"curl -sf {blob_url} | gzip -dc | tar -t"),
+            timed("skopeo copy", f"skopeo copy --src-tls-verify=false docker://{ref} "
+                                 f"oci:{workdir / 'skopeo-out'}:x"),
+            timed("envcheck", f"{venv / 'envcheck'} inspect-image {ref} --json"),
+        ]
+        try:
+            engine, started = test_engine.start()
+            env = f"DOCKER_HOST={engine}"
+            subprocess.run(f"{env} docker pull -q {ref}", shell=True, check=True,
+                           capture_output=True)
+            rows.append(timed("docker save", f"{env} docker save {ref}"))
+            subprocess.run(f"{env} docker rmi -f {ref}", shell=True, capture_output=True)
+        except (RuntimeError, subprocess.CalledProcessError) as error:
+            rows.append({"name": "docker save", "error": str(error)[:300]})
+    finally:
+        registry.stop()
+        if started:
+            test_engine.stop(started)
+    return summarize(rows, big)
+
+
+def summarize(rows: list[dict], big: dict) -> dict:
+    by = {row["name"]: row for row in rows}
+    mine, floor, gz = by["envcheck"], by["floor"], by["gzip|tar"]
+    ratios = {"envcheck_over_floor": mine["wall_s"] / floor["wall_s"],
+              "gzip_tar_over_envcheck": gz["wall_s"] / mine["wall_s"]}
+    goals = {"envcheck ≤ 1.1× floor": ratios["envcheck_over_floor"] <= 1.1,
+             "envcheck ≥ 2.5× faster than gzip|tar": ratios["gzip_tar_over_envcheck"] >= 2.5,
+             "envcheck peak RSS ≤ 150 MB": mine["peak_rss_bytes"] <= 150e6}
+    return {"layer": big, "rows": rows, "ratios": ratios, "goals": goals}
+
+
+def print_table(result: dict) -> None:
+    layer = result["layer"]
+    print(f"big layer: {layer['size'] / 1e9:.3f} GB gzip, {layer['uncompressed'] / 1e9:.3f} GB "
+          f"uncompressed, {layer['files']} files (+ 3 small CUDA-like layers)")
+    print(f"{'':<13}{'wall s':>9}{'peak RSS MB':>13}{'× envcheck':>12}")
+    mine = next(r for r in result["rows"] if r["name"] == "envcheck")
+    for row in result["rows"]:
+        if "wall_s" not in row:
+            print(f"{row['name']:<13}{'n/a':>9}  {row.get('error', '')[:80]}")
+            continue
+        print(f"{row['name']:<13}{row['wall_s']:>9.2f}{row['peak_rss_bytes'] / 1e6:>13.0f}"
+              f"{row['wall_s'] / mine['wall_s']:>12.2f}")
+    r = result["ratios"]
+    print(f"ratios: envcheck / floor = {r['envcheck_over_floor']:.2f}; gzip|tar / envcheck = "
+          f"{r['gzip_tar_over_envcheck']:.2f}")
+    for goal, met in result["goals"].items():
+        print(f"  {'MET ' if met else 'MISS'} {goal}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gigabytes", type=float, default=1.0)
+    parser.add_argument("--workdir", type=Path, help="keep the image here (default: a temp dir)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    for tool in ("curl", "skopeo", "docker-registry", "gzip", "tar"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is not installed: scripts/install_system_packages.sh {tool}")
+    with tempfile.TemporaryDirectory(prefix="bench-inspect-", dir=args.workdir) as tmp:
+        result = run(Path(tmp), args.gigabytes)
+    print_table(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
