@@ -1,8 +1,9 @@
 """Benchmark (not a test): `envcheck inspect-image` on an image with a ≥ 1 GB compressed layer,
 side by side with the tools people use, in one run.
 
-Builds the CUDA-like image plus one big gzip layer (files of mixed random and repetitive bytes,
-about 1.7:1 compressible), pushes it to a local docker-registry with skopeo, then times, each as
+Builds the CUDA-like image plus one big gzip layer (1 MiB files cut from this machine's real
+shared libraries, about 2.7:1 compressible, like a CUDA library layer), pushes it to a local
+docker-registry with skopeo, then times, each as
 its own process with the OS's peak RSS (wait4):
   floor       curl BLOB | sha256sum                        (download + hash: the floor)
   gzip|tar    curl BLOB | gzip -dc | tar -t
@@ -26,14 +27,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from scripts import cuda_image
 
 FILE_BYTES = 1 << 20
-RANDOM_FRACTION = 0.55  # the rest of each file is repetitive text: ~1.7:1 overall
 
 
 class _HashingWriter(io.RawIOBase):
@@ -49,23 +48,37 @@ class _HashingWriter(io.RawIOBase):
         return self.sink.write(data)
 
 
+def binary_pool(pool_bytes: int = 64 << 20) -> bytes:
+    """Real machine code to fill the layer with: this machine's shared libraries (CUDA layers
+    are mostly shared libraries, compressing about 2.5-3:1)."""
+    pool = bytearray()
+    for path in sorted(Path("/usr/lib/x86_64-linux-gnu").glob("*.so*")):
+        if path.is_file() and not path.is_symlink():
+            pool += path.read_bytes()[: 8 << 20]
+        if len(pool) >= pool_bytes:
+            break
+    if len(pool) < FILE_BYTES * 4:
+        sys.exit("not enough shared libraries under /usr/lib/x86_64-linux-gnu to build the layer")
+    return bytes(pool)
+
+
 def big_layer(path: Path, compressed_bytes_min: int) -> dict:
-    """Stream a tar of 1 MiB files through ISA-L gzip into `path` until the compressed size
-    reaches the target; returns its digest, size and diff_id. Never holds the layer in memory."""
+    """Stream a tar of 1 MiB files cut from real shared libraries through ISA-L gzip (level 3,
+    close to the ratio of Go's default gzip level that builders use) into `path` until the
+    compressed size reaches the target. Never holds the layer in memory."""
     from isal import igzip
 
-    phrase = b"CUDA kernel libcublasLt sm_90 PTX JIT cache "
-    text = (phrase * (FILE_BYTES // len(phrase) + 1))[:FILE_BYTES]
-    random_bytes = int(FILE_BYTES * RANDOM_FRACTION)
+    pool = binary_pool()
     with path.open("wb") as raw:
         compressed = _HashingWriter(raw)
-        with igzip.IGzipFile(fileobj=compressed, mode="wb", compresslevel=1, mtime=0) as gz:
+        with igzip.IGzipFile(fileobj=compressed, mode="wb", compresslevel=3, mtime=0) as gz:
             plain = _HashingWriter(gz)
             with tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                 index = 0
                 while compressed.count < compressed_bytes_min:
-                    data = os.urandom(random_bytes) + text[: FILE_BYTES - random_bytes]
-                    info = tarfile.TarInfo(f"opt/big/{index // 1000:03d}/blob-{index:06d}.bin")
+                    start = (index * 7919 * 4096) % (len(pool) - FILE_BYTES)
+                    data = os.urandom(64) + pool[start + 64:start + FILE_BYTES]
+                    info = tarfile.TarInfo(f"opt/big/{index // 1000:03d}/lib-{index:06d}.so")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
                     index += 1
@@ -106,25 +119,23 @@ def extend_manifest(layout: Path, built: dict, big: dict) -> None:
     (layout / "index.json").write_text(json.dumps(index))
 
 
-def timed(name: str, command: str, limit_s: float = 1800) -> dict:
-    """Run a shell pipeline; wall time and the peak RSS of its largest process (wait4)."""
+def timed(name: str, command: str, workdir: Path, limit_s: float = 1800) -> dict:
+    """Run a shell pipeline under GNU time: wall time and the peak RSS of its largest process.
+    (GNU time measures its own child, so the figure is not inflated by this Python process's
+    memory, which a fork from here would carry into the child's high-water mark.)"""
+    rss_file = workdir / f"rss-{name.replace(' ', '_').replace('|', '_')}.txt"
     start_s = time.perf_counter()
-    process = subprocess.Popen(["bash", "-o", "pipefail", "-c", command],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killer = threading.Timer(limit_s, process.kill)
-    killer.start()
-    _, status, usage = os.wait4(process.pid, 0)
-    killer.cancel()
+    done = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), "bash", "-o",
+                           "pipefail", "-c", command], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, timeout=limit_s, check=False)
     wall_s = time.perf_counter() - start_s
-    process.returncode = os.waitstatus_to_exitcode(status)
-    error = process.stderr.read().decode(errors="replace")[-500:]
-    process.stderr.close()
-    row = {"name": name, "wall_s": wall_s, "peak_rss_bytes": usage.ru_maxrss * 1024,
-           "rc": process.returncode, "command": command}
-    if process.returncode != 0:
-        row["error"] = error
-    print(f"  {name:<12} {wall_s:8.2f} s  {usage.ru_maxrss / 1024:8.0f} MB  "
-          f"rc={process.returncode}", file=sys.stderr)
+    peak_kib = int(rss_file.read_text().split()[-1]) if rss_file.exists() else 0
+    row = {"name": name, "wall_s": wall_s, "peak_rss_bytes": peak_kib * 1024,
+           "rc": done.returncode, "command": command}
+    if done.returncode != 0:
+        row["error"] = done.stderr.decode(errors="replace")[-500:]
+    print(f"  {name:<12} {wall_s:8.2f} s  {peak_kib / 1024:8.0f} MB  rc={done.returncode}",
+          file=sys.stderr)
     return row
 
 
@@ -143,18 +154,18 @@ def run(workdir: Path, gigabytes: float) -> dict:
         blob_url = f"http://{registry.host}/v2/bench/cuda/blobs/{big['digest']}"
         venv = Path(sys.executable).parent
         rows = [
-            timed("floor", f"curl -sf {blob_url} | sha256sum"),
-            timed("gzip|tar", f"curl -sf {blob_url} | gzip -dc | tar -t"),
+            timed("floor", f"curl -sf {blob_url} | sha256sum", workdir),
+            timed("gzip|tar", f"curl -sf {blob_url} | gzip -dc | tar -t", workdir),
             timed("skopeo copy", f"skopeo copy --src-tls-verify=false docker://{ref} "
-                                 f"oci:{workdir / 'skopeo-out'}:x"),
-            timed("envcheck", f"{venv / 'envcheck'} inspect-image {ref} --json"),
+                                 f"oci:{workdir / 'skopeo-out'}:x", workdir),
+            timed("envcheck", f"{venv / 'envcheck'} inspect-image {ref} --json", workdir),
         ]
         try:
             engine, started = test_engine.start()
             env = f"DOCKER_HOST={engine}"
             subprocess.run(f"{env} docker pull -q {ref}", shell=True, check=True,
                            capture_output=True)
-            rows.append(timed("docker save", f"{env} docker save {ref}"))
+            rows.append(timed("docker save", f"{env} docker save {ref}", workdir))
             subprocess.run(f"{env} docker rmi -f {ref}", shell=True, capture_output=True)
         except (RuntimeError, subprocess.CalledProcessError) as error:
             rows.append({"name": "docker save", "error": str(error)[:300]})
@@ -201,7 +212,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep the image here (default: a temp dir)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    for tool in ("curl", "skopeo", "docker-registry", "gzip", "tar"):
+    for tool in ("curl", "skopeo", "docker-registry", "gzip", "tar", "time"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed: scripts/install_system_packages.sh {tool}")
     with tempfile.TemporaryDirectory(prefix="bench-inspect-", dir=args.workdir) as tmp:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from envcheck.image import cuda, ldcache, reference
 from envcheck.image.layers import LayerError, LayerScan, MergedView, scan_layer
+from envcheck.image.registry import RegistryError
 from envcheck.image.sources import INDEX_TYPES, ImageSource, SourceError, open_source
 from envcheck.report import Check, Report
 
@@ -237,6 +238,8 @@ def inspect_image(text: str, *, platform: str | None = None, file_globs: tuple[s
         scans = scan_all(source, resolved, progress) if layers else []
     except LayerError as error:
         raise LayerError(f"{source.description}: {error}") from None
+    except RegistryError as error:  # raised while a layer streams (blob 404, dropped for good)
+        raise SourceError(str(error)) from None
     finally:
         source.close()
     return build_report(ref, source, resolved, scans, file_globs, layers,

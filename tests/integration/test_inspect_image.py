@@ -300,3 +300,17 @@ def test_oci_style_docker_archive(cuda_layout, tmp_path):
         layer["digest"] for layer in built["layers"]]
     assert [layer["diff_id"] for layer in report["layers"]] == built["diff_ids"]
     assert report["verdict"] == "ok"
+
+
+def test_missing_blob_in_the_registry(registry, cuda_layout):
+    """Push, then delete one layer blob through the registry API: the 404 on the blob is one
+    line naming the blob, not a report."""
+    import requests
+
+    layout, built = cuda_layout
+    ref = f"{registry.host}/broken/cuda:1"
+    skopeo("copy", "--dest-tls-verify=false", f"oci:{layout}:12.8.0-cudnn-devel", f"docker://{ref}")
+    digest = built["layers"][2]["digest"]
+    deleted = requests.delete(f"http://{registry.host}/v2/broken/cuda/blobs/{digest}", timeout=10)
+    assert deleted.status_code == 202
+    one_line_error(envcheck(ref), 1, "404 not found", digest)

@@ -1,0 +1,121 @@
+"""A small fault-injecting HTTP proxy of our own, on 127.0.0.1, in front of the real registry.
+
+Modes (any combination), each counted so tests can assert what happened:
+- bearer: every /v2/ request needs `Authorization: Bearer <token>`; 401 carries a Bearer
+  challenge (with or without `service`, as nvcr.io); GET /token hands out the token;
+- too_many_once: the first blob GET answers 429 with Retry-After: 1;
+- drop_blob_once: the first layer-sized blob GET sends half the body, then drops the connection
+  (the client must resume with Range);
+- redirect_blobs: blob GETs answer 307 to the same proxy under another host name
+  (`localhost` instead of `127.0.0.1`), and record whether Authorization followed.
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import urllib.request
+
+TOKEN = "envcheck-test-token-planted"
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, *, bearer: bool = False, service: bool = True,
+                 too_many_once: bool = False, drop_blob_once: bool = False,
+                 redirect_blobs: bool = False):
+        self.upstream = upstream
+        self.modes = dict(bearer=bearer, service=service, too_many_once=too_many_once,
+                          drop_blob_once=drop_blob_once, redirect_blobs=redirect_blobs)
+        self.events: list[str] = []
+        self.redirected_auth: list[str | None] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                proxy.handle(self)
+
+            def do_HEAD(self):
+                proxy.handle(self)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.host = f"127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _once(self, mode: str) -> bool:
+        if self.modes[mode]:
+            self.modes[mode] = False
+            return True
+        return False
+
+    def handle(self, request) -> None:
+        path = request.path
+        if path.startswith("/token"):
+            self.events.append("token")
+            return self._send(request, 200, b'{"token": "%s", "expires_in": 300}' % TOKEN.encode(),
+                              {"Content-Type": "application/json"})
+        is_blob = "/blobs/" in path
+        if is_blob and request.headers.get("Host", "").startswith("localhost"):
+            self.redirected_auth.append(request.headers.get("Authorization"))
+            return self._forward(request)
+        if self.modes["bearer"] and request.headers.get("Authorization") != f"Bearer {TOKEN}":
+            self.events.append("challenge")
+            service = ',service="envcheck-test"' if self.modes["service"] else ""
+            return self._send(request, 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {
+                "WWW-Authenticate": f'Bearer realm="http://{self.host}/token"{service}'})
+        if is_blob and self._once("too_many_once"):
+            self.events.append("429")
+            return self._send(request, 429, b"slow down", {"Retry-After": "1"})
+        if is_blob and self.modes["redirect_blobs"]:
+            self.events.append("redirect")
+            return self._send(request, 307, b"", {
+                "Location": f"http://localhost:{self.port}{path}"})
+        return self._forward(request)
+
+    def _forward(self, request) -> None:
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in ("accept", "range")}
+        upstream = urllib.request.Request(f"http://{self.upstream}{request.path}",
+                                          headers=headers, method=request.command)
+        try:
+            response = urllib.request.urlopen(upstream, timeout=30)
+        except urllib.error.HTTPError as error:
+            response = error
+        body = response.read()
+        extra = {k: v for k, v in response.headers.items()
+                 if k.lower() in ("content-type", "docker-content-digest", "content-range")}
+        big_blob = "/blobs/" in request.path and len(body) > 16 * 1024  # a layer, not a config
+        if big_blob and request.command == "GET" and response.status == 200 and \
+                self._once("drop_blob_once"):
+            self.events.append("drop")
+            request.send_response(200)
+            request.send_header("Content-Length", str(len(body)))
+            request.end_headers()
+            request.wfile.write(body[: len(body) // 2])
+            request.wfile.flush()
+            request.close_connection = True
+            request.connection.shutdown(2)
+            return
+        if "content-range" in (k.lower() for k in extra):
+            self.events.append("range")
+        self._send(request, response.status, body, extra)
+
+    @staticmethod
+    def _send(request, status: int, body: bytes, headers: dict) -> None:
+        request.send_response(status)
+        for key, value in headers.items():
+            request.send_header(key, value)
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        if request.command != "HEAD":
+            request.wfile.write(body)
