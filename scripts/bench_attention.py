@@ -23,7 +23,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from scripts.benchlib import best_time_s
+from scripts.benchlib import best_time_s, print_goals
 
 CPU_LENGTHS = (1024, 2048, 4096, 8192)
 CPU_IMPLS = ("reference", "xla", "flash")
@@ -114,8 +114,7 @@ def print_cpu(result: dict) -> None:
         flash, reference, xla = cells[2], cells[0], cells[1]
         print(f"{T:>6}{line}{flash['time_s'] / xla['time_s']:>13.2f}"
               f"{flash['peak_bytes'] / reference['peak_bytes']:>15.3f}")
-    for goal, met in result["goals"].items():
-        print(f"  {'MET ' if met else 'MISS'} {goal}")
+    print_goals(result["goals"])
 
 
 def attention_flops(B: int, T: int, causal: bool) -> float:

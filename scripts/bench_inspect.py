@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from scripts import cuda_image
+from scripts.benchlib import print_goals
 
 FILE_BYTES = 1 << 20
 
@@ -202,8 +203,7 @@ def print_table(result: dict) -> None:
     r = result["ratios"]
     print(f"ratios: envcheck / floor = {r['envcheck_over_floor']:.2f}; gzip|tar / envcheck = "
           f"{r['gzip_tar_over_envcheck']:.2f}")
-    for goal, met in result["goals"].items():
-        print(f"  {'MET ' if met else 'MISS'} {goal}")
+    print_goals(result["goals"])
 
 
 def main() -> None:

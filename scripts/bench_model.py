@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.benchlib import best_time_s
+from scripts.benchlib import best_time_s, print_goals
 
 PREFILL_T, PROMPT_T, NEW_TOKENS = 256, 16, 64
 MATMUL_N, BANDWIDTH_BYTES = 4096, 1 << 30
@@ -156,8 +156,7 @@ def print_table(result: dict) -> None:
     r = result["ratios"]
     print(f"ratios: prefill {r['prefill_x_hf']:.2f}× HF, decode {r['decode_x_hf']:.2f}× HF; "
           f"JAX compile (prefill) {result['compile_s']:.2f} s, reported apart")
-    for goal, met in result["goals"].items():
-        print(f"  {'MET ' if met else 'MISS'} {goal}")
+    print_goals(result["goals"])
     print(f"versions: {result['versions']['ours']}; {result['versions']['hf']}")
 
 

@@ -14,3 +14,9 @@ def best_time_s(fn, repeats: int) -> float:
         fn()
         runs_s.append(time.perf_counter() - start_s)
     return min(runs_s)
+
+
+def print_goals(goals: dict[str, bool]) -> None:
+    """One line per goal: MET or MISS, then the goal."""
+    for goal, met in goals.items():
+        print(f"  {'MET ' if met else 'MISS'} {goal}")
