@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from envcheck.image import cuda, ldcache, reference
+from envcheck.image.blobstream import tune_allocator
 from envcheck.image.layers import LayerError, LayerScan, MergedView, scan_layer
 from envcheck.image.registry import RegistryError
 from envcheck.image.sources import INDEX_TYPES, ImageSource, SourceError, open_source
@@ -232,6 +233,8 @@ def inspect_image(text: str, *, platform: str | None = None, file_globs: tuple[s
     """Raises reference.ReferenceError (exit 2), SourceError (exit 1 or 2) and LayerError
     (exit 1) for inputs that give no report at all; everything else is a Check."""
     ref = reference.parse(text)
+    if layers:
+        tune_allocator()
     source = open_source(ref, timeout_s)
     try:
         resolved = resolve(source, platform)
