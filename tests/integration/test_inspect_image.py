@@ -40,8 +40,10 @@ def one_line_error(done, code: int, *fragments: str) -> None:
 
 
 def sha256_of_gunzip(path) -> str:
-    gunzip = subprocess.run(["gzip", "-dc", str(path)], capture_output=True, check=True)
-    return "sha256:" + hashlib.sha256(gunzip.stdout).hexdigest()
+    """The oracle for a diff_id: `gzip -dc BLOB | sha256sum`."""
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", f"gzip -dc {path} | sha256sum"],
+                          capture_output=True, text=True, check=True)
+    return "sha256:" + done.stdout.split()[0]
 
 
 def test_oci_layout_digests_equal_skopeo_and_sha256sum(cuda_layout):
