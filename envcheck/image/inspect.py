@@ -49,19 +49,40 @@ def choose_platform(index: dict, wanted: str, description: str) -> dict:
     """The index entry for `wanted` (os/arch[/variant]), skipping attestation manifests."""
     candidates = []
     for entry in index.get("manifests") or []:
-        plat = entry.get("platform") or {}
+        if not isinstance(entry, dict):
+            continue
+        plat = entry.get("platform") if isinstance(entry.get("platform"), dict) else {}
         kind = (entry.get("annotations") or {}).get("vnd.docker.reference.type")
         if kind == ATTESTATION or plat.get("os") == "unknown":
             continue
-        name = "/".join(p for p in (plat.get("os"), plat.get("architecture"),
-                                    plat.get("variant")) if p)
-        candidates.append((name, entry))
+        name = "/".join(str(p) for p in (plat.get("os"), plat.get("architecture"),
+                                         plat.get("variant")) if p)
+        if isinstance(entry.get("digest"), str):
+            candidates.append((name, entry))
     for name, entry in candidates:
         if name == wanted or name.rsplit("/", 1)[0] == wanted and wanted.count("/") == 1:
             return entry
     available = ", ".join(name for name, _ in candidates) or "none"
     raise SourceError(f"{description}: no manifest for platform {wanted} (available: "
                       f"{available}); choose one with --platform")
+
+
+def check_manifest(body: dict, description: str) -> None:
+    """The fields this pipeline reads, with the right types; a malformed manifest is one error."""
+    config = body.get("config")
+    layers = body.get("layers")
+    problems = []
+    if not isinstance(config, dict) or not isinstance(config.get("digest"), (str, type(None))):
+        problems.append("no config descriptor")
+    if not isinstance(layers, list):
+        problems.append("no layers list")
+    else:
+        for index, layer in enumerate(layers):
+            valid = isinstance(layer, dict) and isinstance(layer.get("digest"), (str, type(None)))
+            if not valid or not isinstance(layer.get("size", 0), int):
+                problems.append(f"layer {index} is not a descriptor with digest and size")
+    if problems:
+        raise SourceError(f"{description}: malformed manifest ({'; '.join(problems)})")
 
 
 def resolve(source: ImageSource, wanted_platform: str | None) -> Resolved:
@@ -72,10 +93,12 @@ def resolve(source: ImageSource, wanted_platform: str | None) -> Resolved:
         index_digest = top.digest
         entry = choose_platform(top.body, wanted, source.description)
         top = source.manifest(entry["digest"])
-    config_descriptor = top.body.get("config") or {}
-    if not config_descriptor:
-        raise SourceError(f"{source.description}: the manifest has no config")
+    check_manifest(top.body, source.description)
+    config_descriptor = top.body["config"]
     config = source.json_blob(config_descriptor.get("digest"))
+    if not isinstance(config.get("config") or {}, dict) or not isinstance(
+            config.get("rootfs") or {}, dict):
+        raise SourceError(f"{source.description}: the image config is malformed")
     plat = "/".join(p for p in (config.get("os"), config.get("architecture"),
                                 config.get("variant")) if p)
     return Resolved(index_digest, top.digest, top.media_type, top.body,

@@ -316,3 +316,26 @@ def test_missing_blob_in_the_registry(registry, cuda_layout):
     deleted = requests.delete(f"http://{registry.host}/v2/broken/cuda/blobs/{digest}", timeout=10)
     assert deleted.status_code == 202
     one_line_error(envcheck(ref), 1, "404 not found", digest)
+
+
+@pytest.mark.parametrize("mangle,fragment", [
+    (lambda m: m.pop("layers"), "no layers list"),
+    (lambda m: m["layers"].__setitem__(0, "not a descriptor"), "layer 0 is not a descriptor"),
+    (lambda m: m.__setitem__("config", []), "no config descriptor"),
+])
+def test_malformed_manifest_is_one_error(cuda_layout, tmp_path, mangle, fragment):
+    import hashlib as hashing
+
+    layout, built = cuda_layout
+    copy = tmp_path / "mangled"
+    shutil.copytree(layout, copy)
+    blobs = copy / "blobs" / "sha256"
+    manifest = json.loads((blobs / built["manifest_digest"].split(":")[1]).read_text())
+    mangle(manifest)
+    data = json.dumps(manifest).encode()
+    digest = hashing.sha256(data).hexdigest()
+    (blobs / digest).write_bytes(data)
+    index = json.loads((copy / "index.json").read_text())
+    index["manifests"][0]["digest"] = f"sha256:{digest}"
+    (copy / "index.json").write_text(json.dumps(index))
+    one_line_error(envcheck(f"oci:{copy}"), 1, "malformed manifest", fragment)
