@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -88,12 +90,71 @@ def inspect_image_command(ref, platform, file_globs, layers, driver_version, as_
     except pipeline.SourceError as error:
         _fail(str(error), error.exit_code)
     if as_json:
-        payload = report.to_json()
-        payload.pop("env_all", None)
-        click.echo(json.dumps(payload, indent=2))
+        click.echo(json.dumps(report.to_json(), indent=2))
     else:
         render_image(report, Console(highlight=False, soft_wrap=True))
     sys.exit(EXIT_FAILED if report.verdict == "fail" else EXIT_OK)
+
+
+@cli.command("build")
+@click.option("--base-image", default="nvidia/cuda:12.8.0-cudnn-devel-ubuntu24.04",
+              show_default=True, help="FROM image (must be present or pullable).")
+@click.option("--tag", default="envcheck-dev:latest", show_default=True)
+@click.option("--jax-extra", type=click.Choice(["cuda12", "cpu"]), default="cuda12",
+              show_default=True, help="jax[cuda12] or plain (CPU) jax.")
+@click.option("--ca-bundle", type=click.Path(dir_okay=False, path_type=Path),
+              help="Extra CA bundle for pip inside the build (TLS-intercepting proxies).")
+@click.option("--network", type=click.Choice(["host", "default"]), default="default",
+              show_default=True, help="Network of the build's RUN steps (host to pip-install "
+                                      "on a daemon without bridges).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON result.")
+@click.option("--timeout-s", type=click.FloatRange(min=1), default=3600, show_default=True)
+def build_command(base_image, tag, jax_extra, ca_bundle, network, as_json, timeout_s) -> None:
+    """Build the dev/smoke image (docker/Dockerfile) through the Docker SDK.
+
+    \b
+    Example:
+        envcheck build --jax-extra cpu --network host \\
+            --ca-bundle /etc/ssl/certs/ca-certificates.crt
+    """
+    from envcheck import build as builder
+
+    try:
+        with _step_display() as on_step:
+            result = builder.build(base_image=base_image, tag=tag, jax_extra=jax_extra,
+                                   ca_bundle=ca_bundle, network=network, timeout_s=timeout_s,
+                                   on_step=on_step)
+    except builder.BuildError as error:
+        click.echo(f"Error: {error}", err=True)
+        for line in error.tail:
+            click.echo(f"  | {line}", err=True)
+        sys.exit(EXIT_FAILED)
+    payload = {"schema": "envcheck.build/v1", **dataclasses.asdict(result)}
+    if as_json:
+        click.echo(json.dumps(payload, indent=2))
+    else:
+        click.echo(f"built {result.tag} {result.image_id[:19]} "
+                   f"{result.size_bytes / 1e6:.0f} MB in {result.seconds:.1f} s "
+                   f"({result.steps} steps, base {result.base_image}, jax {result.jax_extra})")
+
+
+class _step_display:
+    """The current build step as a spinner on stderr (terminals only)."""
+
+    def __init__(self):
+        self._status = None
+
+    def __enter__(self):
+        if not sys.stderr.isatty():
+            return None
+        self._status = Console(stderr=True).status("starting the build")
+        self._status.__enter__()
+        return lambda step: self._status.update(f"building: {step}")
+
+    def __exit__(self, *exc):
+        if self._status is not None:
+            self._status.__exit__(*exc)
+        return False
 
 
 def _check_version_option(text: str) -> None:

@@ -42,6 +42,8 @@ def build(out_dir: Path) -> dict:
         "seed": SEED, "config": TINY, "ids_shape": list(IDS_SHAPE), "new_tokens": NEW_TOKENS,
     }
     (out_dir / "golden.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for path in out_dir.iterdir():  # safetensors writes 0600; containers read these as non-root
+        path.chmod(0o644)
     return meta
 
 

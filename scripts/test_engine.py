@@ -4,6 +4,7 @@ data-root and socket under a temp dir — `--bridge=none --iptables=false --ip-m
 never creates networks — and stop it by pid afterwards.
 
     python -m scripts.test_engine start   # prints DOCKER_HOST=unix:///…/docker.sock
+    python -m scripts.test_engine base    # also builds envcheck-test/debian:bookworm (cached)
     python -m scripts.test_engine stop
 """
 
@@ -85,9 +86,51 @@ def stop(pid: int | None = None) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+
+
+BASE_IMAGE = "envcheck-test/debian:bookworm"
+BASE_PACKAGES = "python3,python3-venv,ca-certificates"
+BASE_MIRROR = "http://deb.debian.org/debian"
+RECIPE = f"debootstrap --variant=minbase --include={BASE_PACKAGES} bookworm {BASE_MIRROR} v1"
+
+
+def ensure_base_image(host: str) -> str:
+    """The local base image for GPU-less test builds: a debootstrap'ed Debian bookworm with
+    python3, venv and CA certificates, `docker import`ed once and reused while the recipe is
+    unchanged (its hash is a label)."""
+    import hashlib
+
+    import docker
+
+    recipe_hash = hashlib.sha256(RECIPE.encode()).hexdigest()[:16]
+    client = docker.DockerClient(base_url=host, timeout=120)
+    try:
+        labels = client.images.get(BASE_IMAGE).labels or {}
+        if labels.get("envcheck.recipe") == recipe_hash:
+            return BASE_IMAGE
+    except docker.errors.ImageNotFound:
+        pass
+    if shutil.which("debootstrap") is None:
+        raise RuntimeError("debootstrap is not installed: apt-get install debootstrap (as root)")
+    with tempfile.TemporaryDirectory(prefix="envcheck-rootfs-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        subprocess.run(["debootstrap", "--variant=minbase", f"--include={BASE_PACKAGES}",
+                        "bookworm", str(rootfs), BASE_MIRROR], check=True, capture_output=True,
+                       timeout=900)
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        client.api.import_image_from_stream(
+            tar.stdout, repository=BASE_IMAGE.split(":")[0], tag=BASE_IMAGE.split(":")[1],
+            changes=[f"LABEL envcheck.recipe={recipe_hash}", 'CMD ["/bin/bash"]'])
+        tar.wait()
+    return BASE_IMAGE
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["start"]:
         print(f"DOCKER_HOST={start()[0]}")
+    elif sys.argv[1:] == ["base"]:
+        host = start()[0]
+        print(f"DOCKER_HOST={host} BASE_IMAGE={ensure_base_image(host)}")
     elif sys.argv[1:] == ["stop"]:
         stop()
     else:

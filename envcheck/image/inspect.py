@@ -337,8 +337,8 @@ def base_facts(ref, source, resolved: Resolved, env: dict, scans: list[LayerScan
         "config": {"digest": resolved.config_digest, "created": resolved.config.get("created"),
                    "platform": resolved.platform},
         "layers": layer_rows,
-        "env": {k: env[k] for k in env if k in ENV_KEYS or k.startswith(("NVIDIA_", "NV_"))},
-        "env_all": env,
+        # The GPU-relevant variables first (ENV_KEYS order), then the rest as the image has them.
+        "env": {**{k: env[k] for k in ENV_KEYS if k in env}, **env},
         "labels": config.get("Labels") or {}, "entrypoint": config.get("Entrypoint"),
         "cmd": config.get("Cmd"), "user": config.get("User") or "",
     }

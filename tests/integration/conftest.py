@@ -65,6 +65,44 @@ def engine():
 
 
 @pytest.fixture(scope="session")
+def base_image(engine) -> str:
+    """envcheck-test/debian:bookworm: debootstrap + docker import, cached by recipe."""
+    from scripts import test_engine
+
+    require_binary("debootstrap")
+    try:
+        return test_engine.ensure_base_image(engine)
+    except (RuntimeError, subprocess.SubprocessError) as error:
+        if IN_CI:
+            pytest.fail(f"cannot build the base image: {error}")
+        pytest.skip(f"cannot build the base image: {error}")
+
+
+@pytest.fixture(scope="session")
+def built_image(engine, base_image, tmp_path_factory):
+    """The dev image built by `envcheck build` from the local base (CPU JAX, host network for
+    pip, the host CA bundle); removed at the end."""
+    import json
+    import os
+    import sys
+    import uuid
+
+    import docker
+
+    tag = f"envcheck-test/dev:{uuid.uuid4().hex[:8]}"
+    done = subprocess.run(
+        [sys.executable, "-m", "envcheck", "build", "--base-image", base_image, "--tag", tag,
+         "--jax-extra", "cpu", "--network", "host", "--ca-bundle",
+         "/etc/ssl/certs/ca-certificates.crt", "--json"],
+        capture_output=True, text=True, timeout=1800, check=False,
+        env={**os.environ, "DOCKER_HOST": engine})
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    yield result
+    docker.DockerClient(base_url=engine).images.remove(tag, force=True)
+
+
+@pytest.fixture(scope="session")
 def cuda_layout(tmp_path_factory) -> tuple[Path, dict]:
     """The CUDA-like image as an OCI layout (gzip layers)."""
     require_binary("gcc")

@@ -1,0 +1,139 @@
+"""`envcheck build`: the dev/smoke image (docker/Dockerfile) through the docker SDK, with the
+build output streamed to a progress display and failures turned into one clear error."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import re
+import tarfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKERFILE = "docker/Dockerfile"
+DEFAULT_TAG = "envcheck-dev:latest"
+DEFAULT_BASE = "nvidia/cuda:12.8.0-cudnn-devel-ubuntu24.04"
+EXTRA_CA_NAME = "docker/certs/envcheck-build-extra-ca.crt"
+STEP_RE = re.compile(r"^Step (\d+/\d+) : (.*)$")
+TAIL_LINES = 8
+
+
+class BuildError(Exception):
+    """A build that cannot start or failed; `message` is one line, `tail` the last output."""
+
+    def __init__(self, message: str, tail: list[str] | None = None):
+        super().__init__(message)
+        self.tail = tail or []
+
+
+@dataclasses.dataclass
+class BuildResult:
+    image_id: str
+    tag: str
+    size_bytes: int
+    base_image: str
+    jax_extra: str
+    seconds: float
+    steps: int
+
+
+def docker_client(timeout_s: float):
+    """A docker SDK client, or BuildError saying whether the daemon is down or the socket is
+    not ours to use."""
+    import docker
+
+    try:
+        client = docker.from_env(timeout=int(timeout_s))
+        client.ping()
+        return client
+    except docker.errors.DockerException as error:
+        text = str(error)
+        host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        if "Permission denied" in text or "PermissionError" in text:
+            raise BuildError(f"permission denied on the Docker socket {host}: add your user to "
+                             "the docker group (and log in again) or use sudo") from None
+        raise BuildError(f"Docker daemon not reachable at {host}: start dockerd (or Docker "
+                         "Desktop), or set DOCKER_HOST") from None
+
+
+def check_base_image(client, base_image: str) -> str:
+    """'present' or 'pullable'; BuildError when neither."""
+    import docker
+
+    try:
+        client.images.get(base_image)
+        return "present"
+    except docker.errors.ImageNotFound:
+        pass
+    try:
+        client.images.get_registry_data(base_image)
+        return "pullable"
+    except docker.errors.DockerException as error:
+        reason = getattr(error, "explanation", None) or str(error).splitlines()[0]
+        raise BuildError(f"base image {base_image} is not present locally and cannot be pulled "
+                         f"({str(reason)[:160]}): pull or build it first, or pass --base-image"
+                         ) from None
+
+
+def build_context(ca_bundle: Path | None):
+    """The build context as a tar (the SDK's own .dockerignore handling), plus the extra CA
+    bundle when one is given, so the repository itself is never modified."""
+    from docker.utils import build as sdk_build
+
+    ignore = REPO / ".dockerignore"
+    exclude = [line.strip() for line in ignore.read_text().splitlines()
+               if line.strip() and not line.startswith("#")] if ignore.exists() else []
+    context = sdk_build.tar(str(REPO), exclude=exclude, dockerfile=(DOCKERFILE, None),
+                            gzip=False)
+    if ca_bundle is not None:
+        context.seek(0)
+        with tarfile.open(fileobj=context, mode="a") as tar:
+            tar.add(str(ca_bundle), arcname=EXTRA_CA_NAME)
+    context.seek(0)
+    return context
+
+
+def build(*, base_image: str = DEFAULT_BASE, tag: str = DEFAULT_TAG, jax_extra: str = "cuda12",
+          ca_bundle: Path | None = None, network: str = "default", timeout_s: float = 3600,
+          on_step: Callable[[str], None] | None = None) -> BuildResult:
+    if ca_bundle is not None and not ca_bundle.is_file():
+        raise BuildError(f"--ca-bundle {ca_bundle}: no such file")
+    client = docker_client(timeout_s)
+    check_base_image(client, base_image)
+    start_s = time.monotonic()
+    stream = client.api.build(
+        fileobj=build_context(ca_bundle), custom_context=True, dockerfile=DOCKERFILE, tag=tag,
+        buildargs={"BASE_IMAGE": base_image, "JAX_EXTRA": jax_extra}, decode=True, rm=True,
+        forcerm=True, pull=False, network_mode=None if network == "default" else network,
+        timeout=int(timeout_s))
+    image_id, steps = follow(stream, on_step)
+    image = client.images.get(image_id)
+    return BuildResult(image.id, tag, image.attrs.get("Size", 0), base_image, jax_extra,
+                       time.monotonic() - start_s, steps)
+
+
+def follow(stream, on_step: Callable[[str], None] | None) -> tuple[str, int]:
+    """Consume the daemon's build stream: report steps, keep the last lines, return the image
+    id; a build error becomes one BuildError naming the failing step."""
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    step, steps, image_id = "before the first step", 0, None
+    for event in stream:
+        for line in str(event.get("stream", "")).splitlines():
+            match = STEP_RE.match(line.strip())
+            if match:
+                step, steps = f"step {match.group(1)} ({match.group(2)[:80]})", steps + 1
+                if on_step:
+                    on_step(step)
+            elif line.strip():
+                tail.append(line.rstrip())
+        if "aux" in event and isinstance(event["aux"], dict) and "ID" in event["aux"]:
+            image_id = event["aux"]["ID"]
+        if "error" in event:
+            detail = str(event.get("error", "")).strip().splitlines()[-1][:300]
+            raise BuildError(f"build failed at {step}: {detail}", list(tail))
+    if image_id is None:
+        raise BuildError(f"build ended without an image after {step}", list(tail))
+    return image_id, steps

@@ -1,0 +1,141 @@
+"""The container environment on a real Docker Engine with no GPU: `envcheck build` from a local
+Debian base (debootstrap + docker import), the bundled model test inside the image (no network,
+read-only root, non-root user), compose `dev-cpu` and `dev`, and build failures as one error."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import docker
+import pytest
+
+from tests.conftest import REPO
+from tests.integration.conftest import require_binary
+
+COMPOSE_FILES = ["-f", str(REPO / "compose.yaml"), "-f",
+                 str(REPO / "tests/integration/compose.no-network.yaml")]
+
+
+def envcheck(engine: str, *args: str, env: dict | None = None):
+    done = subprocess.run([sys.executable, "-m", "envcheck", *args], capture_output=True,
+                          text=True, timeout=1800, check=False,
+                          env=env or {**os.environ, "DOCKER_HOST": engine})
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+def test_build_result(built_image):
+    assert built_image["schema"] == "envcheck.build/v1"
+    assert built_image["image_id"].startswith("sha256:") and built_image["size_bytes"] > 1e8
+    assert built_image["jax_extra"] == "cpu" and built_image["steps"] >= 10
+
+
+def test_model_smoke_in_the_container(engine, built_image):
+    client = docker.DockerClient(base_url=engine)
+    out = client.containers.run(
+        built_image["tag"], ["python", "-m", "model.smoke", "--json"], network_mode="none",
+        read_only=True, tmpfs={"/tmp": ""}, remove=True, stderr=False)
+    report = json.loads(out)
+    assert report["ok"] is True and report["device"]["backend"] == "cpu"
+    uid = client.containers.run(built_image["tag"], ["id", "-u"], network_mode="none",
+                                remove=True)
+    assert uid.strip() != b"0"
+
+
+def compose(engine: str, image: str, *args: str):
+    require_binary("docker-compose")
+    env = {**os.environ, "DOCKER_HOST": engine, "ENVCHECK_IMAGE": image,
+           "COMPOSE_PROJECT_NAME": "envchecktest"}
+    try:
+        return subprocess.run(["docker-compose", *COMPOSE_FILES, *args], capture_output=True,
+                              text=True, timeout=600, check=False, env=env, cwd=REPO)
+    finally:
+        subprocess.run(["docker-compose", *COMPOSE_FILES, "down", "-v"], capture_output=True,
+                       timeout=120, check=False, env=env, cwd=REPO)
+
+
+def test_compose_dev_cpu_runs_the_model_test(engine, built_image):
+    done = compose(engine, built_image["tag"], "run", "--rm", "-T", "dev-cpu",
+                   "python", "-m", "model.smoke", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["ok"] is True
+
+
+def test_compose_dev_on_a_gpu_less_daemon_cannot_select_the_driver(engine, built_image):
+    done = compose(engine, built_image["tag"], "run", "--rm", "-T", "dev", "true")
+    assert done.returncode != 0
+    assert 'could not select device driver "nvidia" with capabilities: [[gpu]]' in done.stderr
+
+
+def test_inspect_the_built_image(engine, built_image):
+    done = envcheck(engine, "inspect-image", f"docker-daemon:{built_image['tag']}", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["config"]["digest"] == built_image["image_id"]
+    assert report["user"] == "envcheck"
+    assert report["labels"]["org.opencontainers.image.title"] == "envcheck"
+    assert report["env"]["JAX_COMPILATION_CACHE_DIR"] == "/var/cache/jax"
+    assert report["env"]["PATH"].startswith("/opt/venv/bin:")
+    assert {c["id"]: c["status"] for c in report["checks"]}["image.diff-ids"] == "pass"
+
+
+def test_missing_base_image(engine):
+    done = envcheck(engine, "build", "--base-image", "envcheck-test/nothing:here",
+                    "--jax-extra", "cpu")
+    assert done.returncode == 1
+    assert done.stderr.startswith("Error: base image envcheck-test/nothing:here is not present")
+
+
+def test_failing_dockerfile_step_is_one_error_with_its_last_lines(engine):
+    """A base with no shell: the first RUN step fails, and the error names that step."""
+    client = docker.DockerClient(base_url=engine)
+    empty = io.BytesIO()
+    with tarfile.open(fileobj=empty, mode="w") as tar:
+        info = tarfile.TarInfo("etc/empty")
+        tar.addfile(info, io.BytesIO(b""))
+    client.api.import_image_from_data(empty.getvalue(), repository="envcheck-test/empty",
+                                      tag="1")
+    try:
+        done = envcheck(engine, "build", "--base-image", "envcheck-test/empty:1",
+                        "--jax-extra", "cpu", "--tag", "envcheck-test/never:1")
+        assert done.returncode == 1
+        first = done.stderr.splitlines()[0]
+        assert first.startswith("Error: build failed at step ") and "RUN" in first, first
+        assert "/bin/sh" in done.stderr
+    finally:
+        client.images.remove("envcheck-test/empty:1", force=True)
+
+
+def test_unreachable_daemon(engine, tmp_path):
+    done = envcheck(engine, "build", "--jax-extra", "cpu",
+                    env={**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/none.sock"})
+    assert done.returncode == 1
+    assert done.stderr.strip() == (f"Error: Docker daemon not reachable at unix://{tmp_path}/"
+                                   "none.sock: start dockerd (or Docker Desktop), or set "
+                                   "DOCKER_HOST")
+
+
+def test_socket_without_permission(engine):
+    """The same command as an unprivileged user (nobody) on root's socket. Debian's own python3
+    runs it (the test venv's interpreter may sit in root's home), with this checkout and the
+    venv's site-packages on PYTHONPATH."""
+    import sysconfig
+
+    system_python = "/usr/bin/python3"
+    if os.geteuid() != 0 or not engine.startswith("unix://") or not os.path.exists(
+            system_python):
+        pytest.skip("needs root, a unix socket and /usr/bin/python3")
+    runuser = require_binary("runuser")
+    site = sysconfig.get_paths()["purelib"]
+    done = subprocess.run(
+        [runuser, "-u", "nobody", "--", system_python, "-m", "envcheck", "build",
+         "--jax-extra", "cpu"], capture_output=True, text=True, timeout=120, check=False,
+        env={"PATH": "/usr/bin:/bin", "DOCKER_HOST": engine, "HOME": "/tmp",
+             "PYTHONPATH": f"{REPO}:{site}"}, cwd="/tmp")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("Error: permission denied on the Docker socket"), done.stderr
