@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -41,7 +42,7 @@ def gpu_smoke_command(as_json: bool, require_gpu: bool, timeout_s: float) -> Non
     """
     from envcheck.smoke import gpu_smoke
 
-    with _progress("running the bundled model test"):
+    with _spinner("running the bundled model test"):
         report = gpu_smoke(timeout_s=timeout_s)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
@@ -120,7 +121,8 @@ def build_command(base_image, tag, jax_extra, ca_bundle, network, as_json, timeo
     from envcheck import build as builder
 
     try:
-        with _step_display() as on_step:
+        with _spinner("starting the build") as update:
+            on_step = (lambda step: update(f"building: {step}")) if update else None
             result = builder.build(base_image=base_image, tag=tag, jax_extra=jax_extra,
                                    ca_bundle=ca_bundle, network=network, timeout_s=timeout_s,
                                    on_step=on_step)
@@ -138,25 +140,6 @@ def build_command(base_image, tag, jax_extra, ca_bundle, network, as_json, timeo
                    f"({result.steps} steps, base {result.base_image}, jax {result.jax_extra})")
 
 
-class _step_display:
-    """The current build step as a spinner on stderr (terminals only)."""
-
-    def __init__(self):
-        self._status = None
-
-    def __enter__(self):
-        if not sys.stderr.isatty():
-            return None
-        self._status = Console(stderr=True).status("starting the build")
-        self._status.__enter__()
-        return lambda step: self._status.update(f"building: {step}")
-
-    def __exit__(self, *exc):
-        if self._status is not None:
-            self._status.__exit__(*exc)
-        return False
-
-
 def _check_version_option(text: str) -> None:
     import re
 
@@ -169,38 +152,29 @@ def _fail(message: str, code: int):
     sys.exit(code)
 
 
-class _layer_progress:
-    """Per-layer progress bars (bytes, rate, ETA) on stderr, only on a terminal."""
+@contextlib.contextmanager
+def _layer_progress():
+    """Per-layer progress bars (bytes, rate, ETA) on stderr, only on a terminal; yields
+    start(index, size) -> advance(n)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
-    def __init__(self):
-        self._progress = None
-
-    def __enter__(self):
-        if not sys.stderr.isatty():
-            return None
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        self._progress = Progress("layer {task.fields[index]}", BarColumn(), DownloadColumn(),
-                                  TransferSpeedColumn(), TimeRemainingColumn(),
-                                  console=Console(stderr=True), transient=True)
-        self._progress.__enter__()
-
+    columns = ("layer {task.fields[index]}", BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         def start(index: int, size: int):
-            task = self._progress.add_task("", total=size or None, index=index)
-            return lambda n: self._progress.advance(task, n)
+            task = progress.add_task("", total=size or None, index=index)
+            return lambda n: progress.advance(task, n)
 
-        return start
-
-    def __exit__(self, *exc):
-        if self._progress is not None:
-            self._progress.__exit__(*exc)
-        return False
+        yield start
 
 
 def render_smoke(report: Report, console: Console) -> None:
@@ -219,23 +193,14 @@ def render_smoke(report: Report, console: Console) -> None:
     console.print(VERDICT_TEXT[report.verdict])
 
 
-class _progress:
-    """A spinner on stderr while a slow step runs, only when stderr is a terminal."""
-
-    def __init__(self, message: str):
-        self._status = None
-        if sys.stderr.isatty():
-            self._status = Console(stderr=True).status(message)
-
-    def __enter__(self):
-        if self._status is not None:
-            self._status.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._status is not None:
-            self._status.__exit__(*exc)
-        return False
+@contextlib.contextmanager
+def _spinner(message: str):
+    """A spinner on stderr while a slow step runs, only on a terminal; yields update(text)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    with Console(stderr=True).status(message) as status:
+        yield status.update
 
 
 def main() -> None:
