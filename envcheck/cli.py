@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -141,8 +142,6 @@ def build_command(base_image, tag, jax_extra, ca_bundle, network, as_json, timeo
 
 
 def _check_version_option(text: str) -> None:
-    import re
-
     if not re.fullmatch(r"\d+(\.\d+){1,2}", text):
         raise click.BadParameter(f"{text!r} is not X.Y or X.Y.Z", param_hint="--driver-version")
 

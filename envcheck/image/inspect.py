@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import platform as host_platform
 import posixpath
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -244,8 +245,6 @@ def host_driver_version(root: Path = Path("/")) -> str | None:
         text = (root / "proc/driver/nvidia/version").read_text()
     except OSError:
         return None
-    import re
-
     match = re.search(r"Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
     return match.group(1) if match else None
 
