@@ -189,3 +189,20 @@ def test_file_list_equals_gnu_tar(tmp_path, fmt):
     assert scan.files["link"].kind == "symlink"
     kinds = {scan.files["hard"].kind, scan.files["plain"].kind}
     assert kinds == {"file", "hardlink"}  # whichever tar stored second links to the first
+
+
+@pytest.mark.parametrize("fixture,version", [
+    ("proc-driver-nvidia-version_580-proprietary.txt", "580.173.02"),
+    ("proc-driver-nvidia-version_565-open.txt", "565.57.01"),
+    ("proc-driver-nvidia-version_525-open-archlinux.txt", "525.60.11"),
+])
+def test_host_driver_version_from_real_proc_files(tmp_path, fixture, version):
+    """Fixture roots built from real /proc/driver/nvidia/version texts (tests/fixtures/real)."""
+    from envcheck.image.inspect import host_driver_version
+    from tests.conftest import REPO
+
+    proc = tmp_path / "proc/driver/nvidia"
+    proc.mkdir(parents=True)
+    (proc / "version").write_bytes((REPO / "tests/fixtures/real" / fixture).read_bytes())
+    assert host_driver_version(tmp_path) == version
+    assert host_driver_version(tmp_path / "no-gpu") is None
