@@ -14,6 +14,7 @@ SYSTEM_PACKAGES := skopeo docker-registry docker.io docker-compose debootstrap a
 
 test: $(VENV)/.test-installed
 	scripts/install_system_packages.sh $(SYSTEM_PACKAGES) || echo "warning: could not install $(SYSTEM_PACKAGES); integration tests that need them will skip (or fail under CI=true)"
+	PYTHON=$(PY) scripts/test-engine.sh || echo "warning: no Docker engine; container tests will skip (or fail under CI=true)"
 	$(PY) -m pytest tests/unit tests/integration $(PYTEST_ARGS)
 
 lint: $(VENV)/.test-installed
