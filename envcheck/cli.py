@@ -78,6 +78,7 @@ def inspect_image_command(ref, platform, file_globs, layers, driver_version, as_
         envcheck inspect-image nvidia/cuda:12.8.0-cudnn-devel-ubuntu24.04 --driver-version 550.54
     """
     from envcheck.image import inspect as pipeline
+    from envcheck.image.reference import RefSyntaxError
     from envcheck.image.render import render_image
 
     if driver_version is not None:
@@ -87,8 +88,10 @@ def inspect_image_command(ref, platform, file_globs, layers, driver_version, as_
             report = pipeline.inspect_image(
                 ref, platform=platform, file_globs=file_globs, layers=layers,
                 driver_version=driver_version, progress=progress, timeout_s=timeout_s)
-    except ValueError as error:  # ReferenceError, LayerError
-        _fail(str(error), EXIT_USAGE if type(error).__name__ == "ReferenceError" else EXIT_FAILED)
+    except RefSyntaxError as error:
+        _fail(str(error), EXIT_USAGE)
+    except pipeline.LayerError as error:
+        _fail(str(error), EXIT_FAILED)
     except pipeline.SourceError as error:
         _fail(str(error), error.exit_code)
     if as_json:

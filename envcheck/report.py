@@ -44,10 +44,6 @@ class Report:
     checks: list[Check]
     facts: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    @property
-    def failed(self) -> list[Check]:
-        return [c for c in self.checks if c.status == "fail"]
-
     def to_json(self) -> dict[str, Any]:
         return {"schema": f"envcheck.{self.kind}/v1", "verdict": self.verdict,
                 "checks": [c.to_json() for c in self.checks], **self.facts}

@@ -252,7 +252,7 @@ def host_driver_version(root: Path = Path("/")) -> str | None:
 def inspect_image(text: str, *, platform: str | None = None, file_globs: tuple[str, ...] = (),
                   layers: bool = True, driver_version: str | None = None,
                   progress=None, timeout_s: float = 30.0) -> Report:
-    """Raises reference.ReferenceError (exit 2), SourceError (exit 1 or 2) and LayerError
+    """Raises reference.RefSyntaxError (exit 2), SourceError (exit 1 or 2) and LayerError
     (exit 1) for inputs that give no report at all; everything else is a Check."""
     ref = reference.parse(text)
     if layers:

@@ -13,16 +13,15 @@ HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
 COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
-TRANSPORTS = ("docker", "docker-daemon", "docker-archive", "oci")
 
 
-class ReferenceError(ValueError):
+class RefSyntaxError(ValueError):
     """A reference that cannot be parsed; the message says what form is expected."""
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageRef:
-    transport: str  # one of TRANSPORTS
+    transport: str  # docker | docker-daemon | docker-archive | oci
     registry: str = ""  # docker: host[:port]
     repository: str = ""  # docker / docker-daemon: path within the registry
     tag: str | None = None
@@ -47,7 +46,7 @@ class ImageRef:
 def parse(text: str) -> ImageRef:
     text = text.strip()
     if not text:
-        raise ReferenceError("empty image reference")
+        raise RefSyntaxError("empty image reference")
     if text.startswith("docker-daemon:"):
         registry, repository, tag, digest = _split_name(text.removeprefix("docker-daemon:"))
         name = repository if registry in ("", DOCKER_HUB) else f"{registry}/{repository}"
@@ -59,7 +58,7 @@ def parse(text: str) -> ImageRef:
             path, tag = _split_path(text.removeprefix(transport + ":"), transport)
             return ImageRef(transport, path=path, tag=tag)
     if ":" in text.split("/")[0] and "://" in text and not text.startswith("docker://"):
-        raise ReferenceError(
+        raise RefSyntaxError(
             f"{text!r}: unknown transport; use a registry reference (optionally docker://), "
             "docker-daemon:NAME[:TAG], docker-archive:PATH or oci:DIR[:TAG]")
     registry, repository, tag, digest = _split_name(text.removeprefix("docker://"))
@@ -69,7 +68,7 @@ def parse(text: str) -> ImageRef:
 
 def _split_path(rest: str, transport: str) -> tuple[str, str | None]:
     if not rest:
-        raise ReferenceError(f"{transport}: needs a path, e.g. {transport}:./image")
+        raise RefSyntaxError(f"{transport}: needs a path, e.g. {transport}:./image")
     path, _, tag = rest.rpartition(":") if ":" in rest else (rest, "", "")
     if transport == "oci" and tag and TAG_RE.fullmatch(tag) and "/" not in tag:
         return path, tag
@@ -83,13 +82,13 @@ def _split_name(name: str) -> tuple[str, str, str | None, str | None]:
     if "@" in name:
         name, digest = name.split("@", 1)
         if not DIGEST_RE.fullmatch(digest):
-            raise ReferenceError(f"{original!r}: digest must be sha256:<64 hex digits>")
+            raise RefSyntaxError(f"{original!r}: digest must be sha256:<64 hex digits>")
     tag = None
     last = name.rsplit("/", 1)[-1]
     if ":" in last:
         name, tag = name.rsplit(":", 1)
         if not TAG_RE.fullmatch(tag):
-            raise ReferenceError(f"{original!r}: invalid tag {tag!r}")
+            raise RefSyntaxError(f"{original!r}: invalid tag {tag!r}")
     parts = name.split("/")
     registry = ""
     if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
@@ -97,7 +96,7 @@ def _split_name(name: str) -> tuple[str, str, str | None, str | None]:
     if registry in HUB_ALIASES:
         registry = DOCKER_HUB
     if not parts or not all(COMPONENT_RE.fullmatch(p) for p in parts):
-        raise ReferenceError(
+        raise RefSyntaxError(
             f"{original!r}: not an image reference; expected [REGISTRY/]NAME[:TAG][@sha256:DIGEST] "
             "with lowercase path components, or docker-daemon:, docker-archive:, oci:")
     if registry in ("", DOCKER_HUB) and len(parts) == 1:

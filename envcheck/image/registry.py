@@ -59,8 +59,8 @@ def docker_credentials(registry: str, config_dir: str | None = None) -> tuple[st
     helper = next((config.get("credHelpers", {}).get(k) for k in keys
                    if k in config.get("credHelpers", {})), None) or config.get("credsStore")
     if helper:
-        found = _from_helper(helper, keys[0] if registry != "registry-1.docker.io"
-                             else HUB_CONFIG_KEY)
+        found = _from_helper(helper, HUB_CONFIG_KEY if registry == "registry-1.docker.io"
+                             else registry)
         if found:
             return found
     for key in keys:
@@ -217,7 +217,7 @@ class ResumingBlob(io.RawIOBase):
     """A blob as a stream; a dropped connection is resumed with Range from where it stopped."""
 
     def __init__(self, client: RegistryClient, digest: str):
-        self._client, self._digest = client, digest
+        self._client = client
         self._url = client._url("blobs", digest)
         self._what = client._where(digest)
         self._position = 0
@@ -245,7 +245,7 @@ class ResumingBlob(io.RawIOBase):
                 self._buffer = next(self._chunks)
             except StopIteration:
                 return 0
-            except (requests.RequestException, OSError, Exception) as error:
+            except Exception as error:  # urllib3/requests/OS errors; only drops are retried
                 if not _is_connection_error(error) or self._resumes >= ATTEMPTS_MAX:
                     raise RegistryError(f"{self._what}: download failed at byte "
                                         f"{self._position} ({type(error).__name__})") from None

@@ -66,6 +66,15 @@ def test_compose_dev_cpu_runs_the_model_test(engine, built_image):
     assert json.loads(done.stdout.strip().splitlines()[-1])["ok"] is True
 
 
+def test_compose_dev_cpu_runs_envcheck_gpu_smoke(engine, built_image):
+    """The product's own command inside the container: the labelled CPU fallback, exit 0."""
+    done = compose(engine, built_image["tag"], "run", "--rm", "-T", "dev-cpu",
+                   "envcheck", "gpu-smoke", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    assert report["schema"] == "envcheck.smoke/v1" and report["verdict"] == "cpu-fallback"
+
+
 def test_compose_dev_on_a_gpu_less_daemon_cannot_select_the_driver(engine, built_image):
     done = compose(engine, built_image["tag"], "run", "--rm", "-T", "dev", "true")
     assert done.returncode != 0

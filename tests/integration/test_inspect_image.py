@@ -339,3 +339,25 @@ def test_malformed_manifest_is_one_error(cuda_layout, tmp_path, mangle, fragment
     index["manifests"][0]["digest"] = f"sha256:{digest}"
     (copy / "index.json").write_text(json.dumps(index))
     one_line_error(envcheck(f"oci:{copy}"), 1, "malformed manifest", fragment)
+
+
+def test_registry_credentials_from_a_credential_helper(auth_registry, tmp_path, cuda_layout):
+    """credHelpers in the Docker config: envcheck runs `docker-credential-<name> get` with the
+    registry on stdin (a real helper program on PATH) and never prints the secret."""
+    layout, _ = cuda_layout
+    ref = f"{auth_registry.host}/private/helper:1"
+    skopeo("copy", "--dest-tls-verify=false", "--dest-creds", "envcheck:s3cret-planted",
+           f"oci:{layout}:12.8.0-cudnn-devel", f"docker://{ref}")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    helper = bin_dir / "docker-credential-envchecktest"
+    helper.write_text("#!/bin/sh\nread server\n"
+                      f'[ "$server" = "{auth_registry.host}" ] || exit 1\n'
+                      'echo \'{"Username": "envcheck", "Secret": "s3cret-planted"}\'\n')
+    helper.chmod(0o755)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"credHelpers": {auth_registry.host: "envchecktest"}}))
+    env = isolated_env(tmp_path) | {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    done = envcheck(ref, "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "s3cret-planted" not in done.stdout + done.stderr

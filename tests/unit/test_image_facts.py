@@ -40,7 +40,7 @@ def test_digest_references_and_paths():
 
 @pytest.mark.parametrize("text", ["", "UPPER/x", "x@sha256:zz", "http://h/x", "a:b:c", "oci:"])
 def test_bad_references(text):
-    with pytest.raises(reference.ReferenceError):
+    with pytest.raises(reference.RefSyntaxError):
         reference.parse(text)
 
 
