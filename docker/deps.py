@@ -1,5 +1,6 @@
-"""Print (one per line, a requirements file) the pip requirements of pyproject.toml (runtime deps + JAX for the chosen extra), so the
-Dockerfile can install dependencies in a layer of their own, before the sources."""
+"""Print (one per line, a requirements file) the pip requirements of pyproject.toml (runtime
+deps + JAX for the chosen extra), so the Dockerfile can install dependencies in a layer of their
+own, before the sources."""
 
 import sys
 import tomllib

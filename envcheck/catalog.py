@@ -53,7 +53,8 @@ CATALOG: tuple[Entry, ...] = (
            "(common on WSL2)",
            "remove libnvidia-ml.so.1 / libcuda.so.1 from the image; on WSL2 never install a "
            "Linux NVIDIA driver inside the distribution"),
-    _entry("toolkit.docker-runtime", r"could not select device driver \"[^\"]*\" with capabilities",
+    _entry("toolkit.docker-runtime",
+           r"could not select device driver \"[^\"]*\" with capabilities: \[\[[^\]]*\]\]",
            "dockerd has no NVIDIA device driver registered: the NVIDIA Container Toolkit is not "
            "installed, was installed after dockerd started, or is not on dockerd's PATH "
            "(snap Docker, Docker Desktop VM, rootless)",
@@ -116,6 +117,7 @@ CATALOG: tuple[Entry, ...] = (
            "the pip ptxas is newer than the driver (minor-version compatibility; a warning)",
            "update the driver, or install the forward-compatibility package"),
 )
+CATALOG_BY_ID = {entry.check_id: entry for entry in CATALOG}
 UNKNOWN = Entry("container.gpu", re.compile(""), "an error not in the catalog",
                 "read the full error text; `docker info` and `nvidia-container-cli info` show "
                 "the toolkit's view of the host")

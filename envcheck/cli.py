@@ -19,7 +19,7 @@ VERDICT_TEXT = {
     "gpu": "VERDICT gpu: the model test ran on the GPU and matched HF",
     "cpu-fallback": "VERDICT cpu-fallback: no GPU reached; the model test ran on the CPU and "
                     "matched HF",
-    "fail": "VERDICT fail: see the failed checks above",
+    "fail": "VERDICT fail: the model test did not run or did not match",
 }
 
 
@@ -30,21 +30,30 @@ def cli() -> None:
 
 
 @cli.command("gpu-smoke")
+@click.option("--image", default="envcheck-dev:latest", show_default=True,
+              help="The image to run (the one `envcheck build` makes).")
+@click.option("--no-container", is_flag=True,
+              help="Host checks only; the model test runs on this host.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON report (envcheck.smoke/v1).")
 @click.option("--require-gpu", is_flag=True, help="Exit 1 on cpu-fallback too.")
 @click.option("--timeout-s", type=click.FloatRange(min=1), default=600, show_default=True,
               help="Limit for the model test.")
-def gpu_smoke_command(as_json: bool, require_gpu: bool, timeout_s: float) -> None:
-    """Check the GPU works end to end and run the bundled GPT-2 test on it.
+def gpu_smoke_command(image: str, no_container: bool, as_json: bool, require_gpu: bool,
+                      timeout_s: float) -> None:
+    """Check the GPU passthrough chain link by link, then run the bundled GPT-2 test in the
+    container (on the GPU, or the labelled CPU fallback).
 
     \b
     Example:
         envcheck gpu-smoke --json
+        envcheck gpu-smoke --image envcheck-dev:latest --require-gpu
     """
     from envcheck.smoke import gpu_smoke
 
-    with _spinner("running the bundled model test"):
-        report = gpu_smoke(timeout_s=timeout_s)
+    with _spinner("checking the host") as update:
+        on_stage = (lambda name: update(f"gpu-smoke: {name}")) if update else None
+        report = gpu_smoke(image=image, no_container=no_container, timeout_s=timeout_s,
+                           on_stage=on_stage)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -185,14 +194,25 @@ def render_smoke(report: Report, console: Console) -> None:
     if model:
         device = report.facts["device"]
         timings_s = model["timings_s"]
+        where = {"host": "on this host", "container-gpu": "in the container",
+                 "container-cpu": "in the container"}[report.facts["mode"]]
         console.print(
-            f"model: attention {model['impl']} → {model['impl_used']} on {device['backend']} "
-            f"({device['device_kind']}), "
+            f"model ({where}): attention {model['impl']} → {model['impl_used']} on "
+            f"{device['backend']} ({device['device_kind']}), "
             f"max |Δlogit| vs HF {model['max_abs_diff']:.2e}, forward "
             f"{timings_s['forward'] * 1e3:.2f} ms, greedy decode "
-            f"{model['generate_tokens_per_s']} tok/s"
+            f"{model['generate_tokens_per_s']} tok/s" + _throughput_text(model["throughput"])
         )
-    console.print(VERDICT_TEXT[report.verdict])
+    first = report.facts.get("first_failed")
+    link = f" (first broken link: {first['id']} — {first['summary']})" if first else ""
+    console.print(VERDICT_TEXT[report.verdict] + (link if report.verdict != "gpu" else ""))
+
+
+def _throughput_text(throughput: dict | None) -> str:
+    if not throughput:
+        return ""
+    return (f", {throughput['achieved_tflops']:.3g} TFLOP/s of a measured "
+            f"{throughput['matmul_bf16_tflops']:.3g} TFLOP/s bf16 matmul")
 
 
 @contextlib.contextmanager

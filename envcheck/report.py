@@ -53,7 +53,7 @@ def render_checks(checks: list[Check], console: Console) -> None:
     """One line per check: status, id, summary; then the fix, indented, when there is one."""
     for check in checks:
         style = _STYLE[check.status]
-        console.print(f"[{style}]{check.status.upper():<4}[/] {check.id:<18} "
+        console.print(f"[{style}]{check.status.upper():<4}[/] {check.id:<22} "
                       f"{escape(check.summary)}", highlight=False)
         if check.fix and check.status in ("fail", "warn"):
-            console.print(f"     {'':<18} fix: {escape(check.fix)}", highlight=False)
+            console.print(f"     {'':<22} fix: {escape(check.fix)}", highlight=False)

@@ -1,40 +1,143 @@
-"""`envcheck gpu-smoke`: will this host really compute on the GPU, and compute correctly?
+"""`envcheck gpu-smoke`: will this image, on this host, really compute on the GPU — and compute
+correctly? The passthrough chain link by link, then the bundled model test in the container.
 
-This slice runs the bundled model test (`python -m model.smoke --json`) on this host through the
-runner seam and judges it: which backend JAX picked (GPU, or the labelled CPU fallback) and whether
-the numerics and the greedy generation match HF. The passthrough chain (driver, toolkit, daemon,
-container) plugs in ahead of it as further checks.
+    host (GPU, module, driver, NVML, device nodes, health) -> toolkit -> docker daemon
+      -> image vs driver -> GPU container probe -> `python -m model.smoke --json` in the container
+         (with the GPU, or the labelled CPU fallback: no device request, JAX_PLATFORMS=cpu)
+
+A broken link fails with its fix and what depends on it is skipped with the reason. With no
+Docker at all, or `--no-container`, the model test runs on this host. Verdict: `gpu` (the model
+ran on the GPU and matched HF), `cpu-fallback` (it ran on the CPU and matched; the first broken
+link is named) or `fail` (the model test failed, or the container path itself is broken).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
+from envcheck import passthrough
 from envcheck import runner as runner_module
+from envcheck.build import DEFAULT_TAG
+from envcheck.catalog import UNKNOWN, classify
+from envcheck.host import Probe, daemon
+from envcheck.host.driver import probe_driver
+from envcheck.host.nvml import probe_nvml
+from envcheck.host.toolkit import HOOKS, probe_toolkit
 from envcheck.report import Check, Report
-from envcheck.runner import Runner, RunResult
+from envcheck.runner import RunResult
 
-MODEL_SMOKE_ARGV = [sys.executable, "-m", "model.smoke", "--json"]
+MODEL_ARGV = ["python", "-m", "model.smoke", "--json"]
 MODEL_CHECK_IDS = ("model.load", "model.parity", "model.generate", "model.attention")
+BLOCKING = ("docker.reachable", "image.present", "model.run") + MODEL_CHECK_IDS
+CONTAINER_IDS = ("image.present", "image.requirement", "container.passthrough",
+                 *passthrough.INSIDE_IDS)
 
 
-def gpu_smoke(*, timeout_s: float = 600.0, run: Runner | None = None) -> Report:
-    run = run or runner_module.run  # looked up per call, so tests can replace the seam
-    result = run(MODEL_SMOKE_ARGV, timeout_s)
-    model_report, problem = parse_model_report(result)
-    if problem is not None:
-        return Report("smoke", "fail", [problem], {"model": None})
-    checks = [backend_check(model_report["device"])]
-    checks += [model_check(raw) for raw in model_report["checks"]]
-    facts = {"device": model_report["device"], "model": model_facts(model_report)}
-    return Report("smoke", verdict(checks, model_report["device"]), checks, facts)
+def gpu_smoke(*, image: str = DEFAULT_TAG, no_container: bool = False,
+              timeout_s: float = 600.0, probe: Probe | None = None, connect=None,
+              on_stage: Callable[[str], None] | None = None) -> Report:
+    """The whole chain. `probe` (root + runner) and `connect` (the docker seam) let tests run
+    the same code on fixture roots and recorded daemon answers."""
+    probe = probe or Probe()
+    stage = _Stages(on_stage)
+    stage("host", "host: GPU, driver, NVML")
+    checks, driver = probe_driver(probe)
+    nvml_checks, nvml_facts = probe_nvml(probe, driver)
+    checks += nvml_checks
+    stage("docker", "Docker daemon")
+    if no_container:
+        client, reach = None, Check("docker.reachable", "skip", "--no-container: the model test "
+                                                                "runs on this host")
+    else:
+        client, reach = (connect or daemon.connect)(probe, 30.0)
+    info = client.info() if client is not None else {}
+    stage("toolkit", "NVIDIA Container Toolkit")
+    toolkit_checks, toolkit_facts = probe_toolkit(probe, driver.driver, daemon.is_rootless(info))
+    checks += toolkit_checks
+    facts: dict[str, Any] = {"mode": "none", "host": {**vars(driver), **nvml_facts},
+                             "toolkit": toolkit_facts}
+    if client is None:
+        checks += [reach] + skipped(("docker.runtime", "docker.cdi", "docker.engine",
+                                     *CONTAINER_IDS), reach)
+        stage("model", "model test on this host")
+        model_run, facts["mode"] = host_model_run(timeout_s), "host"
+    else:
+        hooks = any(toolkit_facts["binaries"].get(h) for h in HOOKS)
+        daemon_checks, facts["docker"] = daemon.probe_daemon(probe, info, hooks)
+        checks += daemon_checks
+        model_run, mode = container_chain(client, image, driver.driver, checks, facts, stage,
+                                          timeout_s)
+        facts["mode"] = mode
+    gpu_expected = facts["mode"] == "container-gpu" or (
+        facts["mode"] == "host" and bool(nvml_facts["gpus"]))
+    report = judge(checks, model_run, gpu_expected, facts)
+    report.facts["timings_s"] = stage.done()
+    return report
+
+
+def container_chain(client, image: str, driver: str | None, checks: list[Check], facts: dict,
+                    stage, timeout_s: float) -> tuple[RunResult | None, str]:
+    """Links 4-7 on a reachable daemon: image, GPU probe container, model test in the
+    container (on the GPU when the probe got one, else the CPU fallback)."""
+    stage("image", f"image {image}")
+    config, present = passthrough.image_env(client, image)
+    checks.append(present)
+    if config is None:
+        checks += skipped(CONTAINER_IDS[1:], present)
+        return None, "none"
+    facts["image"] = {"name": image, "id": config["id"], "user": config["user"],
+                      "env": {k: v for k, v in config["env"].items()
+                              if k.startswith(("NVIDIA_", "CUDA_", "NV_CUDNN", "JAX_"))}}
+    brands = facts["toolkit"].get("cli_info", {}).get("brands") or [None]
+    checks.append(passthrough.preflight_check(config["env"], driver, brands[0]))
+    stage("passthrough", "GPU passthrough probe container")
+    probe_run = passthrough.run_container(client, image, ["sh", "-c", passthrough.PROBE_SCRIPT],
+                                          gpu=True, env=passthrough.GPU_ENV,
+                                          user=config["user"], timeout_s=60.0)
+    checks += passthrough.passthrough_checks(probe_run, {c.id for c in checks})
+    gpu = probe_run.error is None and probe_run.rc == 0
+    stage("model", "model test in the container" + (" on the GPU" if gpu else
+                                                               " (CPU fallback)"))
+    model = passthrough.run_container(
+        client, image, MODEL_ARGV, gpu=gpu, env=passthrough.GPU_ENV if gpu else
+        passthrough.CPU_ENV, user=config["user"], timeout_s=timeout_s)
+    facts["container_seconds"] = round(model.seconds, 3)
+    return model.as_run_result(), "container-gpu" if gpu else "container-cpu"
+
+
+def host_model_run(timeout_s: float) -> RunResult:
+    return runner_module.run([sys.executable, *MODEL_ARGV[1:]], timeout_s)
+
+
+def skipped(ids, cause: Check) -> list[Check]:
+    return [Check(i, "skip", f"{cause.summary} ({cause.id})") for i in ids]
+
+
+def judge(checks: list[Check], model_run: RunResult | None, gpu_expected: bool,
+          facts: dict) -> Report:
+    """Model checks in, verdict out."""
+    facts["model"] = None
+    if model_run is not None:
+        model_report, problem = parse_model_report(model_run)
+        if problem is not None:
+            checks.append(problem)
+        else:
+            checks.append(backend_check(model_report["device"], gpu_expected, model_run.err))
+            checks += [model_check(raw) for raw in model_report["checks"]]
+            facts["device"] = model_report["device"]
+            facts["model"] = model_facts(model_report)
+    first = next((c for c in checks if c.status == "fail"), None)
+    facts["first_failed"] = first and {"id": first.id, "summary": first.summary}
+    return Report("smoke", verdict(checks, facts), checks, facts)
 
 
 def parse_model_report(result: RunResult) -> tuple[dict[str, Any] | None, Check | None]:
     """The model test's JSON report, or a failed `model.run` check saying why there is none."""
-    fix = "run `python -m model.smoke` by hand to see the full error"
+    fix = "run `python -m model.smoke` by hand (in the image) to see the full error"
     if result.timed_out:
         return None, Check("model.run", "fail", "the model test timed out",
                            _tail(result.err), "raise --timeout-s, or check the device is not hung")
@@ -49,16 +152,23 @@ def parse_model_report(result: RunResult) -> tuple[dict[str, Any] | None, Check 
     return report, None
 
 
-def backend_check(device: dict[str, Any]) -> Check:
+def backend_check(device: dict[str, Any], gpu_expected: bool, stderr: str) -> Check:
     if device["backend"] == "gpu":
         return Check("jax.backend", "pass",
                      f"JAX computes on {device['device_count']}× {device['device_kind']}")
-    return Check(
-        "jax.backend", "warn",
-        f"JAX computes on the {device['backend']} ({device['device_kind']}): CPU fallback",
-        fix="no GPU is visible to JAX: on a GPU host install `envcheck[cuda12]` "
-            "(jax[cuda12]) and check the driver",
-    )
+    if gpu_expected:
+        entry, matched = classify(stderr)
+        if entry is UNKNOWN:
+            return Check("jax.backend", "fail", "a GPU was reachable but JAX computes on the "
+                                                f"{device['backend']}",
+                         fix="install `jax[cuda12]` in the image (`envcheck build "
+                             "--jax-extra cuda12`)")
+        return Check("jax.backend", "fail", f"a GPU was reachable but JAX fell back to the "
+                                            f"{device['backend']}: {matched}",
+                     detail=entry.cause, fix=entry.fix)
+    return Check("jax.backend", "warn",
+                 f"JAX computes on the {device['backend']} ({device['device_kind']}): CPU "
+                 "fallback, no GPU reached (the first failed link above says why)")
 
 
 def model_check(raw: dict[str, Any]) -> Check:
@@ -73,15 +183,42 @@ def model_facts(model_report: dict[str, Any]) -> dict[str, Any]:
         "max_abs_diff": by_id["model.parity"].get("max_abs_diff"),
         "tolerance": by_id["model.parity"].get("tolerance"),
         "generate_tokens_per_s": by_id["model.generate"].get("tokens_per_s"),
+        "throughput": model_report.get("throughput"),
         "timings_s": model_report["timings_s"],
     }
 
 
-def verdict(checks: list[Check], device: dict[str, Any]) -> str:
-    if any(c.status == "fail" for c in checks):
+def verdict(checks: list[Check], facts: dict) -> str:
+    if any(c.status == "fail" and c.id in BLOCKING for c in checks) or facts["model"] is None:
         return "fail"
-    return "gpu" if device["backend"] == "gpu" else "cpu-fallback"
+    return "gpu" if facts["device"]["backend"] == "gpu" else "cpu-fallback"
 
 
 def _tail(text: str, lines: int = 5) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
+
+
+class _Stages:
+    """Stage names to the progress display, and the wall time of each."""
+
+    def __init__(self, on_stage):
+        self.on_stage, self.timings_s = on_stage, {}
+        self.start_s = self.mark_s = time.perf_counter()
+        self.current = None
+
+    def __call__(self, key: str, label: str) -> None:
+        self._close()
+        self.current = key
+        if self.on_stage:
+            self.on_stage(label)
+
+    def _close(self) -> None:
+        now_s = time.perf_counter()
+        if self.current:
+            self.timings_s[self.current] = round(now_s - self.mark_s, 3)
+        self.mark_s = now_s
+
+    def done(self) -> dict[str, float]:
+        self._close()
+        self.timings_s["total"] = round(time.perf_counter() - self.start_s, 3)
+        return self.timings_s

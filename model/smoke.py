@@ -127,6 +127,33 @@ def check_generate(gpt2, golden, impl: str, timings_s: dict) -> dict:
     }
 
 
+def forward_flops(cfg, batch: int, length: int) -> float:
+    """Matmul FLOPs of one forward: 2 per weight per token (blocks + tied head) plus the two
+    attention products (QK^T and PV), 2·T²·D per layer per row."""
+    block_weights = 12 * cfg.n_embd * cfg.n_embd  # qkv 3D², proj D², MLP 8D²
+    per_token = 2 * (cfg.n_layer * block_weights + cfg.n_embd * cfg.vocab_size)
+    attention = cfg.n_layer * 2 * 2 * length * length * cfg.n_embd
+    return batch * (length * per_token + attention)
+
+
+def matmul_tflops_bf16() -> float:
+    """This device's measured bf16 matmul rate (square n×n; n=4096 on accelerators)."""
+    n = 4096 if jax.default_backend() != "cpu" else 512
+    a_NN = jnp.ones((n, n), jnp.bfloat16)
+    matmul = jax.jit(lambda a: a @ a)
+    timed(matmul, a_NN)
+    best_s = min(timed(matmul, a_NN)[1] for _ in range(TIMED_RUNS))
+    return 2 * n**3 / best_s / 1e12
+
+
+def throughput(cfg, ids_BT, forward_s: float) -> dict:
+    achieved = forward_flops(cfg, *ids_BT.shape) / forward_s / 1e12
+    peak = matmul_tflops_bf16()
+    return {"forward_gflop": round(forward_flops(cfg, *ids_BT.shape) / 1e9, 4),
+            "achieved_tflops": round(achieved, 6), "matmul_bf16_tflops": round(peak, 3),
+            "fraction_of_matmul": round(achieved / peak, 6)}
+
+
 def run_smoke(checkpoint: Path, impl: str) -> dict:
     # Parity is judged at full float32: TF32 (the GPU default) would blur a 1e-4 check.
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -150,6 +177,7 @@ def run_smoke(checkpoint: Path, impl: str) -> dict:
         "impl_used": resolve_impl(impl, gpt2.dtype, golden["ids_BT"].shape[1]),
         "checkpoint": str(checkpoint), "device": device_facts(),
         "checks": checks, "timings_s": {k: round(v, 6) for k, v in timings_s.items()},
+        "throughput": throughput(cfg, golden["ids_BT"], timings_s["forward"]),
     }
 
 

@@ -161,11 +161,12 @@ def cuda_runs(image: tuple[int, ...] | None, driver: tuple[int, ...],
 
 
 def requirement_verdict(require: str, image_cuda: str | None, driver_text: str,
-                        compat_libcuda: str | None, compat_known: bool = True) -> dict:
+                        compat_libcuda: str | None, compat_known: bool = True,
+                        brand: str | None = None) -> dict:
     """Would the Container Toolkit start this image on this driver, and would CUDA run?"""
     driver = version_tuple(driver_text)
     alternatives = parse_requirement(require) if require.strip() else []
-    starts, matched = evaluate(alternatives, driver) if alternatives else (True, [])
+    starts, matched = evaluate(alternatives, driver, brand) if alternatives else (True, [])
     host_cuda = cuda_for_driver(driver)
     image = version_tuple(image_cuda)[:2] if image_cuda else None
     runs, how = cuda_runs(image, driver, compat_libcuda, compat_known)

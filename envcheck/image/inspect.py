@@ -6,10 +6,10 @@ from __future__ import annotations
 import dataclasses
 import platform as host_platform
 import posixpath
-import re
 from collections.abc import Callable
 from pathlib import Path
 
+from envcheck.host.driver import parse_driver_version
 from envcheck.image import cuda, ldcache, reference
 from envcheck.image.blobstream import tune_allocator
 from envcheck.image.layers import LayerError, LayerScan, MergedView, scan_layer
@@ -207,7 +207,8 @@ def library_checks(libraries: list[dict], extra: dict) -> list[Check]:
 
 
 def requirement_check(env: dict[str, str], cuda_version: str | None, driver: str | None,
-                      compat: list[str], compat_known: bool) -> tuple[Check, dict | None]:
+                      compat: list[str], compat_known: bool, brand: str | None = None
+                      ) -> tuple[Check, dict | None]:
     require = env.get("NVIDIA_REQUIRE_CUDA", "")
     if not driver:
         return Check("image.requirement", "skip",
@@ -216,14 +217,15 @@ def requirement_check(env: dict[str, str], cuda_version: str | None, driver: str
     compat_version = compat[0].rsplit("libcuda.so.", 1)[-1] if compat else None
     try:
         verdict = cuda.requirement_verdict(require, cuda_version, driver, compat_version,
-                                           compat_known)
+                                           compat_known, brand)
     except cuda.RequirementError as error:
         return Check("image.requirement", "fail", f"NVIDIA_REQUIRE_CUDA unreadable: {error}",
                      fix="fix the image's NVIDIA_REQUIRE_CUDA"), None
     if verdict["toolkit_starts"] is False:
         first = require.split()[0] if require else ""
         return Check("image.requirement", "fail",
-                     f"driver {driver} (CUDA {verdict['driver_cuda']}): the Container Toolkit "
+                     f"driver {driver} (CUDA {verdict['driver_cuda']}"
+                     + (f", {brand}" if brand else "") + "): the Container Toolkit "
                      f"refuses to start this image (unsatisfied condition: {first})",
                      fix="update the host driver (see the cases), or use an image built for an "
                          "older CUDA; NVIDIA_DISABLE_REQUIRE=1 skips the check"), verdict
@@ -245,8 +247,7 @@ def host_driver_version(root: Path = Path("/")) -> str | None:
         text = (root / "proc/driver/nvidia/version").read_text()
     except OSError:
         return None
-    match = re.search(r"Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
-    return match.group(1) if match else None
+    return parse_driver_version(text)[0]
 
 
 def inspect_image(text: str, *, platform: str | None = None, file_globs: tuple[str, ...] = (),

@@ -12,36 +12,20 @@ from envcheck import smoke
 from envcheck.cli import cli
 from envcheck.runner import RunResult
 from tests.conftest import REPO
-
-
-def model_report(backend="cpu", parity="pass", diff=4.8e-7):
-    checks = [
-        {"id": "model.load", "status": "pass", "summary": "tiny-gpt2: 3 layers"},
-        {"id": "model.parity", "status": parity, "summary": f"max |Δ| {diff:.2e}",
-         "max_abs_diff": diff, "tolerance": 1e-4,
-         "fix": None if parity == "pass" else "the device computes wrong numbers"},
-        {"id": "model.generate", "status": "pass", "summary": "greedy equal", "tokens_per_s": 99.0},
-        {"id": "model.attention", "status": "pass", "summary": "xla 0.0e+00",
-         "implementations": [{"impl": "xla", "dtype": "float32", "max_abs_diff": 0.0}]},
-    ]
-    return {
-        "schema": "envcheck.model-smoke/v1", "ok": parity == "pass", "impl": "auto",
-        "impl_used": "cudnn" if backend == "gpu" else "xla",
-        "checkpoint": "x", "checks": checks, "timings_s": {"forward": 0.001, "generate": 0.3},
-        "device": {"backend": backend, "device_kind": "NVIDIA H100 80GB HBM3" if backend == "gpu"
-                   else "cpu", "device_count": 1, "jax": "0.10.2"},
-    }
+from tests.gpu_host import model_report
 
 
 def invoke(monkeypatch, result: RunResult, *args):
     calls = []
 
     def fake_run(argv, timeout_s, env=None):
-        calls.append((argv, timeout_s))
-        return result
+        if argv[1:3] == ["-m", "model.smoke"]:  # the host probes find no GPU on this machine
+            calls.append((argv, timeout_s))
+            return result
+        return RunResult(127, "", "not found")
 
     monkeypatch.setattr(smoke.runner_module, "run", fake_run)
-    outcome = CliRunner().invoke(cli, ["gpu-smoke", *args])
+    outcome = CliRunner().invoke(cli, ["gpu-smoke", "--no-container", *args])
     return outcome, calls
 
 
@@ -69,8 +53,9 @@ def test_gpu_verdict(monkeypatch):
     assert report["schema"] == "envcheck.smoke/v1" and report["verdict"] == "gpu"
     assert report["device"]["device_kind"] == "NVIDIA H100 80GB HBM3"
     assert report["model"]["max_abs_diff"] == 4.8e-7
-    assert [c["id"] for c in report["checks"]] == ["jax.backend", "model.load", "model.parity",
-                                                   "model.generate", "model.attention"]
+    assert [c["id"] for c in report["checks"]][-5:] == [
+        "jax.backend", "model.load", "model.parity", "model.generate", "model.attention"]
+    assert report["mode"] == "host" and report["checks"][0]["id"] == "host.gpu"
     assert report["model"]["impl_used"] == "cudnn"
 
 
@@ -92,7 +77,8 @@ def test_a_broken_model_run_is_one_failed_check(monkeypatch, result, summary):
     assert outcome.exit_code == 1
     report = json.loads(outcome.output)
     assert report["verdict"] == "fail"
-    assert report["checks"][0]["id"] == "model.run" and summary in report["checks"][0]["summary"]
+    assert report["checks"][-1]["id"] == "model.run"
+    assert summary in report["checks"][-1]["summary"]
 
 
 def test_bad_option_is_a_usage_error():
@@ -117,7 +103,10 @@ def test_every_check_id_is_documented_in_the_readme():
 
     readme = (REPO / "README.md").read_text()
     source = "\n".join(p.read_text() for p in (REPO / "envcheck").rglob("*.py"))
+    from envcheck.catalog import CATALOG_BY_ID
+
     ids = set(re.findall(r'Check\(\s*"([a-z][a-z0-9.-]+)"', source)) | set(smoke.MODEL_CHECK_IDS)
+    ids |= set(CATALOG_BY_ID) | set(smoke.CONTAINER_IDS)  # ids chosen at run time
     assert len(ids) >= 12
     for check_id in sorted(ids):
         assert f"`{check_id}`" in readme, check_id

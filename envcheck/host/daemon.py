@@ -1,0 +1,135 @@
+"""Link 3: the Docker daemon through the docker SDK — reachable (not running vs socket
+permission vs no Docker at all), the `nvidia` runtime (and daemon.json saying so without a
+restart), CDI enabled and the devices it discovered, cgroups, rootless, snap and Desktop hints.
+
+The checks read the `GET /info` dict, so recorded `docker info` outputs of GPU hosts drive them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from envcheck.host import Probe
+from envcheck.report import Check
+
+DEFAULT_SOCKET = "/var/run/docker.sock"
+DAEMON_JSON = "/etc/docker/daemon.json"
+CONFIGURE_FIX = ("run `sudo nvidia-ctk runtime configure --runtime=docker` and restart dockerd "
+                 "(`sudo systemctl restart docker`)")
+
+
+def connect(probe: Probe, timeout_s: float):
+    """(a pinged docker client, None) or (None, the docker.reachable Check saying why not).
+    No DOCKER_HOST and no socket at all means no Docker here: a skip, not a failure."""
+    import docker
+
+    host = os.environ.get("DOCKER_HOST")
+    if host is None and not probe.path(DEFAULT_SOCKET).exists():
+        return None, Check("docker.reachable", "skip",
+                           f"no Docker engine here ({DEFAULT_SOCKET} absent, DOCKER_HOST unset)",
+                           fix="install Docker Engine (docker-ce) to check the container path")
+    where = host or f"unix://{DEFAULT_SOCKET}"
+    try:
+        client = docker.from_env(timeout=int(max(timeout_s, 1)))
+        client.ping()
+        return client, None
+    except docker.errors.DockerException as error:
+        return None, unreachable_check(str(error), where)
+
+
+def unreachable_check(text: str, where: str) -> Check:
+    if "Permission denied" in text or "PermissionError" in text:
+        return Check("docker.reachable", "fail", f"permission denied on the Docker socket {where}",
+                     fix="add your user to the docker group (`sudo usermod -aG docker $USER`, "
+                         "then log in again), or run with sudo")
+    return Check("docker.reachable", "fail", f"the Docker daemon is not running at {where}",
+                 detail=text[:300],
+                 fix="start it (`sudo systemctl start docker`, or start Docker Desktop), or "
+                     "point DOCKER_HOST at a running engine")
+
+
+def probe_daemon(probe: Probe, info: dict, toolkit_hooks: bool) -> tuple[list[Check], dict]:
+    facts = {
+        "server_version": info.get("ServerVersion"), "runtimes": sorted(info.get("Runtimes") or {}),
+        "default_runtime": info.get("DefaultRuntime"), "cgroup_driver": info.get("CgroupDriver"),
+        "cgroup_version": info.get("CgroupVersion"), "rootless": is_rootless(info),
+        "cdi_spec_dirs": info.get("CDISpecDirs"),
+        "discovered_devices": [d.get("ID") for d in info.get("DiscoveredDevices") or []],
+        "operating_system": info.get("OperatingSystem"),
+    }
+    reachable = Check("docker.reachable", "pass",
+                      f"Docker Engine {facts['server_version']} ({facts['operating_system']}), "
+                      f"cgroup v{facts['cgroup_version']} {facts['cgroup_driver']}"
+                      + (", rootless" if facts["rootless"] else ""))
+    return [reachable, runtime_check(probe, facts, toolkit_hooks), cdi_check(facts),
+            engine_check(info, facts)], facts
+
+
+def is_rootless(info: dict) -> bool:
+    return any("rootless" in option for option in info.get("SecurityOptions") or [])
+
+
+def configured_runtimes(probe: Probe) -> set[str]:
+    try:
+        return set(json.loads(probe.read(DAEMON_JSON) or "{}").get("runtimes") or {})
+    except (json.JSONDecodeError, AttributeError):
+        return set()
+
+
+def runtime_check(probe: Probe, facts: dict, toolkit_hooks: bool) -> Check:
+    default = facts["default_runtime"]
+    if "nvidia" in facts["runtimes"]:
+        return Check("docker.runtime", "pass", f"runtime nvidia registered (default: {default})")
+    if "nvidia" in configured_runtimes(probe):
+        return Check("docker.runtime", "fail", f"{DAEMON_JSON} registers the nvidia runtime but "
+                                               "the running daemon does not have it",
+                     fix="restart dockerd (`sudo systemctl restart docker`)")
+    if toolkit_hooks:
+        return Check("docker.runtime", "warn", "runtime nvidia not registered: `--gpus` works "
+                                               "through the hook, `runtime: nvidia` does not",
+                     fix=CONFIGURE_FIX)
+    return Check("docker.runtime", "fail",
+                 f"runtime nvidia not registered (runtimes: {', '.join(facts['runtimes'])}) and "
+                 "no toolkit hook: dockerd has no NVIDIA device driver for `--gpus`",
+                 fix="install nvidia-container-toolkit, then " + CONFIGURE_FIX)
+
+
+def cdi_check(facts: dict) -> Check:
+    if not facts["cdi_spec_dirs"]:
+        return Check("docker.cdi", "skip", "CDI not enabled in this daemon (Docker < 28.2 needs "
+                                           "\"features\": {\"cdi\": true}); --gpus uses the hook")
+    nvidia = [d for d in facts["discovered_devices"] if d and d.startswith("nvidia.com/")]
+    if nvidia:
+        return Check("docker.cdi", "pass", f"CDI devices: {', '.join(nvidia)}")
+    if facts["discovered_devices"] or _at_least(facts["server_version"], (28, 2)):
+        others = ", ".join(facts["discovered_devices"]) or "none"
+        return Check("docker.cdi", "warn", f"CDI enabled but no nvidia.com/gpu device "
+                                           f"discovered (devices: {others})",
+                     fix="generate a spec: `sudo nvidia-ctk cdi generate "
+                         "--output=/etc/cdi/nvidia.yaml`")
+    dirs = ", ".join(facts["cdi_spec_dirs"])
+    return Check("docker.cdi", "pass", f"CDI enabled (spec dirs {dirs}); this engine does not "
+                                       "list discovered devices")
+
+
+def engine_check(info: dict, facts: dict) -> Check:
+    if str(info.get("DockerRootDir", "")).startswith("/var/snap/docker"):
+        return Check("docker.engine", "warn", "Docker from the snap: it cannot see the host's "
+                                              "NVIDIA libraries or hooks",
+                     fix="remove the snap (`sudo snap remove docker`) and install docker-ce from "
+                         "Docker's apt repository")
+    if "Docker Desktop" in str(facts["operating_system"]):
+        return Check("docker.engine", "warn", "Docker Desktop: GPUs only through the WSL2 "
+                                              "backend on Windows (not on Linux or macOS)",
+                     fix="on Linux use Docker Engine (docker-ce); on Windows update the NVIDIA "
+                         "driver and WSL (`wsl --update`)")
+    return Check("docker.engine", "pass", f"{facts['operating_system']}, "
+                                          f"cgroup driver {facts['cgroup_driver']}")
+
+
+def _at_least(version: str | None, minimum: tuple[int, int]) -> bool:
+    try:
+        return tuple(int(p) for p in (version or "").split(".")[:2]) >= minimum
+    except ValueError:
+        return False

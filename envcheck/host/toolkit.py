@@ -1,0 +1,161 @@
+"""Link 2: the NVIDIA Container Toolkit — binaries and matching versions, config.toml (mode,
+no-cgroups), CDI specs in /etc/cdi and /var/run/cdi (present, fresh for this driver), and
+`nvidia-container-cli info` when it runs. Facts: ../shared/reference/passthrough.md §1.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+import yaml
+
+from envcheck.catalog import CATALOG_BY_ID, classify
+from envcheck.host import Probe
+from envcheck.report import Check
+
+BINARIES = ("nvidia-ctk", "nvidia-container-cli", "nvidia-container-runtime",
+            "nvidia-container-runtime-hook", "nvidia-cdi-hook")
+HOOKS = ("nvidia-container-runtime-hook", "nvidia-cdi-hook")  # what dockerd looks for (--gpus)
+CONFIG = "/etc/nvidia-container-runtime/config.toml"
+CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
+VERSION_RE = re.compile(r"(?:CLI version|cli-version:)\s*(\d+\.\d+\.\d+)")
+SPEC_DRIVER_RE = re.compile(r"--host-driver-version=(\d+\.\d+(?:\.\d+)?)|"
+                            r"libcuda\.so\.(\d+\.\d+(?:\.\d+)?)")
+INSTALL_FIX = ("install nvidia-container-toolkit (NVIDIA's apt/dnf repository), run `sudo "
+               "nvidia-ctk runtime configure --runtime=docker` and restart dockerd")
+
+
+def probe_toolkit(probe: Probe, driver: str | None, rootless: bool = False
+                  ) -> tuple[list[Check], dict]:
+    found = {name: probe.which(name) for name in BINARIES}
+    facts: dict = {"binaries": {k: v for k, v in found.items() if v}}
+    if not any(found[h] for h in HOOKS):
+        reason = "the NVIDIA Container Toolkit is not installed (toolkit.installed)"
+        return [Check("toolkit.installed", "fail",
+                      "NVIDIA Container Toolkit not installed (no nvidia-container-runtime-hook "
+                      "or nvidia-cdi-hook): `docker run --gpus` cannot reach the GPU",
+                      fix=INSTALL_FIX)] + [
+            Check(i, "skip", reason) for i in ("toolkit.versions", "toolkit.config",
+                                               "toolkit.cdi", "toolkit.cli-info")], facts
+    present = ", ".join(facts["binaries"])
+    checks = [Check("toolkit.installed", "pass", f"found {present}")]
+    version_check, facts["versions"] = versions_check(probe, found)
+    config_check, facts["config"] = read_config(probe, rootless)
+    cdi_check, facts["cdi"] = cdi_specs(probe, driver)
+    info_check, facts["cli_info"] = cli_info(probe, found["nvidia-container-cli"])
+    return checks + [version_check, config_check, cdi_check, info_check], facts
+
+
+def versions_check(probe: Probe, found: dict) -> tuple[Check, dict]:
+    versions = {}
+    for name in ("nvidia-ctk", "nvidia-container-cli"):
+        if found[name]:
+            result = probe.command([found[name], "--version"])
+            match = VERSION_RE.search(result.out)
+            versions[name] = match.group(1) if match else None
+    known = {v for v in versions.values() if v}
+    text = ", ".join(f"{k} {v or '?'}" for k, v in versions.items()) or "no versioned tools"
+    if len(known) > 1:
+        return Check("toolkit.versions", "warn", f"toolkit parts disagree: {text}",
+                     fix="upgrade all toolkit packages together (nvidia-container-toolkit, "
+                         "nvidia-container-toolkit-base, libnvidia-container-tools, "
+                         "libnvidia-container1) to one version"), versions
+    if not known:
+        return Check("toolkit.versions", "warn", f"no toolkit version readable ({text})",
+                     fix="reinstall nvidia-container-toolkit"), versions
+    return Check("toolkit.versions", "pass", text), versions
+
+
+def read_config(probe: Probe, rootless: bool) -> tuple[Check, dict]:
+    text = probe.read(CONFIG)
+    if text is None:
+        return Check("toolkit.config", "pass", f"no {CONFIG}: defaults (mode auto, cgroups "
+                                               "managed)"), {}
+    try:
+        config = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        return Check("toolkit.config", "fail", f"{CONFIG} is not valid TOML: {error}",
+                     fix="regenerate it with `nvidia-ctk config default --output " + CONFIG
+                         + "`"), {}
+    mode = config.get("nvidia-container-runtime", {}).get("mode", "auto")
+    no_cgroups = config.get("nvidia-container-cli", {}).get("no-cgroups", False)
+    facts = {"mode": mode, "no_cgroups": no_cgroups}
+    if mode in ("cdi", "csv"):
+        return Check("toolkit.config", "fail", f"mode = \"{mode}\": the --gpus hook refuses to "
+                                               "run (it needs legacy or auto)",
+                     fix=CATALOG_BY_ID["toolkit.mode"].fix), facts
+    if rootless and not no_cgroups:
+        return Check("toolkit.config", "fail", "rootless Docker with no-cgroups = false: the "
+                                               "hook cannot edit device cgroups",
+                     fix=CATALOG_BY_ID["toolkit.cgroups"].fix), facts
+    if no_cgroups and not rootless:
+        return Check("toolkit.config", "warn", "no-cgroups = true on a rootful daemon: device "
+                                               "nodes must be passed explicitly",
+                     fix="set `no-cgroups = false` with `sudo nvidia-ctk config --in-place --set "
+                         "nvidia-container-cli.no-cgroups=false`"), facts
+    return Check("toolkit.config", "pass", f"mode {mode}, no-cgroups {str(no_cgroups).lower()}"
+                 ), facts
+
+
+def cdi_specs(probe: Probe, driver: str | None) -> tuple[Check, dict]:
+    specs, broken = [], []
+    for directory in CDI_DIRS:
+        folder = probe.path(directory)
+        for path in sorted(folder.glob("*")) if folder.is_dir() else []:
+            if path.suffix not in (".yaml", ".yml", ".json"):
+                continue
+            try:
+                spec = yaml.safe_load(path.read_text())
+                assert isinstance(spec, dict) and isinstance(spec.get("devices"), list)
+            except (OSError, yaml.YAMLError, AssertionError):
+                broken.append(f"{directory}/{path.name}")
+                continue
+            versions = {a or b for a, b in SPEC_DRIVER_RE.findall(path.read_text())}
+            specs.append({"path": f"{directory}/{path.name}", "kind": spec.get("kind"),
+                          "devices": [d.get("name") for d in spec["devices"]],
+                          "driver_versions": sorted(versions)})
+    return cdi_check(specs, broken, driver), {"specs": specs, "broken": broken}
+
+
+def cdi_check(specs: list[dict], broken: list[str], driver: str | None) -> Check:
+    fix = ("`sudo nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml` (toolkit ≥ 1.18: "
+           "`sudo systemctl restart nvidia-cdi-refresh.service`)")
+    if broken:
+        return Check("toolkit.cdi", "fail", f"unreadable CDI spec(s): {', '.join(broken)}",
+                     fix=f"delete them and regenerate: {fix}")
+    nvidia = [s for s in specs if s["kind"] == "nvidia.com/gpu"]
+    if not nvidia:
+        return Check("toolkit.cdi", "warn", "no nvidia.com/gpu CDI spec in /etc/cdi or "
+                                            "/var/run/cdi: CDI injection is unavailable",
+                     fix=fix)
+    stale = [s for s in nvidia if driver and s["driver_versions"]
+             and driver not in s["driver_versions"]]
+    if stale:
+        return Check("toolkit.cdi", "warn",
+                     f"{stale[0]['path']} was generated for driver "
+                     f"{', '.join(stale[0]['driver_versions'])}, the host runs {driver}",
+                     fix=f"regenerate it: {fix}")
+    names = sorted({n for s in nvidia for n in s["devices"]})
+    return Check("toolkit.cdi", "pass", f"{len(nvidia)} spec(s), devices "
+                                       f"{', '.join('nvidia.com/gpu=' + n for n in names)}")
+
+
+def cli_info(probe: Probe, cli: str | None) -> tuple[Check, dict]:
+    if not cli:
+        return Check("toolkit.cli-info", "skip", "nvidia-container-cli is not installed "
+                                                 "(CDI-only toolkit)"), {}
+    result = probe.command([cli, "info"])
+    if result.rc != 0:
+        entry, matched = classify(result.err + "\n" + result.out)
+        return Check("toolkit.cli-info", "fail", f"nvidia-container-cli info failed: {matched}",
+                     detail=entry.cause, fix=entry.fix), {}
+    nvrm = re.search(r"NVRM version:\s*(\S+)", result.out)
+    cuda = re.search(r"CUDA version:\s*(\S+)", result.out)
+    models = re.findall(r"^Model:\s*(.+)$", result.out, re.MULTILINE)
+    brands = re.findall(r"^Brand:\s*(.+)$", result.out, re.MULTILINE)
+    facts = {"nvrm": nvrm and nvrm.group(1), "cuda": cuda and cuda.group(1), "models": models,
+             "brands": brands}
+    return Check("toolkit.cli-info", "pass",
+                 f"the toolkit sees driver {facts['nvrm']} (CUDA {facts['cuda']}) and "
+                 f"{len(models)} GPU(s)"), facts

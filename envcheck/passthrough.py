@@ -1,0 +1,184 @@
+"""Links 4-5 and the container runs: the image's requirements against this driver, then the
+image run with a GPU device request (what `docker run --gpus all` sends) and a short probe inside
+— device nodes, /proc/driver/nvidia/version, libcuda.so.1 / libnvidia-ml.so.1 in the ld cache,
+`nvidia-smi -L` — with the daemon's error text classified against the failure catalog.
+
+Every container runs least-privileged: a non-root user, all capabilities dropped, no new
+privileges, a read-only root filesystem with a /tmp tmpfs, no network, memory and pids limits and
+a timeout; it is always removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+
+from envcheck.catalog import CATALOG_BY_ID, UNKNOWN, classify
+from envcheck.image.inspect import requirement_check
+from envcheck.report import Check
+from envcheck.runner import RC_TIMEOUT, RunResult
+
+NOBODY = "65534:65534"
+MEMORY_LIMIT = "8g"
+PIDS_LIMIT = 1024
+TMPFS = {"/tmp": "rw,exec,nosuid,size=2g,mode=1777"}
+GPU_ENV = {"NVIDIA_DRIVER_CAPABILITIES": "compute,utility"}
+CPU_ENV = {"JAX_PLATFORMS": "cpu"}
+BASE_ENV = {"HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache",
+            "JAX_COMPILATION_CACHE_DIR": "/tmp/jax-cache"}
+PROBE_SCRIPT = (
+    "echo '== devices'; ls -1 /dev | grep '^nvidia' || true; "
+    "echo '== driver'; cat /proc/driver/nvidia/version 2>&1 || true; "
+    "echo '== ldconfig'; (ldconfig -p || /sbin/ldconfig -p) 2>/dev/null "
+    "| grep -E 'libcuda[.]so[.]1 |libnvidia-ml[.]so[.]1 ' || true; "
+    "echo '== nvidia-smi'; nvidia-smi -L 2>&1 || true"
+)
+SECTION_RE = re.compile(r"^== (\S+)$", re.MULTILINE)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainerRun:
+    """What one container run gave: `error` is the daemon's refusal (the container never ran)."""
+
+    rc: int
+    out: str
+    err: str
+    error: str | None
+    seconds: float
+
+    def as_run_result(self) -> RunResult:
+        return RunResult(self.rc, self.out, self.error or self.err)
+
+
+def image_env(client, image: str) -> tuple[dict | None, Check]:
+    """The image's config (env, user) through the SDK, or an image.present failure."""
+    import docker
+
+    try:
+        attrs = client.images.get(image).attrs
+    except docker.errors.ImageNotFound:
+        return None, Check("image.present", "fail", f"image {image} is not in this Docker engine",
+                           fix="build it with `envcheck build` (or pass --image NAME; "
+                               "`--no-container` runs the model test on this host)")
+    except docker.errors.DockerException as error:
+        return None, Check("image.present", "fail", f"cannot read image {image}: {error}",
+                           fix="check the image name and the daemon")
+    config = attrs.get("Config") or {}
+    env = dict(item.split("=", 1) for item in config.get("Env") or [] if "=" in item)
+    size_mb = attrs.get("Size", 0) / 1e6
+    cuda = env.get("CUDA_VERSION", "none")
+    check = Check("image.present", "pass",
+                  f"{image} {attrs.get('Id', '')[:19]} ({size_mb:.0f} MB, CUDA_VERSION {cuda})")
+    return {"env": env, "user": config.get("User") or "", "id": attrs.get("Id")}, check
+
+
+def preflight_check(env: dict, driver: str | None, brand: str | None = None) -> Check:
+    """Link 4: NVIDIA_REQUIRE_CUDA and CUDA_VERSION against this driver (inspect-image's rule)."""
+    if "NVIDIA_REQUIRE_CUDA" not in env and "CUDA_VERSION" not in env:
+        return Check("image.requirement", "pass", "the image sets no NVIDIA_REQUIRE_CUDA (a "
+                                                  "non-CUDA base: JAX brings its own CUDA)")
+    if not driver:
+        return Check("image.requirement", "skip", "no host driver to judge NVIDIA_REQUIRE_CUDA "
+                                                  "against (host.driver)")
+    return requirement_check(env, env.get("CUDA_VERSION"), driver, [], False, brand)[0]
+
+
+def run_container(client, image: str, command: list[str], *, gpu: bool, env: dict,
+                  user: str, timeout_s: float) -> ContainerRun:
+    import docker
+    import requests
+
+    requests_ = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpu else None
+    start_s = time.perf_counter()
+    container = None
+    try:
+        container = client.containers.create(
+            image, command, user=user if user not in ("", "root", "0", "0:0") else NOBODY,
+            environment={**BASE_ENV, **env}, network_mode="none", read_only=True,
+            tmpfs=TMPFS, cap_drop=["ALL"], security_opt=["no-new-privileges"],
+            mem_limit=MEMORY_LIMIT, pids_limit=PIDS_LIMIT, device_requests=requests_,
+            labels={"envcheck": "gpu-smoke"})
+        container.start()
+        try:
+            rc = container.wait(timeout=timeout_s)["StatusCode"]
+        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+            container.kill()
+            rc = RC_TIMEOUT
+        out = container.logs(stdout=True, stderr=False).decode(errors="replace")
+        err = container.logs(stdout=False, stderr=True).decode(errors="replace")
+        if rc == RC_TIMEOUT:
+            err += f"\ncontainer: timed out after {timeout_s:g} s"
+        return ContainerRun(rc, out, err, None, time.perf_counter() - start_s)
+    except docker.errors.APIError as error:
+        text = str(error.explanation or error)
+        return ContainerRun(125, "", "", text, time.perf_counter() - start_s)
+    finally:
+        if container is not None:
+            try:
+                container.remove(force=True)
+            except docker.errors.APIError:
+                pass  # already gone
+
+
+def passthrough_checks(run: ContainerRun, taken: set[str]) -> list[Check]:
+    """Link 5 from the probe container: why it did not start, or what it saw inside."""
+    if run.error is not None or run.rc == RC_TIMEOUT:
+        text = run.error or run.err
+        entry, matched = classify(text)
+        check_id = entry.check_id if entry is not UNKNOWN and entry.check_id not in taken else (
+            "container.passthrough")
+        failed = Check(check_id, "fail", f"the GPU container did not start: {matched}",
+                       detail=f"{entry.cause}. Daemon said: {text.strip()[:400]}", fix=entry.fix)
+        reason = f"the GPU container did not start ({check_id})"
+        return [failed] + [Check(i, "skip", reason) for i in INSIDE_IDS]
+    sections = parse_sections(run.out)
+    started = Check("container.passthrough", "pass",
+                    f"the image ran with a GPU device request in {run.seconds:.1f} s")
+    return [started] + inside_checks(sections)
+
+
+INSIDE_IDS = ("container.devices", "container.driver", "container.libcuda",
+              "container.nvidia-smi")
+
+
+def parse_sections(out: str) -> dict[str, str]:
+    parts = SECTION_RE.split(out)
+    return {parts[i]: parts[i + 1].strip() for i in range(1, len(parts) - 1, 2)}
+
+
+def inside_checks(sections: dict[str, str]) -> list[Check]:
+    nodes = sections.get("devices", "").split()
+    checks = [Check("container.devices", "pass", f"device nodes: {' '.join(nodes)}")
+              if "nvidiactl" in nodes and any(re.fullmatch(r"nvidia\d+", n) for n in nodes)
+              else _inside_fail("container.devices", f"no GPU device nodes inside "
+                                                     f"(saw: {' '.join(nodes) or 'none'})",
+                                sections.get("devices", ""))]
+    driver = re.search(r"Kernel Module.*?(\d+\.\d+(?:\.\d+)?)", sections.get("driver", ""))
+    checks.append(Check("container.driver", "pass", f"/proc/driver/nvidia/version: "
+                                                    f"{driver.group(1)}") if driver else
+                  _inside_fail("container.driver", "/proc/driver/nvidia/version missing "
+                                                   "inside", sections.get("driver", "")))
+    libs = sections.get("ldconfig", "")
+    missing = [so for so in ("libcuda.so.1", "libnvidia-ml.so.1") if so + " " not in libs]
+    checks.append(Check("container.libcuda", "pass", "libcuda.so.1 and libnvidia-ml.so.1 are "
+                                                     "in the container's ld cache")
+                  if not missing else
+                  Check("container.libcuda", "fail", f"not in the container's ld cache: "
+                                                     f"{', '.join(missing)}",
+                        fix="set NVIDIA_DRIVER_CAPABILITIES=compute,utility (compute gives "
+                            "libcuda, utility NVML); in legacy mode check ldconfig in "
+                            "config.toml"))
+    smi = sections.get("nvidia-smi", "")
+    gpus = re.findall(r"^GPU \d+: .*$", smi, re.MULTILINE)
+    checks.append(Check("container.nvidia-smi", "pass", f"nvidia-smi -L: {'; '.join(gpus)}")
+                  if gpus else _inside_fail("container.nvidia-smi", "nvidia-smi -L listed no "
+                                                                    "GPU inside", smi))
+    return checks
+
+
+def _inside_fail(check_id: str, summary: str, text: str) -> Check:
+    entry, matched = classify(text)
+    if entry is UNKNOWN:  # nothing recognisable: the usual cause is no injection at all
+        entry, matched = CATALOG_BY_ID["container.devices"], text.strip()[:200]
+    return Check(check_id, "fail", summary, detail=f"{matched}: {entry.cause}", fix=entry.fix)

@@ -1,0 +1,98 @@
+"""`envcheck gpu-smoke` against the real Docker Engine here, which has no NVIDIA runtime: the GPU
+device request fails for real and is classified, the CPU fallback runs in the container, and a
+stopped daemon is classified — never a traceback. (A socket without permission cannot be staged
+for root, who bypasses file permissions: tests/unit/test_daemon.py injects it at the socket.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import docker
+import jsonschema
+
+from envcheck import passthrough
+from tests.conftest import REPO
+from tests.integration.test_container import envcheck
+
+SCHEMA = json.loads((REPO / "envcheck/schemas/smoke.v1.json").read_text())
+
+
+def smoke_json(engine: str, *args: str, env: dict | None = None):
+    done = envcheck(engine, "gpu-smoke", "--json", *args, env=env)
+    report = json.loads(done.stdout)
+    jsonschema.validate(report, SCHEMA)
+    return done.returncode, report, {c["id"]: c for c in report["checks"]}
+
+
+def test_device_request_fails_for_real_and_the_fallback_runs_in_the_container(engine,
+                                                                              built_image):
+    rc, report, checks = smoke_json(engine, "--image", built_image["tag"])
+    assert rc == 0, report
+    assert checks["docker.reachable"]["status"] == "pass"
+    assert checks["docker.runtime"]["status"] == "fail"
+    link = checks["toolkit.docker-runtime"]
+    assert link["status"] == "fail" and "could not select device driver" in link["summary"]
+    assert "nvidia-ctk runtime configure" in link["fix"]
+    assert checks["container.libcuda"]["status"] == "skip"
+    assert report["verdict"] == "cpu-fallback" and report["mode"] == "container-cpu"
+    assert report["device"]["backend"] == "cpu" and checks["model.parity"]["status"] == "pass"
+    assert report["first_failed"]["id"] == "host.gpu"  # this machine has no GPU at all
+    client = docker.DockerClient(base_url=engine)
+    assert client.containers.list(all=True, filters={"label": "envcheck=gpu-smoke"}) == []
+
+
+def test_require_gpu_turns_the_fallback_into_exit_1(engine, built_image):
+    done = envcheck(engine, "gpu-smoke", "--image", built_image["tag"], "--require-gpu")
+    assert done.returncode == 1
+    assert "VERDICT cpu-fallback" in done.stdout and "FAIL toolkit.docker-runtime" in done.stdout
+
+
+def test_missing_image_says_how_to_build_it(engine):
+    rc, report, checks = smoke_json(engine, "--image", "envcheck-test/absent:nope")
+    assert rc == 1 and report["verdict"] == "fail"
+    assert checks["image.present"]["status"] == "fail"
+    assert "envcheck build" in checks["image.present"]["fix"]
+
+
+def test_stopped_daemon_is_classified(engine, tmp_path):
+    """A stale socket (the daemon died, the file stayed): connection refused."""
+    path = tmp_path / "docker.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    rc, report, checks = smoke_json(engine, "--no-container", env={
+        **os.environ, "DOCKER_HOST": f"unix://{path}"})
+    # --no-container never touches the daemon; without it the dead socket is a failed link
+    assert checks["docker.reachable"]["status"] == "skip"
+    rc, report, checks = smoke_json(engine, env={**os.environ, "DOCKER_HOST": f"unix://{path}"})
+    assert rc == 1 and report["verdict"] == "fail"
+    assert checks["docker.reachable"]["status"] == "fail"
+    assert "not running" in checks["docker.reachable"]["summary"]
+    assert "systemctl start docker" in checks["docker.reachable"]["fix"]
+    assert report["mode"] == "host" and checks["model.parity"]["status"] == "pass"
+
+
+def test_containers_run_least_privileged_and_are_removed(engine, built_image):
+    client = docker.DockerClient(base_url=engine)
+    script = ("id -u; grep CapEff /proc/self/status; ls /sys/class/net; "
+              "touch /probe 2>&1 || echo read-only; touch /tmp/ok && echo tmp-writable; "
+              "cat /sys/fs/cgroup/pids.max /sys/fs/cgroup/pids/pids.max 2>/dev/null; true")
+    run = passthrough.run_container(client, built_image["tag"], ["sh", "-c", script], gpu=False,
+                                    env={}, user="", timeout_s=60)
+    lines = run.out.split()
+    assert run.rc == 0 and run.error is None
+    assert lines[0] == "65534"  # root in the image config -> nobody
+    assert "0000000000000000" in run.out and "read-only" in run.out and "tmp-writable" in run.out
+    assert "eth0" not in run.out and "lo" in lines
+    assert str(passthrough.PIDS_LIMIT) in lines
+    assert client.containers.list(all=True, filters={"label": "envcheck=gpu-smoke"}) == []
+
+
+def test_a_hung_container_is_killed_at_the_timeout(engine, built_image):
+    client = docker.DockerClient(base_url=engine, timeout=5)
+    run = passthrough.run_container(client, built_image["tag"], ["sleep", "600"], gpu=False,
+                                    env={}, user="", timeout_s=3)
+    assert run.rc == 124 and "timed out after 3 s" in run.err
+    assert client.containers.list(all=True, filters={"label": "envcheck=gpu-smoke"}) == []

@@ -1,0 +1,346 @@
+"""The gpu-smoke chain on GPU-host fixtures: fixture roots + recorded tool outputs at the runner
+seam + canned Docker API answers (tests/gpu_host.py), each case a real failure from the catalog
+(../shared/reference/passthrough.md §3): the failing check's id, its status and that the fix
+names the remedy."""
+
+from __future__ import annotations
+
+import pytest
+
+from envcheck.report import Check
+from envcheck.smoke import gpu_smoke
+from tests.gpu_host import (
+    FakeDocker,
+    bare_host,
+    connect_to,
+    healthy_host,
+    model_report,
+    piece,
+    real,
+)
+
+
+def smoke(host, client=None, **options):
+    client = client if client is not None else FakeDocker()
+    return gpu_smoke(probe=host.probe, connect=connect_to(client), **options)
+
+
+def by_id(report) -> dict[str, Check]:
+    ids = [c.id for c in report.checks]
+    assert len(ids) == len(set(ids)), ids  # one verdict per link
+    return {c.id: c for c in report.checks}
+
+
+def assert_link(report, check_id: str, status: str, *remedy: str) -> Check:
+    check = by_id(report)[check_id]
+    assert check.status == status, check
+    for word in remedy:
+        assert word in (check.fix or ""), (word, check)
+    return check
+
+
+def test_healthy_h100_host_passes_every_link_and_runs_on_the_gpu(tmp_path):
+    client = FakeDocker()
+    report = smoke(healthy_host(tmp_path), client)
+    failed = [c for c in report.checks if c.status == "fail"]
+    assert failed == []
+    checks = by_id(report)
+    assert checks["host.driver"].summary.startswith("driver 590.48.01 (proprietary")
+    assert "NVIDIA H100 80GB HBM3" in checks["host.nvml"].summary
+    assert checks["host.health"].status == "pass"
+    assert checks["toolkit.versions"].summary == "nvidia-ctk 1.17.8, nvidia-container-cli 1.17.8"
+    assert checks["toolkit.cdi"].status == "pass" and "nvidia.com/gpu=all" in checks[
+        "toolkit.cdi"].summary
+    assert checks["image.requirement"].status == "pass"  # 590 (CUDA 13.1) runs cuda>=12.8
+    assert "GPU 0: NVIDIA H100 80GB HBM3" in checks["container.nvidia-smi"].summary
+    assert report.verdict == "gpu" and report.facts["mode"] == "container-gpu"
+    assert report.facts["host"]["driver_cuda"] == "13.1"
+    gpu_probe, model = client.created
+    assert gpu_probe["device_requests"][0].count == -1
+    assert gpu_probe["device_requests"][0].capabilities == [["gpu"]]
+    assert model["device_requests"] and model["command"][-2:] == ["model.smoke", "--json"]
+
+
+def test_least_privilege_options_on_every_container(tmp_path):
+    client = FakeDocker(gpu_error=real("docker-run-gpus_could-not-select-device-driver.txt"))
+    smoke(healthy_host(tmp_path), client)
+    assert len(client.created) == 2
+    for options in client.created:
+        assert options["user"] == "envcheck" and options["network_mode"] == "none"
+        assert options["cap_drop"] == ["ALL"] and options["read_only"] is True
+        assert "no-new-privileges" in options["security_opt"] and "/tmp" in options["tmpfs"]
+        assert options["mem_limit"] and options["pids_limit"]
+    assert client.created[1]["environment"]["JAX_PLATFORMS"] == "cpu"
+    assert not client.created[1]["device_requests"]
+
+
+def test_no_gpu_on_the_pci_bus(tmp_path):
+    report = smoke(bare_host(tmp_path), FakeDocker(
+        gpu_error=real("docker-run-gpus_could-not-select-device-driver.txt")))
+    assert_link(report, "host.gpu", "fail", "NVIDIA GPU")
+    assert by_id(report)["host.nvml"].status == "skip"
+    assert_link(report, "toolkit.installed", "fail", "nvidia-container-toolkit")
+    assert report.verdict == "cpu-fallback" and report.facts["first_failed"]["id"] == "host.gpu"
+
+
+def test_kernel_module_not_loaded(tmp_path):
+    host = healthy_host(tmp_path)
+    host.write("/proc/modules", "ext4 1081344 1 - Live 0x0000000000000000\n")
+    host.remove("/proc/driver/nvidia/version")
+    host.answer("nvidia-smi", "--query-gpu", real("nvidia-smi_failed-no-driver.txt"), rc=9)
+    report = smoke(host)
+    assert_link(report, "host.kernel-module", "fail", "lsmod", "mokutil", "DKMS")
+    assert by_id(report)["host.driver"].status == "skip"
+
+
+def test_nouveau_bound_instead_of_nvidia(tmp_path):
+    host = healthy_host(tmp_path)
+    host.write("/proc/modules", "nouveau 2961408 0 - Live 0x0000000000000000\n")
+    host.remove("/proc/driver/nvidia/version")
+    assert_link(smoke(host), "host.kernel-module", "fail", "blacklist nouveau")
+
+
+@pytest.mark.parametrize("proc_driver,smi_output", [
+    ("580.173.02", "nvidia-smi_nvml-version-mismatch_580.txt"),  # one real report, both files
+    ("565.57.01", "nvidia-smi_nvml-version-mismatch_550.txt"),
+    ("570.124.06", "nvidia-smi_nvml-version-mismatch_570.txt"),
+])
+def test_driver_library_version_mismatch(tmp_path, proc_driver, smi_output):
+    host = healthy_host(tmp_path)
+    host.write("/proc/driver/nvidia/version",
+               real("proc-driver-nvidia-version_580-proprietary.txt").replace("580.173.02",
+                                                                              proc_driver))
+    host.answer("nvidia-smi", "--query-gpu", real(smi_output), rc=18)
+    check = assert_link(smoke(host), "host.driver-mismatch", "fail", "reboot")
+    assert proc_driver in check.summary
+
+
+def test_missing_uvm_node(tmp_path):
+    host = healthy_host(tmp_path)
+    host.remove("/dev/nvidia-uvm")
+    assert_link(smoke(host), "host.uvm", "fail", "nvidia-modprobe -u")
+
+
+def test_missing_control_node(tmp_path):
+    host = healthy_host(tmp_path)
+    host.remove("/dev/nvidiactl")
+    assert_link(smoke(host), "host.devices", "fail", "nvidia-modprobe")
+
+
+def test_mig_mode_is_a_health_warning(tmp_path):
+    host = healthy_host(tmp_path, "nvidia-smi-query-gpu-allfields_h100-mig_590.csv.txt")
+    check = assert_link(smoke(host), "host.health", "warn", "MIG")
+    assert "MIG mode is on" in check.summary
+
+
+def test_uncorrected_ecc_errors_fail_health(tmp_path):
+    host = healthy_host(tmp_path)
+    csv = real("nvidia-smi-query-gpu-allfields_h100_590.csv.txt")
+    header, row = csv.strip().splitlines()
+    fields = [f.strip() for f in header.split(",")]
+    values = [v.strip() for v in row.split(",")]
+    values[fields.index("ecc.errors.uncorrected.volatile.total")] = "2"  # edit: two DBEs
+    host.answer("nvidia-smi", "--query-gpu", header + "\n" + ", ".join(values) + "\n")
+    check = assert_link(smoke(host), "host.health", "fail", "reset the GPU", "Xid")
+    assert "2 volatile uncorrected ECC errors" in check.summary
+
+
+def test_consumer_gpu_notes_without_failing(tmp_path):
+    host = healthy_host(tmp_path, "nvidia-smi-query-gpu-allfields_rtx4080super_595.csv.txt")
+    check = by_id(smoke(host))["host.health"]
+    assert check.status == "pass" and "persistence mode off" in check.summary
+    assert "PCIe gen 1 of 4" in check.summary
+
+
+def test_toolkit_not_installed(tmp_path):
+    host = healthy_host(tmp_path)
+    for binary in ("nvidia-container-runtime-hook", "nvidia-cdi-hook"):
+        host.remove(f"/usr/bin/{binary}")
+    assert_link(smoke(host), "toolkit.installed", "fail", "nvidia-container-toolkit",
+                "nvidia-ctk runtime configure")
+
+
+def test_toolkit_versions_disagree(tmp_path):
+    host = healthy_host(tmp_path)
+    host.answer("nvidia-container-cli", "--version",
+                piece("nvidia-container-cli-version_1.17.5.txt"))
+    check = assert_link(smoke(host), "toolkit.versions", "warn", "upgrade all toolkit packages")
+    assert "1.17.8" in check.summary and "1.17.5" in check.summary
+
+
+def test_config_mode_cdi_breaks_the_gpus_hook(tmp_path):
+    host = healthy_host(tmp_path)
+    config = real("config.toml_ctk1.17.6_cve-2025-23266-mitigated.toml.txt")
+    host.write("/etc/nvidia-container-runtime/config.toml",
+               config.replace('mode = "legacy"', 'mode = "cdi"'))  # edit
+    assert_link(smoke(host), "toolkit.config", "fail", "--runtime=nvidia", 'mode = "auto"')
+
+
+def test_packaged_pre_1_13_config_is_fine(tmp_path):
+    host = healthy_host(tmp_path)
+    host.write("/etc/nvidia-container-runtime/config.toml",
+               real("config.toml_packaged-default-ubuntu_ctk-pre1.13.toml.txt"))
+    assert by_id(smoke(host))["toolkit.config"].status == "pass"
+
+
+def test_rootless_docker_needs_no_cgroups(tmp_path):
+    info = real("docker-info_docker28.1.1_nvidia-runtime.txt").replace(
+        "  cgroupns\n", "  cgroupns\n  rootless\n")  # edit: a rootless daemon
+    report = smoke(healthy_host(tmp_path), FakeDocker(info_text=info))
+    assert_link(report, "toolkit.config", "fail", "no-cgroups = true")
+    assert report.facts["docker"]["rootless"] is True
+
+
+def test_stale_cdi_spec(tmp_path):
+    host = healthy_host(tmp_path)
+    host.write("/etc/cdi/nvidia.yaml", real("cdi-spec_etc-cdi-nvidia.yaml_575_ctk1.17.8.yaml.txt"))
+    check = assert_link(smoke(host), "toolkit.cdi", "warn", "nvidia-ctk cdi generate")
+    assert "575.64.03" in check.summary and "590.48.01" in check.summary
+
+
+def test_cli_info_cannot_load_nvml(tmp_path):
+    host = healthy_host(tmp_path)
+    host.answer("nvidia-container-cli", "info",
+                real("nvidia-container-cli-list_load-library-failed.txt"), rc=1)
+    check = assert_link(smoke(host), "toolkit.cli-info", "fail", "install the NVIDIA driver")
+    assert "libnvidia-ml.so.1" in check.summary
+
+
+def test_daemon_json_configured_but_daemon_not_restarted(tmp_path):
+    info = real("docker-info_docker28.1.1_nvidia-runtime.txt").replace(
+        "Runtimes: io.containerd.runc.v2 nvidia runc", "Runtimes: io.containerd.runc.v2 runc")
+    report = smoke(healthy_host(tmp_path), FakeDocker(info_text=info))
+    assert_link(report, "docker.runtime", "fail", "restart dockerd")
+
+
+def test_docker_desktop_hint(tmp_path):
+    info = real("docker-info_docker-desktop29.6.2-wsl2_nvidia-runtime_cdi.txt")
+    report = smoke(healthy_host(tmp_path), FakeDocker(info_text=info))
+    assert_link(report, "docker.engine", "warn", "wsl --update")
+    check = assert_link(report, "docker.cdi", "warn", "nvidia-ctk cdi generate")
+    assert "docker.com/gpu=webgpu" in check.summary
+
+
+@pytest.mark.parametrize("capture", [
+    "docker-run-gpus_could-not-select-device-driver.txt",
+    "docker-compose-gpu_could-not-select-device-driver-nvidia.txt",
+])
+def test_daemon_cannot_select_the_nvidia_driver(tmp_path, capture):
+    report = smoke(healthy_host(tmp_path), FakeDocker(gpu_error=real(capture)))
+    check = assert_link(report, "toolkit.docker-runtime", "fail", "nvidia-ctk runtime configure",
+                        "restart dockerd")
+    assert "could not select device driver" in check.summary
+    assert by_id(report)["container.libcuda"].status == "skip"
+    assert report.verdict == "cpu-fallback" and report.facts["mode"] == "container-cpu"
+
+
+@pytest.mark.parametrize("capture", [
+    "docker-run-gpus_load-library-failed-libnvidia-ml.txt",
+    "docker-compose-gpu_load-library-failed-libnvidia-ml.txt",
+])
+def test_hook_cannot_load_the_host_nvml(tmp_path, capture):
+    report = smoke(healthy_host(tmp_path), FakeDocker(gpu_error=real(capture)))
+    assert_link(report, "host.driver-libraries", "fail", "install the NVIDIA driver", "ldconfig")
+
+
+@pytest.mark.parametrize("capture,driver,brand", [
+    ("docker-compose-gpu_requirement-cuda12.8_driver550.txt", "550.144.03", "GeForce"),
+    ("docker-run-gpus_requirement-cuda12.8_win-docker-desktop_551.txt", "551.78", "Tesla"),
+])
+def test_image_needs_a_newer_driver(tmp_path, capture, driver, brand):
+    """The drivers of the two reports (edits: version numbers; the GPU brand the toolkit sees).
+    A Tesla on 550.x would be let in by the image's brand=tesla,driver>=550 exception."""
+    host = healthy_host(tmp_path)
+    host.write("/proc/driver/nvidia/version", real(
+        "proc-driver-nvidia-version_580-proprietary.txt").replace("580.173.02", driver))
+    host.answer("nvidia-smi", "--query-gpu", real(
+        "nvidia-smi-query-gpu-allfields_h100_590.csv.txt").replace("590.48.01", driver))
+    host.answer("nvidia-container-cli", "info", real(
+        "nvidia-container-cli-info_fake-4xT4_575_ctk1.17.6.txt").replace("Tesla", brand))
+    report = smoke(host, FakeDocker(gpu_error=real(capture)))
+    preflight = assert_link(report, "image.requirement", "fail", "update the host driver")
+    assert driver in preflight.summary and brand in preflight.summary
+    inside = assert_link(report, "container.passthrough", "fail", "upgrade the host driver")
+    assert "cuda>=12.8" in inside.summary
+    assert report.facts["first_failed"]["id"] == "image.requirement"
+
+
+def test_nvml_unknown_error_inside_the_container(tmp_path):
+    probe_out = (FakeDocker().probe_out.split("== nvidia-smi")[0] + "== nvidia-smi\n"
+                 + real("nvidia-smi_nvml-unknown-error.txt"))
+    report = smoke(healthy_host(tmp_path), FakeDocker(probe_out=probe_out))
+    assert_link(report, "container.nvidia-smi", "fail", "recreate the container",
+                "native.cgroupdriver=cgroupfs")
+
+
+def test_no_driver_libraries_injected(tmp_path):
+    probe_out = FakeDocker().probe_out.replace("libcuda.so.1 (libc6", "libcudart.so.12 (libc6")
+    report = smoke(healthy_host(tmp_path), FakeDocker(probe_out=probe_out))
+    check = assert_link(report, "container.libcuda", "fail", "NVIDIA_DRIVER_CAPABILITIES")
+    assert check.summary.endswith("libcuda.so.1")
+
+
+def test_container_without_injection(tmp_path):
+    probe_out = ("== devices\n== driver\ncat: /proc/driver/nvidia/version: No such file or "
+                 "directory\n== ldconfig\n== nvidia-smi\nsh: 1: nvidia-smi: not found\n")
+    report = smoke(healthy_host(tmp_path), FakeDocker(probe_out=probe_out))
+    assert_link(report, "container.devices", "fail", "--gpus all")
+    assert_link(report, "container.driver", "fail", "--gpus all")
+
+
+@pytest.mark.parametrize("capture,remedy", [
+    ("jax_warning_cuda-jaxlib-not-installed.txt", 'jax[cuda12]'),
+    ("jax_warning_cuda-backend-failed_outdated-cusparse.txt", "jax-cuda12-plugin"),
+    ("jax_warning_cuda-backend-failed_unable-to-load-cuda.txt", "TF_CPP_MIN_LOG_LEVEL=0"),
+    ("jax_plugin-init-failure_cusparse_fallback-to-cpu.txt", 'jax[cuda12]'),
+])
+def test_gpu_reached_but_jax_fell_back_to_cpu(tmp_path, capture, remedy):
+    client = FakeDocker(model_out=model_report("cpu"), model_err=real(capture))
+    report = smoke(healthy_host(tmp_path), client)
+    assert_link(report, "jax.backend", "fail", remedy)
+    assert report.verdict == "cpu-fallback" and report.facts["first_failed"]["id"] == (
+        "jax.backend")
+
+
+def test_wsl2_gpu_access_blocked(tmp_path):
+    host = bare_host(tmp_path)
+    host.write("/dev/dxg")
+    host.answer("nvidia-smi", "--query-gpu", real("nvidia-smi_wsl2_gpu-access-blocked.txt"),
+                rc=255)
+    report = smoke(host)
+    assert by_id(report)["host.gpu"].status == "pass"
+    assert by_id(report)["host.kernel-module"].status == "skip"
+    assert_link(report, "host.nvml", "fail", "wsl --update")
+
+
+def test_wrong_numbers_on_the_gpu_fail_the_verdict(tmp_path):
+    client = FakeDocker(model_out=model_report("gpu", parity="fail", diff=0.3))
+    report = smoke(healthy_host(tmp_path), client)
+    assert_link(report, "model.parity", "fail", "wrong numbers")
+    assert report.verdict == "fail"
+
+
+def test_missing_image_says_how_to_build_it(tmp_path):
+    report = smoke(healthy_host(tmp_path), FakeDocker(missing_image=True))
+    assert_link(report, "image.present", "fail", "envcheck build")
+    assert by_id(report)["container.passthrough"].status == "skip"
+    assert report.verdict == "fail"
+
+
+@pytest.mark.parametrize("case", ["healthy", "bare", "requirement", "missing-image"])
+def test_json_reports_validate_against_the_schema(tmp_path, case):
+    import json
+
+    import jsonschema
+
+    from tests.conftest import REPO
+
+    schema = json.loads((REPO / "envcheck/schemas/smoke.v1.json").read_text())
+    host = bare_host(tmp_path) if case == "bare" else healthy_host(tmp_path)
+    client = FakeDocker(missing_image=case == "missing-image", gpu_error=real(
+        "docker-compose-gpu_requirement-cuda12.8_driver550.txt") if case == "requirement" else None)
+    report = smoke(host, client).to_json()
+    jsonschema.validate(json.loads(json.dumps(report)), schema)
+    broken = {**report, "verdict": "maybe"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
