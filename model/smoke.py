@@ -10,6 +10,7 @@ the container; it imports nothing from envcheck. Exit 0 when every check passes,
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import platform
 import statistics
@@ -33,13 +34,46 @@ BF16_TOLERANCE = 3e-2  # bf16 logits of the tiny model (|logit| ≲ 1) differ by
 TIMED_RUNS = 5
 
 
+CUDA_DISTRIBUTIONS = ("jaxlib", "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin",
+                      "jax-cuda13-pjrt", "nvidia-cudnn-cu12", "nvidia-cublas-cu12",
+                      "nvidia-cuda-runtime-cu12", "nvidia-nccl-cu12")
+
+
 def device_facts() -> dict:
     device = jax.devices()[0]
     return {
         "backend": jax.default_backend(), "device_kind": device.device_kind,
         "device_count": jax.device_count(), "jax": jax.__version__,
         "python": platform.python_version(), "machine": platform.machine(),
+        "packages": installed_versions(), "cuda_libraries": loaded_cuda_versions(),
     }
+
+
+def installed_versions() -> dict[str, str]:
+    """jaxlib, the CUDA plugin and the NVIDIA wheels JAX runs on (those installed)."""
+    found = {}
+    for name in CUDA_DISTRIBUTIONS:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def loaded_cuda_versions() -> dict[str, int]:
+    """The CUDA runtime / driver / cuDNN / cuBLAS versions the loaded CUDA plugin reports
+    (the same probes JAX's own version check uses); empty without a CUDA plugin."""
+    from jax._src.lib import cuda_versions
+
+    if cuda_versions is None or jax.default_backend() != "gpu":
+        return {}
+    found = {}
+    for name in ("cuda_runtime", "cuda_driver", "cudnn", "cublas", "cufft", "cusparse"):
+        try:
+            found[name] = int(getattr(cuda_versions, f"{name}_get_version")())
+        except Exception:  # noqa: BLE001 — a probe that is missing in this plugin version
+            continue
+    return found
 
 
 def timed(fn, *args) -> tuple[object, float]:

@@ -77,30 +77,37 @@ def query_nvml(probe: Probe) -> tuple[list[dict[str, str]] | None, str] | None:
 
 
 def _nvml_row(nvml, index: int) -> dict[str, str]:
+    """One GPU as nvidia-smi query fields; fields this GPU or binding lacks read [N/A]."""
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
     major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
     row = {"index": str(index), "name": nvml.nvmlDeviceGetName(handle),
            "uuid": nvml.nvmlDeviceGetUUID(handle),
            "pci.bus_id": nvml.nvmlDeviceGetPciInfo(handle).busId,
            "driver_version": nvml.nvmlSystemGetDriverVersion(), "compute_cap": f"{major}.{minor}",
-           "memory.total": f"{nvml.nvmlDeviceGetMemoryInfo(handle).total // 2**20} MiB",
-           "clocks_event_reasons.active":
-               hex(nvml.nvmlDeviceGetCurrentClocksEventReasons(handle)),
-           "pcie.link.gen.current": str(nvml.nvmlDeviceGetCurrPcieLinkGeneration(handle)),
-           "pcie.link.gen.max": str(nvml.nvmlDeviceGetMaxPcieLinkGeneration(handle)),
-           "pcie.link.width.current": str(nvml.nvmlDeviceGetCurrPcieLinkWidth(handle)),
-           "pcie.link.width.max": str(nvml.nvmlDeviceGetMaxPcieLinkWidth(handle))}
-    for key, read in (("persistence_mode", lambda: nvml.nvmlDeviceGetPersistenceMode(handle)),
-                      ("mig.mode.current", lambda: nvml.nvmlDeviceGetMigMode(handle)[0]),
-                      ("ecc.errors.uncorrected.volatile.total", lambda: nvml.
-                       nvmlDeviceGetTotalEccErrors(handle, nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
-                                                   nvml.NVML_VOLATILE_ECC))):
+           "memory.total": f"{nvml.nvmlDeviceGetMemoryInfo(handle).total // 2**20} MiB"}
+    enabled = ("Disabled", "Enabled")
+    optional = {
+        "persistence_mode": lambda: enabled[int(nvml.nvmlDeviceGetPersistenceMode(handle))],
+        "mig.mode.current": lambda: enabled[int(nvml.nvmlDeviceGetMigMode(handle)[0])],
+        "ecc.errors.uncorrected.volatile.total": lambda: str(nvml.nvmlDeviceGetTotalEccErrors(
+            handle, nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC)),
+        "remapped_rows.pending": lambda: "Yes" if nvml.nvmlDeviceGetRemappedRows(handle)[2]
+        else "No",
+        "remapped_rows.failure": lambda: "Yes" if nvml.nvmlDeviceGetRemappedRows(handle)[3]
+        else "No",
+        "clocks_event_reasons.active": lambda: hex(getattr(
+            nvml, "nvmlDeviceGetCurrentClocksEventReasons",
+            getattr(nvml, "nvmlDeviceGetCurrentClocksThrottleReasons", None))(handle)),
+        "pcie.link.gen.current": lambda: str(nvml.nvmlDeviceGetCurrPcieLinkGeneration(handle)),
+        "pcie.link.gen.max": lambda: str(nvml.nvmlDeviceGetMaxPcieLinkGeneration(handle)),
+        "pcie.link.width.current": lambda: str(nvml.nvmlDeviceGetCurrPcieLinkWidth(handle)),
+        "pcie.link.width.max": lambda: str(nvml.nvmlDeviceGetMaxPcieLinkWidth(handle)),
+    }
+    for key, read in optional.items():
         try:
-            value = read()
-            row[key] = str(value) if key.startswith("ecc") else ("Enabled" if value else
-                                                                  "Disabled")
-        except nvml.NVMLError:
-            row[key] = "[N/A]"  # not supported on this GPU (consumer boards, no MIG)
+            row[key] = read()
+        except (nvml.NVMLError, AttributeError, TypeError, IndexError):
+            row[key] = "[N/A]"  # not supported on this GPU (consumer boards, no MIG, old binding)
     return row
 
 
