@@ -62,6 +62,103 @@ def gpu_smoke_command(image: str, no_container: bool, as_json: bool, require_gpu
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
 
 
+@cli.group("fleet")
+def fleet_group() -> None:
+    """gpu-smoke on every node of a cluster, through the cluster's own scheduler."""
+
+
+def _emit_fleet(rows, engine: str, seconds: float, as_json: bool, show_all: bool,
+                require_gpu: bool) -> None:
+    from envcheck.fleet.aggregate import render, summarize
+
+    fleet = summarize(rows, engine, require_gpu=require_gpu, seconds=round(seconds, 3))
+    if as_json:
+        click.echo(json.dumps(fleet, indent=2))
+    else:
+        click.echo("\n".join(render(fleet, show_all)))
+    sys.exit(EXIT_OK if fleet["ok"] else EXIT_FAILED)
+
+
+@fleet_group.command("slurm")
+@click.option("--partition", help="Only this partition.")
+@click.option("--nodes", help="Only these nodes (a Slurm node list, e.g. n[1-8]).")
+@click.option("--gres", help="GRES per node for the step, e.g. gpu:1 (sets CUDA_VISIBLE_DEVICES).")
+@click.option("--image", help="The image gpu-smoke runs on each node (default: its own default).")
+@click.option("--timeout-s", type=click.FloatRange(min=1), default=600, show_default=True,
+              help="Limit for each node's model test (the step gets a minute more).")
+@click.option("--require-gpu", is_flag=True, help="Exit 1 unless every node's verdict is gpu.")
+@click.option("--all", "show_all", is_flag=True, help="List every node, however many.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON report (envcheck.fleet/v1).")
+def fleet_slurm_command(partition, nodes, gres, image, timeout_s, require_gpu, show_all,
+                        as_json) -> None:
+    """Run `envcheck gpu-smoke --json` on every node (one srun task per node) and print one
+    table: node, verdict, GPUs, driver, model time, first failed check; then the groups of
+    nodes that fail the same way.
+
+    \b
+    Example:
+        envcheck fleet slurm --partition gpu --gres gpu:1
+    """
+    from envcheck.fleet import slurm
+
+    try:
+        with _spinner("running gpu-smoke on every node through srun"):
+            rows, seconds = slurm.timed_fleet(partition=partition, nodes=nodes, gres=gres,
+                                              image=image, timeout_s=timeout_s)
+    except slurm.SlurmError as error:
+        _fail(str(error), EXIT_USAGE)
+    _emit_fleet(rows, "slurm", seconds, as_json, show_all, require_gpu)
+
+
+@fleet_group.group("k8s")
+def fleet_k8s_group() -> None:
+    """Kubernetes: render the smoke DaemonSet/Job, collect the reports from the pods."""
+
+
+@fleet_k8s_group.command("render")
+@click.option("--kind", type=click.Choice(["daemonset", "job"]), default="daemonset",
+              show_default=True)
+@click.option("--image", default="envcheck-dev:latest", show_default=True)
+@click.option("--namespace", default="envcheck", show_default=True)
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Job completions/parallelism: the number of GPU nodes.")
+@click.option("--runtime-class", help="runtimeClassName, where the cluster uses one (nvidia).")
+def fleet_k8s_render_command(kind, image, namespace, nodes, runtime_class) -> None:
+    """Print the manifests (Namespace + DaemonSet or Job) for `kubectl apply -f -`.
+
+    \b
+    Example:
+        envcheck fleet k8s render --image registry.example/envcheck:1 | kubectl apply -f -
+    """
+    from envcheck.fleet.k8s import render
+
+    click.echo(render(kind, image, namespace, nodes, runtime_class), nl=False)
+
+
+@fleet_k8s_group.command("collect")
+@click.option("--namespace", default="envcheck", show_default=True)
+@click.option("--require-gpu", is_flag=True, help="Exit 1 unless every node's verdict is gpu.")
+@click.option("--all", "show_all", is_flag=True, help="List every node, however many.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON report (envcheck.fleet/v1).")
+def fleet_k8s_collect_command(namespace, require_gpu, show_all, as_json) -> None:
+    """Read the smoke pods' logs (kubernetes client) and print the fleet table.
+
+    \b
+    Example:
+        envcheck fleet k8s collect --namespace envcheck
+    """
+    import time
+
+    from envcheck.fleet import k8s
+
+    start_s = time.perf_counter()
+    try:
+        rows = k8s.collect(k8s.core_api(), namespace)
+    except k8s.KubernetesError as error:
+        _fail(str(error), EXIT_USAGE)
+    _emit_fleet(rows, "kubernetes", time.perf_counter() - start_s, as_json, show_all, require_gpu)
+
+
 @cli.command("inspect-image")
 @click.argument("ref")
 @click.option("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-arch index.")

@@ -14,6 +14,8 @@ link is named) or `fail` (the model test failed, or the container path itself is
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -58,8 +60,8 @@ def gpu_smoke(*, image: str = DEFAULT_TAG, no_container: bool = False,
     stage("toolkit", "NVIDIA Container Toolkit")
     toolkit_checks, toolkit_facts = probe_toolkit(probe, driver.driver, daemon.is_rootless(info))
     checks += toolkit_checks
-    facts: dict[str, Any] = {"mode": "none", "host": {**vars(driver), **nvml_facts},
-                             "toolkit": toolkit_facts}
+    facts: dict[str, Any] = {"node": node_facts(), "mode": "none",
+                             "host": {**vars(driver), **nvml_facts}, "toolkit": toolkit_facts}
     if client is None:
         checks += [reach] + skipped(("docker.runtime", "docker.cdi", "docker.engine",
                                      *CONTAINER_IDS), reach)
@@ -107,6 +109,13 @@ def container_chain(client, image: str, driver: str | None, checks: list[Check],
         passthrough.CPU_ENV, user=config["user"], timeout_s=timeout_s)
     facts["container_seconds"] = round(model.seconds, 3)
     return model.as_run_result(), "container-gpu" if gpu else "container-cpu"
+
+
+def node_facts() -> dict[str, str | None]:
+    """Which machine this is (Slurm's node name when run as a Slurm task) and the GPUs a
+    scheduler gave it."""
+    return {"name": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
 def host_model_run(timeout_s: float) -> RunResult:

@@ -1,0 +1,162 @@
+"""Per-node gpu-smoke reports -> one fleet report (`envcheck.fleet/v1`): a row per node (nodes
+that never answered included, with why), totals, and the groups of nodes that fail the same way.
+Engine-neutral: Slurm and Kubernetes collectors both produce `NodeResult`s.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import re
+from typing import Any
+
+OK_VERDICTS = ("gpu", "cpu-fallback")
+# status of a node row: "reported" (a gpu-smoke report came back) or why none did
+NO_REPORT_STATUSES = ("no-report", "drained", "down", "timeout", "pending")
+NODE_NAME_RE = re.compile(r"^(.*?)(\d+)$")
+ROWS_BY_DEFAULT = 50
+
+
+@dataclasses.dataclass
+class NodeResult:
+    node: str
+    status: str
+    verdict: str | None = None
+    gpus: int | None = None
+    driver: str | None = None
+    first_failed: str | None = None
+    summary: str = ""
+    fix: str | None = None
+    model_s: float | None = None
+    cuda_visible_devices: str | None = None
+    detail: str = ""
+
+    def key(self) -> tuple[str, str, str]:
+        """What 'fails the same way' means: same status, verdict and first broken link (or,
+        for nodes without a report, the same reason)."""
+        if self.status != "reported":
+            return self.status, "", self.detail.split(":")[0][:80]
+        return self.status, self.verdict or "", self.first_failed or ""
+
+
+def from_report(node: str, report: dict[str, Any]) -> NodeResult:
+    """A node row from one `envcheck.smoke/v1` report."""
+    checks = {c["id"]: c for c in report.get("checks", [])}
+    first = report.get("first_failed") or {}
+    device = report.get("device") or {}
+    gpus = len((report.get("host") or {}).get("gpus") or [])
+    if device.get("backend") == "gpu":
+        gpus = max(gpus, int(device.get("device_count") or 0))
+    return NodeResult(
+        node=node, status="reported", verdict=report.get("verdict"), gpus=gpus,
+        driver=(report.get("host") or {}).get("driver"), first_failed=first.get("id"),
+        summary=first.get("summary", ""), fix=(checks.get(first.get("id")) or {}).get("fix"),
+        model_s=(report.get("timings_s") or {}).get("model"),
+        cuda_visible_devices=(report.get("node") or {}).get("cuda_visible_devices"))
+
+
+def parse_report(text: str) -> dict[str, Any] | None:
+    """The last line of `text` that is an envcheck.smoke/v1 JSON object (logs may precede it);
+    a multi-line (indented) document is accepted too."""
+    candidates = [text[text.find("{"):]] if text.lstrip().startswith("{") else []
+    candidates += [line for line in reversed(text.splitlines()) if line.startswith("{")]
+    for candidate in candidates:
+        try:
+            report = json.loads(candidate)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(report, dict) and report.get("schema") == "envcheck.smoke/v1":
+            return report
+    return None
+
+
+def hostlist(names: list[str]) -> str:
+    """n1,n2,n3,n7,gpu-a -> n[1-3,7],gpu-a (Slurm's compressed form, for summaries)."""
+    by_prefix: dict[str, list[int]] = collections.defaultdict(list)
+    plain = []
+    for name in names:
+        match = NODE_NAME_RE.match(name)
+        if match and not match.group(2).startswith("0"):
+            by_prefix[match.group(1)].append(int(match.group(2)))
+        else:
+            plain.append(name)
+    parts = []
+    for prefix, numbers in sorted(by_prefix.items()):
+        ranges, numbers = [], sorted(set(numbers))
+        start = prev = numbers[0]
+        for n in numbers[1:] + [None]:
+            if n is not None and n == prev + 1:
+                prev = n
+                continue
+            ranges.append(str(start) if start == prev else f"{start}-{prev}")
+            if n is not None:
+                start = prev = n
+        parts.append(f"{prefix}{ranges[0]}" if len(numbers) == 1 else
+                     f"{prefix}[{','.join(ranges)}]")
+    return ",".join(parts + sorted(plain))
+
+
+def summarize(nodes: list[NodeResult], engine: str, require_gpu: bool = False,
+              seconds: float | None = None) -> dict[str, Any]:
+    """The fleet report: rows (sorted by node), totals, failure groups (largest first)."""
+    rows = sorted(nodes, key=_natural)
+    totals = collections.Counter(n.verdict if n.status == "reported" else n.status for n in rows)
+    groups = collections.defaultdict(list)
+    for node in rows:
+        groups[node.key()].append(node)
+    ordered = sorted(groups.values(), key=lambda members: (-len(members), members[0].node))
+    good = OK_VERDICTS[:1] if require_gpu else OK_VERDICTS
+    ok = bool(rows) and all(n.status == "reported" and n.verdict in good for n in rows)
+    return {
+        "schema": "envcheck.fleet/v1", "engine": engine, "ok": ok, "node_count": len(rows),
+        "totals": dict(sorted(totals.items())), "seconds": seconds,
+        "groups": [_group(members) for members in ordered],
+        "nodes": [dataclasses.asdict(n) for n in rows],
+    }
+
+
+def _group(members: list[NodeResult]) -> dict[str, Any]:
+    first = members[0]
+    return {"nodes": hostlist([m.node for m in members]), "count": len(members),
+            "status": first.status, "verdict": first.verdict,
+            "first_failed": first.first_failed, "summary": first.summary or first.detail,
+            "fix": first.fix}
+
+
+def _natural(node: NodeResult):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", node.node)]
+
+
+def render(fleet: dict[str, Any], show_all: bool = False) -> list[str]:
+    """Text lines: the node table (every node up to 50, or with --all), totals, groups."""
+    lines = []
+    nodes = fleet["nodes"]
+    if show_all or len(nodes) <= ROWS_BY_DEFAULT:
+        lines.append(f"{'NODE':<16} {'RESULT':<13} {'GPUS':>4} {'CVD':<5} {'DRIVER':<11} "
+                     f"{'MODEL S':>7}  FIRST FAILED CHECK")
+        for n in nodes:
+            result = n["verdict"] if n["status"] == "reported" else n["status"]
+            model = f"{n['model_s']:.1f}" if n["model_s"] is not None else "-"
+            failed = n["first_failed"] or (n["detail"][:60] if n["status"] != "reported" else "")
+            lines.append(f"{n['node']:<16} {result:<13} {_dash(n['gpus']):>4} "
+                         f"{_dash(n['cuda_visible_devices']):<5} {_dash(n['driver']):<11} "
+                         f"{model:>7}  {failed}")
+    else:
+        lines.append(f"({len(nodes)} nodes: the table is left out; --all prints every node)")
+    totals = ", ".join(f"{count} {name}" for name, count in fleet["totals"].items())
+    took = f" in {fleet['seconds']:.1f} s" if fleet.get("seconds") is not None else ""
+    lines.append(f"{fleet['node_count']} nodes{took}: {totals}")
+    for group in fleet["groups"]:
+        what = group["verdict"] or group["status"]
+        link = f" — first failed {group['first_failed']}" if group["first_failed"] else ""
+        lines.append(f"  {group['count']:>4} × {what}{link}: {group['nodes']}")
+        if group["summary"]:
+            lines.append(f"         {group['summary'][:160]}")
+        if group["fix"]:
+            lines.append(f"         fix: {group['fix'][:160]}")
+    return lines
+
+
+def _dash(value) -> str:
+    return "-" if value is None else str(value)

@@ -1,0 +1,143 @@
+"""`envcheck fleet slurm`: gpu-smoke on every node through Slurm itself — `sinfo` for the nodes
+and their states, one `srun --ntasks-per-node=1` step over the available ones (each task runs
+`envcheck gpu-smoke --json`: in the container where the node has Docker, on the host otherwise),
+one output file per node (`%n`), then the aggregation. Drained or down nodes, nodes whose task
+never reported and a step that timed out are rows with that status, never silence.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from envcheck import runner as runner_module
+from envcheck.fleet.aggregate import NodeResult, from_report, parse_report
+from envcheck.runner import RC_TIMEOUT, Runner
+
+UNAVAILABLE = {"drain": "drained", "drng": "drained", "drained": "drained", "down": "down",
+               "fail": "down", "failg": "down", "maint": "down", "unk": "down", "no_respond":
+               "down", "futr": "down", "boot": "down", "powered_down": "down"}
+TASK_ERROR_RE = re.compile(r"(?:error: (\S+): task \d+: (.+)|failed on node (\S+): (.+))$",
+                           re.MULTILINE)
+STEP_SLACK_S = 60.0
+
+
+class SlurmError(Exception):
+    """Slurm itself is not usable (no sinfo, no controller, no such partition/node)."""
+
+
+def list_nodes(partition: str | None, nodes: str | None, run: Runner) -> list[tuple[str, str, str]]:
+    """(name, state, reason) per node, in Slurm's node order."""
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not Path(conf).is_file():  # sinfo would retry for a minute
+        raise SlurmError(f"SLURM_CONF={conf} does not exist: point it at the cluster's "
+                         "slurm.conf (or unset it to use the default)")
+    argv = ["sinfo", "-h", "-N", "-o", "%N|%t|%E"]
+    argv += ["-p", partition] if partition else []
+    argv += ["-n", nodes] if nodes else []
+    result = run(argv, 30.0)
+    if result.rc != 0:
+        text = (result.err or result.out).strip().splitlines()
+        raise SlurmError(f"sinfo failed: {text[-1] if text else f'exit code {result.rc}'}: "
+                         "is slurmctld up and SLURM_CONF set?")
+    seen, found = set(), []
+    for line in result.out.splitlines():
+        name, state, reason = (line.split("|") + ["", ""])[:3]
+        if name and name not in seen:  # a node in two partitions is listed twice
+            seen.add(name)
+            found.append((name, state.strip(), reason.strip()))
+    if not found:
+        raise SlurmError(f"no nodes match (partition {partition or 'any'}, nodes "
+                         f"{nodes or 'all'}): check with `sinfo -N`")
+    return found
+
+
+def availability(state: str) -> str | None:
+    """None when srun can start a task there, else the row status (drained / down)."""
+    base = state.rstrip("*~#!%$@^-").lower()
+    if state.endswith("*"):  # not responding
+        return "down"
+    return UNAVAILABLE.get(base)
+
+
+def smoke_argv(envcheck: list[str], image: str | None, timeout_s: float) -> list[str]:
+    argv = [*envcheck, "gpu-smoke", "--json", "--timeout-s", f"{timeout_s:g}"]
+    return argv + (["--image", image] if image else [])
+
+
+def run_fleet(*, partition: str | None = None, nodes: str | None = None,
+              gres: str | None = None, image: str | None = None, timeout_s: float = 600.0,
+              envcheck: list[str] | None = None, run: Runner | None = None) -> list[NodeResult]:
+    run = run or runner_module.run
+    envcheck = envcheck or [sys.executable, "-m", "envcheck"]
+    listed = list_nodes(partition, nodes, run)
+    results = [NodeResult(name, availability(state), detail=f"{state}: {reason}")
+               for name, state, reason in listed if availability(state)]
+    ready = [name for name, state, _ in listed if not availability(state)]
+    if ready:
+        results += run_step(ready, partition, gres, smoke_argv(envcheck, image, timeout_s),
+                            timeout_s + STEP_SLACK_S, run)
+    return results
+
+
+def run_step(ready: list[str], partition: str | None, gres: str | None, smoke: list[str],
+             limit_s: float, run: Runner) -> list[NodeResult]:
+    with tempfile.TemporaryDirectory(prefix="envcheck-fleet-") as folder:
+        out = Path(folder)
+        argv = ["srun", f"--nodes={len(ready)}", "--ntasks-per-node=1",
+                f"--nodelist={','.join(ready)}", "--kill-on-bad-exit=0", "--immediate=30",
+                f"--time={int(limit_s // 60) + 1}", "--job-name=envcheck-fleet",
+                f"--output={out}/node-%n.out", f"--error={out}/node-%n.err"]
+        argv += [f"--partition={partition}"] if partition else []
+        argv += [f"--gres={gres}"] if gres else []
+        step = run(argv + smoke, limit_s)
+        by_index = {i: _read(out / f"node-{i}.out") for i in range(len(ready))}
+        errors = {i: _read(out / f"node-{i}.err") for i in range(len(ready))}
+    return collect_step(ready, by_index, errors, step.rc, step.err)
+
+
+def collect_step(ready: list[str], outputs: dict[int, str], errors: dict[int, str], rc: int,
+                 srun_err: str) -> list[NodeResult]:
+    """Rows from the per-node files: a report names its node; a node without one gets the
+    reason srun or its own stderr gave."""
+    reports = {}
+    for index, text in outputs.items():
+        report = parse_report(text)
+        if report is not None:
+            name = (report.get("node") or {}).get("name") or ready[index]
+            reports[name if name in ready else ready[index]] = report
+    task_errors = {m.group(1) or m.group(3): (m.group(2) or m.group(4)).strip()
+                   for m in TASK_ERROR_RE.finditer(srun_err)}
+    step_failed = _last_line(srun_err) if rc != 0 else ""
+    rows = []
+    for index, name in enumerate(ready):
+        if name in reports:
+            rows.append(from_report(name, reports[name]))
+            continue
+        why = (task_errors.get(name) or _last_line(errors.get(index, "")) or step_failed
+               or "the task printed no gpu-smoke report")
+        status = "timeout" if rc == RC_TIMEOUT or "time limit" in why.lower() else "no-report"
+        rows.append(NodeResult(name, status, detail=why))
+    return rows
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def timed_fleet(**options) -> tuple[list[NodeResult], float]:
+    start_s = time.perf_counter()
+    rows = run_fleet(**options)
+    return rows, time.perf_counter() - start_s

@@ -1,0 +1,96 @@
+"""`envcheck fleet slurm` on a real one-machine Slurm cluster (Debian's slurmctld + 3 slurmd
+nodes n1-n3 with 2 fake GPUs each as GRES, a private munged; scripts/fake_slurm_cluster.sh),
+stopped by pid at the end: one row per node, a drained node and a node whose slurmd died."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jsonschema
+import pytest
+
+from tests.conftest import REPO
+from tests.integration.conftest import require_binary
+
+SCRIPT = REPO / "scripts/fake_slurm_cluster.sh"
+SCHEMA = json.loads((REPO / "envcheck/schemas/fleet.v1.json").read_text())
+BASE_PORT = 17300
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    for binary in ("slurmctld", "slurmd", "srun", "munged"):
+        require_binary(binary)
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster needs root (slurmd launches jobs)")
+    folder = tmp_path_factory.mktemp("slurm")
+    done = subprocess.run([str(SCRIPT), "up", str(folder), "3", "2", str(BASE_PORT)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    env = {**os.environ, "SLURM_CONF": str(folder / "etc/slurm.conf")}
+    env.pop("DOCKER_HOST", None)  # the nodes have no Docker: gpu-smoke runs on the host
+    try:
+        assert done.returncode == 0, done.stderr
+        yield folder, env
+    finally:
+        subprocess.run([str(SCRIPT), "down", str(folder)], timeout=60, check=False)
+
+
+def fleet(env: dict, *args: str) -> tuple[int, dict, float]:
+    start_s = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "envcheck", "fleet", "slurm", "--json", *args],
+                          capture_output=True, text=True, timeout=900, check=False, env=env)
+    seconds = time.perf_counter() - start_s
+    assert "Traceback" not in done.stderr, done.stderr
+    report = json.loads(done.stdout)
+    jsonschema.validate(report, SCHEMA)
+    return done.returncode, report, seconds
+
+
+def scontrol(env: dict, *args: str) -> None:
+    subprocess.run(["scontrol", *args], env=env, check=True, timeout=30)
+
+
+def test_one_row_per_node_with_gres(cluster):
+    _, env = cluster
+    rc, report, seconds = fleet(env, "--gres", "gpu:1")
+    print(f"fleet slurm on 3 nodes: {seconds:.1f} s from command to table")
+    assert rc == 0 and report["ok"] and report["node_count"] == 3
+    nodes = {n["node"]: n for n in report["nodes"]}
+    assert sorted(nodes) == ["n1", "n2", "n3"]
+    for row in nodes.values():
+        assert row["status"] == "reported" and row["verdict"] == "cpu-fallback"
+        assert row["cuda_visible_devices"] == "0"  # Slurm's GRES allocation reached the task
+        assert row["first_failed"] == "host.gpu" and row["model_s"] > 0
+    assert report["groups"][0] == {**report["groups"][0], "nodes": "n[1-3]", "count": 3}
+
+
+def test_a_drained_node_is_a_row(cluster):
+    _, env = cluster
+    scontrol(env, "update", "nodename=n3", "state=drain", "reason=envcheck test")
+    try:
+        rc, report, _ = fleet(env, "--timeout-s", "300")
+    finally:
+        scontrol(env, "update", "nodename=n3", "state=resume")
+    nodes = {n["node"]: n for n in report["nodes"]}
+    assert rc == 1 and not report["ok"]
+    assert nodes["n3"]["status"] == "drained" and "envcheck test" in nodes["n3"]["detail"]
+    assert nodes["n1"]["verdict"] == nodes["n2"]["verdict"] == "cpu-fallback"
+    assert report["totals"] == {"cpu-fallback": 2, "drained": 1}
+
+
+def test_a_node_whose_slurmd_died_never_answers(cluster):
+    folder, env = cluster
+    pid = int((folder / "run/slurmd-n2.pid").read_text())
+    os.kill(pid, 15)
+    try:
+        rc, report, _ = fleet(env, "--nodes", "n1,n2", "--timeout-s", "300")
+    finally:
+        subprocess.run(["slurmd", "-N", "n2"], env=env, check=True, timeout=30)
+    nodes = {n["node"]: n for n in report["nodes"]}
+    assert rc == 1 and nodes["n2"]["status"] == "no-report"
+    assert "Communication connection failure" in nodes["n2"]["detail"]
+    assert report["node_count"] == 2

@@ -1,0 +1,210 @@
+"""Fleet aggregation, srun output collection and the Kubernetes side, without a cluster: real
+gpu-smoke reports, srun stderr recorded on the local Slurm 22.05 cluster, a PodList payload
+through the kubernetes client's own deserializer, and manifests validated against the
+Kubernetes schema offline."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import jsonschema
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from envcheck.cli import cli
+from envcheck.fleet import k8s
+from envcheck.fleet.aggregate import NodeResult, from_report, hostlist, render, summarize
+from envcheck.fleet.slurm import availability, collect_step
+from envcheck.smoke import gpu_smoke
+from tests.conftest import REPO
+from tests.gpu_host import FakeDocker, connect_to, healthy_host
+
+FIXTURES = REPO / "tests/fixtures/fleet"
+SCHEMA = json.loads((REPO / "envcheck/schemas/fleet.v1.json").read_text())
+
+
+@pytest.fixture
+def cpu_report() -> dict:
+    return json.loads((FIXTURES / "smoke_cpu-fallback_container.json").read_text())
+
+
+@pytest.fixture
+def gpu_report(tmp_path) -> dict:
+    host = healthy_host(tmp_path)
+    return gpu_smoke(probe=host.probe, connect=connect_to(FakeDocker())).to_json()
+
+
+def test_a_node_row_from_a_real_report(cpu_report):
+    row = from_report("n1", cpu_report)
+    assert (row.status, row.verdict, row.gpus, row.driver) == ("reported", "cpu-fallback", 0,
+                                                               None)
+    assert row.first_failed == "host.gpu" and "NVIDIA GPU" in row.fix
+    assert row.model_s == cpu_report["timings_s"]["model"]
+
+
+def test_a_gpu_node_row(gpu_report):
+    row = from_report("gpu-node-1", gpu_report)
+    assert (row.verdict, row.gpus, row.driver, row.first_failed) == ("gpu", 1, "590.48.01", None)
+
+
+@pytest.mark.parametrize("names,expected", [
+    (["n1", "n2", "n3"], "n[1-3]"),
+    (["n3", "n1", "n7", "n8", "gpu-a"], "n[1,3,7-8],gpu-a"),
+    (["n5"], "n5"),
+    (["node01", "node02"], "node01,node02"),  # zero-padded names are left as they are
+])
+def test_hostlist(names, expected):
+    assert hostlist(names) == expected
+
+
+@pytest.mark.parametrize("state,status", [
+    ("idle", None), ("mix", None), ("alloc", None), ("drain", "drained"), ("drng", "drained"),
+    ("down*", "down"), ("idle*", "down"), ("fail", "down"),
+])
+def test_slurm_states(state, status):
+    assert availability(state) == status
+
+
+def test_collect_step_maps_files_and_srun_errors(cpu_report):
+    srun_err = (FIXTURES / "srun-stderr_slurmd-killed-on-n2_22.05.txt").read_text()
+    outputs = {0: "noise\n" + json.dumps(cpu_report), 1: "", 2: ""}
+    rows = collect_step(["n1", "n2", "n3"], outputs, {2: "slurmstepd: error: *** STEP 6.0 "
+                                                         "CANCELLED ***"}, 233, srun_err)
+    by_node = {r.node: r for r in rows}
+    assert by_node["n1"].verdict == "cpu-fallback"  # the report's own node name is "vm"
+    assert by_node["n2"].status == "no-report"
+    assert by_node["n2"].detail == "Communication connection failure"
+    assert "CANCELLED" in by_node["n3"].detail
+
+
+def test_collect_step_task_exit(cpu_report):
+    srun_err = (FIXTURES / "srun-stderr_task-exit-3-on-n2_22.05.txt").read_text()
+    rows = collect_step(["n1", "n2"], {0: json.dumps(cpu_report), 1: "Traceback ..."}, {}, 3,
+                        srun_err)
+    assert rows[1].status == "no-report" and rows[1].detail == "Exited with exit code 3"
+
+
+def synthetic_fleet(cpu_report, gpu_report, count: int) -> list[NodeResult]:
+    rows = []
+    for i in range(count):
+        if i % 10 == 3:
+            rows.append(NodeResult(f"n{i}", "drained", detail="drain: ECC errors"))
+            continue
+        report = copy.deepcopy(gpu_report if i % 10 < 7 else cpu_report)
+        rows.append(from_report(f"n{i}", report))
+    return rows
+
+
+def test_thousand_nodes_are_grouped_not_listed(cpu_report, gpu_report):
+    fleet = summarize(synthetic_fleet(cpu_report, gpu_report, 1000), "slurm", seconds=1.0)
+    jsonschema.validate(fleet, SCHEMA)
+    assert fleet["node_count"] == 1000 and not fleet["ok"]
+    assert fleet["totals"] == {"cpu-fallback": 300, "drained": 100, "gpu": 600}
+    assert [g["count"] for g in fleet["groups"]] == [600, 300, 100]
+    lines = render(fleet)
+    assert len(lines) < 15 and "--all prints every node" in lines[0]
+    assert "300 × cpu-fallback — first failed host.gpu" in "\n".join(lines)
+    assert len(render(fleet, show_all=True)) > 1000
+
+
+def test_every_node_gpu_is_ok_and_require_gpu_is_strict(cpu_report, gpu_report):
+    rows = [from_report("n1", gpu_report), from_report("n2", cpu_report)]
+    assert summarize(rows, "slurm")["ok"] is True
+    assert summarize(rows, "slurm", require_gpu=True)["ok"] is False
+
+
+def test_manifests_validate_against_the_kubernetes_schema():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    for kind in ("daemonset", "job"):
+        text = k8s.render(kind, "registry.example/envcheck:1", "gpu-checks", nodes=4,
+                          runtime_class="nvidia")
+        docs = list(yaml.safe_load_all(text))
+        for doc in docs:
+            kubernetes_validate.validate(doc, "1.32.0", strict=True)
+        workload = docs[1]
+        pod = workload["spec"]["template"]["spec"]
+        assert workload["metadata"]["namespace"] == "gpu-checks"
+        assert pod["runtimeClassName"] == "nvidia"
+        container = pod["containers"][0]
+        assert container["image"] == "registry.example/envcheck:1"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert "--json" in " ".join(container["command"])
+        if kind == "job":
+            assert workload["spec"]["completions"] == workload["spec"]["parallelism"] == 4
+
+
+def test_a_broken_manifest_is_caught():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    doc = list(yaml.safe_load_all(k8s.render("job", "x", "ns")))[1]
+    doc["spec"]["completions"] = "three"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(doc, "1.32.0", strict=True)
+
+
+class RecordedCoreV1:
+    """CoreV1Api's two calls answered from recorded payloads, deserialized by the real client."""
+
+    def __init__(self, logs: dict[str, str]):
+        from kubernetes.client import ApiClient
+
+        self.client = ApiClient()
+        self.logs = logs
+
+    def _deserialize(self, payload: dict, kind: str):
+        return self.client.deserialize(json.dumps(payload), kind, "application/json")
+
+    def list_namespaced_pod(self, namespace, label_selector):
+        assert label_selector == k8s.SELECTOR
+        return self._deserialize(json.loads((FIXTURES / "k8s-pods.json").read_text()),
+                                 "V1PodList")
+
+    def list_node(self, label_selector):
+        names = ["gpu-node-1", "gpu-node-2", "gpu-node-3", "gpu-node-4", "gpu-node-5"]
+        return self._deserialize({"kind": "NodeList", "apiVersion": "v1", "metadata": {},
+                                  "items": [{"metadata": {"name": n}} for n in names]},
+                                 "V1NodeList")
+
+    def read_namespaced_pod_log(self, name, namespace, container):
+        assert container == k8s.CONTAINER
+        return self.logs[name]
+
+
+def test_k8s_collect_builds_the_same_table(cpu_report, gpu_report):
+    pytest.importorskip("kubernetes")
+    logs = {"envcheck-gpu-smoke-7xk2p": json.dumps(gpu_report, indent=2),
+            "envcheck-gpu-smoke-m4q9z": "WARNING: jax noise\n" + json.dumps(cpu_report),
+            "envcheck-gpu-smoke-zt5wd": (FIXTURES / "k8s-log_envcheck-gpu-smoke-zt5wd.txt")
+            .read_text()}
+    rows = {r.node: r for r in k8s.collect(RecordedCoreV1(logs), "envcheck")}
+    assert rows["gpu-node-1"].verdict == "gpu" and rows["gpu-node-1"].gpus == 1
+    assert rows["gpu-node-2"].verdict == "cpu-fallback"
+    pending = rows["(unscheduled) envcheck-gpu-smoke-qq8rt"]
+    assert pending.status == "pending" and "Insufficient nvidia.com/gpu" in pending.detail
+    assert rows["gpu-node-4"].status == "no-report"
+    assert rows["gpu-node-4"].detail.startswith("CrashLoopBackOff")
+    assert rows["gpu-node-3"].detail.startswith("no envcheck pod")
+    fleet = summarize(list(rows.values()), "kubernetes")
+    jsonschema.validate(fleet, SCHEMA)
+    assert fleet["totals"] == {"cpu-fallback": 1, "gpu": 1, "no-report": 3, "pending": 1}
+
+
+def test_k8s_collect_without_a_cluster_is_one_line(monkeypatch, tmp_path):
+    pytest.importorskip("kubernetes")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    outcome = CliRunner().invoke(cli, ["fleet", "k8s", "collect"])
+    assert outcome.exit_code == 2 and outcome.output.startswith("Error: no Kubernetes config")
+    assert len(outcome.output.strip().splitlines()) == 1
+
+
+def test_slurm_without_a_controller_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "absent.conf"))
+    outcome = CliRunner().invoke(cli, ["fleet", "slurm"])
+    assert outcome.exit_code == 2
+    assert outcome.output == f"Error: SLURM_CONF={tmp_path}/absent.conf does not exist: point it " \
+        "at the cluster's slurm.conf (or unset it to use the default)\n"
