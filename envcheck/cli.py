@@ -64,7 +64,13 @@ def gpu_smoke_command(image: str, no_container: bool, as_json: bool, require_gpu
 
 @cli.group("fleet")
 def fleet_group() -> None:
-    """gpu-smoke on every node of a cluster, through the cluster's own scheduler."""
+    """gpu-smoke on every node of a cluster, through the cluster's own scheduler.
+
+    \b
+    Example:
+        envcheck fleet slurm --partition gpu --gres gpu:1
+        envcheck fleet k8s render | kubectl apply -f -
+    """
 
 
 def _emit_fleet(rows, engine: str, seconds: float, as_json: bool, show_all: bool,
@@ -112,7 +118,12 @@ def fleet_slurm_command(partition, nodes, gres, image, timeout_s, require_gpu, s
 
 @fleet_group.group("k8s")
 def fleet_k8s_group() -> None:
-    """Kubernetes: render the smoke DaemonSet/Job, collect the reports from the pods."""
+    """Kubernetes: render the smoke DaemonSet/Job, collect the reports from the pods.
+
+    \b
+    Example:
+        envcheck fleet k8s collect --namespace envcheck
+    """
 
 
 @fleet_k8s_group.command("render")

@@ -57,8 +57,8 @@ def cluster_times(folder: Path) -> tuple[float, float]:
     peer = ["srun", "-N3", "--ntasks-per-node=1", sys.executable, "-m", "envcheck", "gpu-smoke",
             "--json"]
     try:  # alternate and keep the best of each: three model tests share two cores, so noisy
-        fleet_s, peer_s = zip(*[(timed(fleet, env), timed(peer, env)) for _ in range(RUNS)])
-        return min(fleet_s), min(peer_s)
+        runs = [(timed(fleet, env), timed(peer, env)) for _ in range(RUNS)]
+        return min(f for f, _ in runs), min(p for _, p in runs)
     finally:
         subprocess.run([str(script), "down", str(folder)], timeout=60, check=False)
 
