@@ -9,7 +9,6 @@ recorded `nvidia-smi --query-gpu=... --format=csv` outputs of real GPUs drive th
 from __future__ import annotations
 
 import csv
-import io
 import re
 from pathlib import Path
 
@@ -34,7 +33,10 @@ CUDA_VERSION_RE = re.compile(r"CUDA Version\s*:\s*(\d+\.\d+)")
 
 def parse_query_csv(text: str) -> list[dict[str, str]]:
     """`--format=csv` output -> one dict per GPU; units dropped from header names."""
-    rows = list(csv.reader(io.StringIO(text.strip()), skipinitialspace=True))
+    try:
+        rows = list(csv.reader(text.strip().splitlines(), skipinitialspace=True))
+    except csv.Error:  # a NUL byte or a broken quote: not nvidia-smi's CSV
+        return []
     if len(rows) < 2:
         return []
     header = [re.sub(r"\s*\[.*\]$", "", name.strip()) for name in rows[0]]
@@ -121,8 +123,8 @@ def probe_nvml(probe: Probe, driver: DriverFacts) -> tuple[list[Check], dict]:
     via_nvml = query_nvml(probe)
     rows, error = via_nvml if via_nvml is not None else query_nvidia_smi(probe)
     facts["nvml_via"] = "nvidia-ml-py" if via_nvml is not None else "nvidia-smi"
-    if rows is None:
-        return failed_nvml_checks(error, driver), facts
+    if not rows:  # None: an error; []: an answer that lists no GPU
+        return failed_nvml_checks(error or "NVML listed no GPU", driver), facts
     facts["gpus"] = [gpu_facts(row) for row in rows]
     version = probe.command(["nvidia-smi", "--version"])
     cuda = CUDA_VERSION_RE.search(version.out) if version.rc == 0 else None

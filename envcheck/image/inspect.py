@@ -49,11 +49,16 @@ def host_arch() -> str:
 def choose_platform(index: dict, wanted: str, description: str) -> dict:
     """The index entry for `wanted` (os/arch[/variant]), skipping attestation manifests."""
     candidates = []
-    for entry in index.get("manifests") or []:
+    entries = index.get("manifests")
+    if not isinstance(entries, list):
+        raise SourceError(f"{description}: malformed index (no manifests list)")
+    for entry in entries:
         if not isinstance(entry, dict):
             continue
         plat = entry.get("platform") if isinstance(entry.get("platform"), dict) else {}
-        kind = (entry.get("annotations") or {}).get("vnd.docker.reference.type")
+        annotations = entry.get("annotations")
+        kind = annotations.get("vnd.docker.reference.type") if isinstance(annotations,
+                                                                           dict) else None
         if kind == ATTESTATION or plat.get("os") == "unknown":
             continue
         name = "/".join(str(p) for p in (plat.get("os"), plat.get("architecture"),
@@ -86,6 +91,35 @@ def check_manifest(body: dict, description: str) -> None:
         raise SourceError(f"{description}: malformed manifest ({'; '.join(problems)})")
 
 
+def check_config(config: dict, description: str) -> None:
+    """The config fields this pipeline reads, with the right types (one error otherwise)."""
+    inner = config.get("config") or {}
+    rootfs = config.get("rootfs") or {}
+    history = config.get("history") or []
+    strings = (str, type(None))
+    problems = [name for name, ok in (
+        ("config", isinstance(inner, dict)), ("rootfs", isinstance(rootfs, dict)),
+        ("history", isinstance(history, list) and all(isinstance(h, dict) for h in history)),
+        *((key, isinstance(config.get(key), strings)) for key in
+          ("os", "architecture", "variant", "created")),
+    ) if not ok]
+    if not problems:
+        problems += [f"config.{key}" for key, ok in (
+            ("Env", _str_list(inner.get("Env"))),
+            ("Entrypoint", _str_list(inner.get("Entrypoint"))),
+            ("Cmd", _str_list(inner.get("Cmd"))), ("User", isinstance(inner.get("User"), strings)),
+            ("Labels", isinstance(inner.get("Labels") or {}, dict)),
+        ) if not ok]
+        problems += [] if _str_list(rootfs.get("diff_ids")) else ["rootfs.diff_ids"]
+    if problems:
+        raise SourceError(f"{description}: the image config is malformed "
+                          f"({', '.join(problems)} of the wrong type)")
+
+
+def _str_list(value) -> bool:
+    return value is None or isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
 def resolve(source: ImageSource, wanted_platform: str | None) -> Resolved:
     top = source.top()
     index_digest = None
@@ -97,9 +131,7 @@ def resolve(source: ImageSource, wanted_platform: str | None) -> Resolved:
     check_manifest(top.body, source.description)
     config_descriptor = top.body["config"]
     config = source.json_blob(config_descriptor.get("digest"))
-    if not isinstance(config.get("config") or {}, dict) or not isinstance(
-            config.get("rootfs") or {}, dict):
-        raise SourceError(f"{source.description}: the image config is malformed")
+    check_config(config, source.description)
     plat = "/".join(p for p in (config.get("os"), config.get("architecture"),
                                 config.get("variant")) if p)
     return Resolved(index_digest, top.digest, top.media_type, top.body,

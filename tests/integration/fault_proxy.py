@@ -7,13 +7,20 @@ Modes (any combination), each counted so tests can assert what happened:
 - drop_blob_once: the first layer-sized blob GET sends half the body, then drops the connection
   (the client must resume with Range);
 - redirect_blobs: blob GETs answer 307 to the same proxy under another host name
-  (`localhost` instead of `127.0.0.1`), and record whether Authorization followed.
+  (`localhost` instead of `127.0.0.1`), and record whether Authorization followed;
+- statuses: {"manifest"|"blob": [500, 502, ...]}: answer those, one per request, then forward;
+- forever: {"manifest"|"blob": 403}: always answer that status (401 comes without a challenge);
+- token_status: the token endpoint refuses with this status;
+- corrupt_blobs: flip one byte in every blob body (the digest no longer matches);
+- content_type: send manifests with this Content-Type instead of the registry's;
+- delay_s: wait this long before answering any /v2/ request (a slow server).
 """
 
 from __future__ import annotations
 
 import http.server
 import threading
+import time
 import urllib.request
 
 TOKEN = "envcheck-test-token-planted"
@@ -22,10 +29,17 @@ TOKEN = "envcheck-test-token-planted"
 class FaultProxy:
     def __init__(self, upstream: str, *, bearer: bool = False, service: bool = True,
                  too_many_once: bool = False, drop_blob_once: bool = False,
-                 redirect_blobs: bool = False):
+                 redirect_blobs: bool = False, statuses: dict | None = None,
+                 forever: dict | None = None, token_status: int | None = None,
+                 corrupt_blobs: bool = False, content_type: str | None = None,
+                 delay_s: float = 0.0):
         self.upstream = upstream
         self.modes = dict(bearer=bearer, service=service, too_many_once=too_many_once,
                           drop_blob_once=drop_blob_once, redirect_blobs=redirect_blobs)
+        self.statuses = {k: list(v) for k, v in (statuses or {}).items()}
+        self.forever = forever or {}
+        self.token_status = token_status
+        self.corrupt_blobs, self.content_type, self.delay_s = corrupt_blobs, content_type, delay_s
         self.events: list[str] = []
         self.redirected_auth: list[str | None] = []
         proxy = self
@@ -62,9 +76,23 @@ class FaultProxy:
         path = request.path
         if path.startswith("/token"):
             self.events.append("token")
+            if self.token_status:
+                return self._send(request, self.token_status, b'{"details":"denied"}', {})
             return self._send(request, 200, b'{"token": "%s", "expires_in": 300}' % TOKEN.encode(),
                               {"Content-Type": "application/json"})
         is_blob = "/blobs/" in path
+        kind = "blob" if is_blob else "manifest" if "/manifests/" in path else "other"
+        if self.delay_s and path.startswith("/v2/"):
+            self.events.append("slow")
+            time.sleep(self.delay_s)
+        if kind in self.forever:
+            self.events.append(str(self.forever[kind]))
+            return self._send(request, self.forever[kind], b'{"errors":[{"code":"DENIED",'
+                              b'"message":"injected"}]}', {"Content-Type": "application/json"})
+        if self.statuses.get(kind):
+            status = self.statuses[kind].pop(0)
+            self.events.append(str(status))
+            return self._send(request, status, b"injected", {})
         if is_blob and request.headers.get("Host", "").startswith("localhost"):
             self.redirected_auth.append(request.headers.get("Authorization"))
             return self._forward(request)
@@ -108,6 +136,12 @@ class FaultProxy:
             return
         if "content-range" in (k.lower() for k in extra):
             self.events.append("range")
+        if "/blobs/" in request.path and self.corrupt_blobs and body:
+            self.events.append("corrupt")
+            body = bytes([body[0] ^ 0xFF]) + body[1:]
+        if "/manifests/" in request.path and self.content_type:
+            extra = {k: v for k, v in extra.items() if k.lower() != "content-type"}
+            extra["Content-Type"] = self.content_type
         self._send(request, response.status, body, extra)
 
     @staticmethod

@@ -1,6 +1,7 @@
 """The registry client against real faults: our fault-injecting proxy in front of the real
 docker-registry (Bearer challenges with and without `service`, 429 + Retry-After, a connection
-dropped mid-blob, redirects to another host). Each run must still verify every digest."""
+dropped mid-blob, redirects to another host, 401/403/5xx, corrupted bytes, a lying Content-Type,
+a slow server). Each run must still verify every digest; each failure is one line, exit 1."""
 
 from __future__ import annotations
 
@@ -59,3 +60,69 @@ def test_redirect_to_another_host_drops_authorization(proxy_for):
     report = run_ok(ref)
     # The config and every layer came through the redirect, none with the bearer token.
     assert proxy.redirected_auth == [None] * (len(report["layers"]) + 1)
+
+
+def run_fails(ref: str, *args: str) -> str:
+    """One error line on stderr, exit 1, nothing on stdout (no report, no digest claimed)."""
+    done = envcheck(ref, "--json", *args)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert done.stdout == "" and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), lines
+    assert TOKEN not in done.stderr
+    return lines[0]
+
+
+def test_401_without_a_challenge(proxy_for):
+    _, ref = proxy_for(forever={"manifest": 401})
+    assert "401 unauthorized with an unknown challenge (none)" in run_fails(ref)
+
+
+def test_401_with_a_challenge_and_a_refused_token(proxy_for):
+    _, ref = proxy_for(bearer=True, token_status=401)
+    line = run_fails(ref)
+    assert "token request refused (401 unauthorized)" in line and "docker login" in line
+
+
+def test_403_forbidden(proxy_for):
+    _, ref = proxy_for(forever={"manifest": 403})
+    line = run_fails(ref)
+    assert ref.split("/")[0] in line and "403 forbidden (injected)" in line
+
+
+def test_404_blob(proxy_for):
+    _, ref = proxy_for(forever={"blob": 404})
+    assert "404 not found" in run_fails(ref)
+
+
+def test_5xx_then_success_is_retried(proxy_for):
+    proxy, ref = proxy_for(statuses={"manifest": [500, 502], "blob": [503]})
+    run_ok(ref)
+    assert proxy.events[:3] == ["500", "502", "503"] or {"500", "502", "503"} <= set(
+        proxy.events)
+
+
+def test_5xx_forever_gives_up(proxy_for):
+    proxy, ref = proxy_for(forever={"manifest": 503})
+    assert "HTTP 503" in run_fails(ref)
+    assert proxy.events.count("503") >= 3  # retried with backoff before giving up
+
+
+def test_corrupted_blob_bytes_are_never_reported(proxy_for):
+    proxy, ref = proxy_for(corrupt_blobs=True)
+    assert "digest" in run_fails(ref).lower()
+    assert "corrupt" in proxy.events
+
+
+def test_content_type_disagreeing_with_media_type(proxy_for):
+    _, ref = proxy_for(content_type="application/vnd.docker.distribution.manifest.v2+json")
+    assert "disagrees with the manifest's mediaType" in run_fails(ref)
+
+
+def test_slow_server_hits_the_timeout(proxy_for):
+    import time
+
+    proxy, ref = proxy_for(delay_s=3.0)
+    start_s = time.perf_counter()
+    assert "cannot reach" in run_fails(ref, "--timeout-s", "1")
+    assert time.perf_counter() - start_s < 60  # bounded: timeouts and a capped number of tries

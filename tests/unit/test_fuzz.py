@@ -1,0 +1,224 @@
+"""Hostile input, generated: the ld.so.cache reader, the manifest/index/config path, the
+NVIDIA_REQUIRE_CUDA and reference parsers, the layer stream (tar in gzip/zstd/plain) and the
+text parsers of the GPU-host probes. Inputs are real files mutated (byte flips, truncation,
+insertion) or structured JSON; the only failure allowed is each parser's documented error type,
+with a message.
+
+Default run: 2,000 cases per parser (500 for the threaded layer stream). The slow tier:
+    pytest -m fuzz_slow tests/unit/test_fuzz.py        # 100,000 cases per parser
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from envcheck.catalog import classify
+from envcheck.fleet.aggregate import parse_report
+from envcheck.host.driver import parse_driver_version
+from envcheck.host.nvml import parse_query_csv
+from envcheck.image import cuda, ldcache, reference
+from envcheck.image.inspect import resolve
+from envcheck.image.layers import LayerError, scan_layer
+from envcheck.image.sources import SourceError, Top
+from scripts.cuda_image import REQUIRE
+from tests.conftest import REPO
+
+TIERS = [pytest.param(2_000, id="default"),
+         pytest.param(100_000, id="slow", marks=pytest.mark.fuzz_slow)]
+REAL = REPO / "tests/fixtures/real"
+
+
+def run(examples: int, strategy, check) -> None:
+    """Run `check` on `examples` generated inputs (no deadline: CI machines are slow)."""
+    limited = settings(max_examples=examples, deadline=None, database=None,
+                       suppress_health_check=list(HealthCheck))
+    limited(given(strategy)(check))()
+
+
+def mutated(seed: bytes) -> st.SearchStrategy[bytes]:
+    """`seed` with up to 8 byte edits, an optional insertion and an optional truncation."""
+    size = max(len(seed), 1)
+    edit = st.tuples(st.integers(0, size - 1), st.integers(0, 255))
+    return st.builds(_apply, st.just(seed), st.lists(edit, max_size=8),
+                     st.one_of(st.none(), st.tuples(st.integers(0, size), st.binary(max_size=64))),
+                     st.one_of(st.none(), st.integers(0, size)))
+
+
+def _apply(seed: bytes, edits, insertion, cut) -> bytes:
+    data = bytearray(seed)
+    for offset, value in edits:
+        if offset < len(data):
+            data[offset] = value
+    if insertion is not None:
+        data[insertion[0]:insertion[0]] = insertion[1]
+    return bytes(data[:cut] if cut is not None else data)
+
+
+def _ldconfig_cache() -> bytes:
+    for path in (Path("/etc/ld.so.cache"),):
+        if path.is_file():
+            return path.read_bytes()[:200_000]
+    return ldcache.NEW_MAGIC + b"\0" * 64
+
+
+@pytest.mark.parametrize("examples", TIERS)
+def test_ldcache_reader(examples):
+    seed = _ldconfig_cache()
+
+    def check(data: bytes) -> None:
+        try:
+            cache = ldcache.parse(data)
+        except ldcache.LdCacheError as error:
+            assert str(error)
+            return
+        for entry in cache.entries[:50]:
+            assert isinstance(entry.soname, str) and isinstance(entry.path, str)
+
+    run(examples, st.one_of(mutated(seed), st.binary(max_size=256)), check)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                    | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=20)
+MANIFEST = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"digest": "sha256:" + "c" * 64, "size": 10},
+            "layers": [{"digest": "sha256:" + "1" * 64, "size": 20}]}
+INDEX = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+         "manifests": [{"digest": "sha256:" + "a" * 64,
+                        "platform": {"os": "linux", "architecture": "amd64"}}]}
+
+
+class FuzzSource:
+    """An ImageSource whose top object and config are whatever the fuzzer made."""
+
+    description = "fuzz:image"
+
+    def __init__(self, top: dict, config):
+        self._top, self._config = top, config
+
+    def top(self) -> Top:
+        return Top(self._top, str(self._top.get("mediaType", "")), None)
+
+    def manifest(self, digest: str) -> Top:
+        return Top(MANIFEST, MANIFEST["mediaType"], digest)
+
+    def json_blob(self, digest: str) -> dict:
+        if not isinstance(self._config, dict):
+            raise SourceError(f"{self.description}: expected a JSON object")
+        return self._config
+
+
+def _graft(base: dict, key: str, value) -> dict:
+    return {**base, key: value}
+
+
+@pytest.mark.parametrize("examples", TIERS)
+def test_manifest_index_and_config(examples):
+    keys = st.sampled_from(["config", "layers", "manifests", "mediaType", "schemaVersion"])
+    tops = st.one_of(st.dictionaries(st.text(max_size=12), JSON, max_size=5),
+                     st.builds(_graft, st.sampled_from([MANIFEST, INDEX]), keys, JSON))
+    configs = st.one_of(JSON, st.builds(_graft, st.just({"os": "linux", "rootfs": {}}),
+                                        st.sampled_from(["config", "rootfs", "os"]), JSON))
+
+    def check(top_and_config) -> None:
+        try:
+            resolve(FuzzSource(*top_and_config), "linux/amd64")
+        except SourceError as error:
+            assert str(error).startswith("fuzz:image")
+
+    run(examples, st.tuples(tops, configs), check)
+
+
+@pytest.mark.parametrize("examples", TIERS)
+def test_nvidia_require_cuda(examples):
+    tokens = st.sampled_from(["cuda", "driver", "brand", "arch", ">=", "<", "=", ",", " ",
+                              "12.8", "470", "tesla", "x", "", ".", "9" * 30])
+
+    def check(text: str) -> None:
+        try:
+            alternatives = cuda.parse_requirement(text)
+        except cuda.RequirementError as error:
+            assert str(error)
+            return
+        for driver in ((550, 54, 14), (570, 124, 6), (400,)):
+            cuda.evaluate(alternatives, driver, None)
+
+    words = st.lists(tokens, max_size=12).map("".join)
+    run(examples, st.one_of(words, st.text(max_size=60),
+                            mutated(REQUIRE.encode()).map(lambda b: b.decode("latin-1"))), check)
+
+
+@pytest.mark.parametrize("examples", TIERS)
+def test_image_references(examples):
+    seeds = ["nvidia/cuda:12.8.0-cudnn-devel-ubuntu24.04", "docker://localhost:5000/x@sha256:"
+             + "a" * 64, "oci:/tmp/layout:tag", "docker-archive:/tmp/x.tar"]
+
+    def check(text: str) -> None:
+        try:
+            ref = reference.parse(text)
+        except reference.RefSyntaxError as error:
+            assert str(error)
+            return
+        assert ref.transport
+
+    mutations = st.sampled_from(seeds).flatmap(
+        lambda s: mutated(s.encode()).map(lambda b: b.decode("latin-1")))
+    run(examples, st.one_of(st.text(max_size=80), mutations), check)
+
+
+@pytest.mark.parametrize("examples", TIERS)
+def test_probe_text_parsers_never_raise(examples):
+    seeds = [(REAL / name).read_bytes() for name in (
+        "nvidia-smi-query-gpu-allfields_h100_590.csv.txt",
+        "proc-driver-nvidia-version_565-open.txt",
+        "docker-run-gpus_could-not-select-device-driver.txt")]
+
+    def check(data: bytes) -> None:
+        text = data.decode("utf-8", "replace")
+        parse_query_csv(text)
+        parse_driver_version(text)
+        entry, matched = classify(text)
+        assert entry.fix and isinstance(matched, str)
+        assert parse_report(text) is None or isinstance(parse_report(text), dict)
+
+    run(examples, st.sampled_from(seeds).flatmap(mutated), check)
+
+
+def _layer_seeds() -> list[bytes]:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, body in (("etc/ld.so.conf", b"/usr/local/lib\n"), ("usr/lib/libx.so.1", b"x")):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            info.pax_headers = {"comment": "p" * 300}
+            tar.addfile(info, io.BytesIO(body))
+        link = tarfile.TarInfo("usr/lib/libx.so")
+        link.type, link.linkname = tarfile.SYMTYPE, "libx.so.1"
+        tar.addfile(link)
+    plain = raw.getvalue()
+    return [plain, gzip.compress(plain), zstandard.ZstdCompressor().compress(plain)]
+
+
+@pytest.mark.parametrize("examples", [pytest.param(500, id="default"),
+                                      pytest.param(100_000, id="slow",
+                                                   marks=pytest.mark.fuzz_slow)])
+def test_layer_stream(examples):
+    def check(data: bytes) -> None:
+        try:
+            scan = scan_layer(io.BytesIO(data), 0)
+        except LayerError as error:
+            assert str(error).startswith("layer 0")
+            return
+        assert scan.diff_id.startswith("sha256:")
+
+    run(examples, st.sampled_from(_layer_seeds()).flatmap(mutated), check)
