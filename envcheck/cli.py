@@ -13,7 +13,14 @@ import click
 from rich.console import Console
 
 from envcheck import __version__
-from envcheck.report import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Report, render_checks
+from envcheck.report import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Report,
+    redacted_report,
+    render_checks,
+)
 
 VERDICT_TEXT = {
     "gpu": "VERDICT gpu: the model test ran on the GPU and matched HF",
@@ -38,8 +45,9 @@ def cli() -> None:
 @click.option("--require-gpu", is_flag=True, help="Exit 1 on cpu-fallback too.")
 @click.option("--timeout-s", type=click.FloatRange(min=1), default=600, show_default=True,
               help="Limit for the model test.")
+@click.option("--redact-uuids", is_flag=True, help="Replace GPU/MIG UUIDs (to share a report).")
 def gpu_smoke_command(image: str, no_container: bool, as_json: bool, require_gpu: bool,
-                      timeout_s: float) -> None:
+                      timeout_s: float, redact_uuids: bool) -> None:
     """Check the GPU passthrough chain link by link, then run the bundled GPT-2 test in the
     container (on the GPU, or the labelled CPU fallback).
 
@@ -54,6 +62,8 @@ def gpu_smoke_command(image: str, no_container: bool, as_json: bool, require_gpu
         on_stage = (lambda name: update(f"gpu-smoke: {name}")) if update else None
         report = gpu_smoke(image=image, no_container=no_container, timeout_s=timeout_s,
                            on_stage=on_stage)
+    if redact_uuids:
+        report = redacted_report(report)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:

@@ -85,7 +85,7 @@ def preflight_check(env: dict, driver: str | None, brand: str | None = None) -> 
 
 
 def run_container(client, image: str, command: list[str], *, gpu: bool, env: dict,
-                  user: str, timeout_s: float) -> ContainerRun:
+                  user: str, timeout_s: float, memory_limit: str = MEMORY_LIMIT) -> ContainerRun:
     import docker
     import requests
 
@@ -97,28 +97,54 @@ def run_container(client, image: str, command: list[str], *, gpu: bool, env: dic
             image, command, user=user if user not in ("", "root", "0", "0:0") else NOBODY,
             environment={**BASE_ENV, **env}, network_mode="none", read_only=True,
             tmpfs=TMPFS, cap_drop=["ALL"], security_opt=["no-new-privileges"],
-            mem_limit=MEMORY_LIMIT, pids_limit=PIDS_LIMIT, device_requests=requests_,
+            mem_limit=memory_limit, pids_limit=PIDS_LIMIT, device_requests=requests_,
             labels={"envcheck": "gpu-smoke"})
         container.start()
-        try:
-            rc = container.wait(timeout=timeout_s)["StatusCode"]
-        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-            container.kill()
-            rc = RC_TIMEOUT
+        rc, note = _wait(container, timeout_s, memory_limit)
         out = container.logs(stdout=True, stderr=False).decode(errors="replace")
         err = container.logs(stdout=False, stderr=True).decode(errors="replace")
-        if rc == RC_TIMEOUT:
-            err += f"\ncontainer: timed out after {timeout_s:g} s"
-        return ContainerRun(rc, out, err, None, time.perf_counter() - start_s)
+        return ContainerRun(rc, out, err + note, None, time.perf_counter() - start_s)
     except docker.errors.APIError as error:
         text = str(error.explanation or error)
         return ContainerRun(125, "", "", text, time.perf_counter() - start_s)
+    except requests.exceptions.RequestException as error:
+        return ContainerRun(125, "", "", f"{DAEMON_GONE} ({type(error).__name__})",
+                            time.perf_counter() - start_s)
     finally:
-        if container is not None:
-            try:
-                container.remove(force=True)
-            except docker.errors.APIError:
-                pass  # already gone
+        _remove(container)
+
+
+DAEMON_GONE = "the connection to the Docker daemon broke during the run (dockerd restarted?)"
+OUT_OF_MEMORY = "container: killed by the kernel: out of memory"
+
+
+def _wait(container, timeout_s: float, memory_limit: str) -> tuple[int, str]:
+    """(exit code, a note for stderr): killed at the timeout (124), or OOM-killed."""
+    import requests
+
+    try:
+        rc = container.wait(timeout=timeout_s)["StatusCode"]
+    except requests.exceptions.RequestException as error:
+        if not (isinstance(error, requests.exceptions.ReadTimeout) or "timed out" in str(error)):
+            raise  # the daemon went away, not our timeout
+        container.kill()
+        return RC_TIMEOUT, f"\ncontainer: timed out after {timeout_s:g} s"
+    container.reload()
+    if (container.attrs.get("State") or {}).get("OOMKilled"):
+        return rc, f"\n{OUT_OF_MEMORY} (limit {memory_limit})"
+    return rc, ""
+
+
+def _remove(container) -> None:
+    import docker
+    import requests
+
+    if container is None:
+        return
+    try:
+        container.remove(force=True)
+    except (docker.errors.APIError, requests.exceptions.RequestException):
+        pass  # already gone, or the daemon is: nothing left to remove through it
 
 
 def passthrough_checks(run: ContainerRun, taken: set[str]) -> list[Check]:

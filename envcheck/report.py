@@ -7,6 +7,7 @@ Collect first, render last: pipelines build a `Report`; `render_text` is for peo
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Literal
 
 from rich.console import Console
@@ -16,6 +17,16 @@ Status = Literal["pass", "warn", "fail", "skip"]
 STATUSES = ("pass", "warn", "fail", "skip")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+REDACTED = "<redacted>"
+# Variable names that carry secrets (HF_TOKEN, AWS_SECRET_ACCESS_KEY, DB_PASSWORD, API_KEY, ...).
+SECRET_NAME = r"[A-Za-z0-9_]*(?:TOKEN|SECRET|PASSW(?:OR)?D|PASSPHRASE|API_?KEY|ACCESS_?KEY" \
+              r"|PRIVATE_?KEY|CREDENTIALS?|AUTH)[A-Za-z0-9_]*"
+SECRET_NAME_RE = re.compile(rf"^{SECRET_NAME}$", re.IGNORECASE)
+# NAME=value anywhere, and Dockerfile's old `ENV NAME value` form.
+_VALUE = r"(\"[^\"]*\"|'[^']*'|\S+)"
+SECRET_ASSIGNMENT_RE = re.compile(rf"\b({SECRET_NAME}=){_VALUE}|\b(ENV\s+{SECRET_NAME}\s+){_VALUE}",
+                                  re.IGNORECASE)
+GPU_UUID_RE = re.compile(r"\b(GPU|MIG)-[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}\b")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,3 +68,29 @@ def render_checks(checks: list[Check], console: Console) -> None:
                       f"{escape(check.summary)}", highlight=False)
         if check.fix and check.status in ("fail", "warn"):
             console.print(f"     {'':<22} fix: {escape(check.fix)}", highlight=False)
+
+
+def redact_env(env: dict[str, str]) -> dict[str, str]:
+    """The environment with the values of secret-looking variables replaced."""
+    return {k: REDACTED if v and SECRET_NAME_RE.match(k) else v for k, v in env.items()}
+
+
+def redact_text(text: str) -> str:
+    """`NAME=value` / `ENV NAME value` of secret-looking names, in free text (history lines)."""
+    return SECRET_ASSIGNMENT_RE.sub(lambda m: (m.group(1) or m.group(3)) + REDACTED, text)
+
+
+def redact_uuids(value: Any) -> Any:
+    """Every GPU/MIG UUID in strings, lists and dicts replaced (for reports shared outside)."""
+    if isinstance(value, str):
+        return GPU_UUID_RE.sub(lambda m: f"{m.group(1)}-{REDACTED}", value)
+    if isinstance(value, list):
+        return [redact_uuids(v) for v in value]
+    if isinstance(value, dict):
+        return {k: redact_uuids(v) for k, v in value.items()}
+    return value
+
+
+def redacted_report(report: Report) -> Report:
+    checks = [Check(**redact_uuids(c.to_json())) for c in report.checks]
+    return Report(report.kind, report.verdict, checks, redact_uuids(report.facts))

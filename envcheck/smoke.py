@@ -29,7 +29,7 @@ from envcheck.host import Probe, daemon
 from envcheck.host.driver import probe_driver
 from envcheck.host.nvml import probe_nvml
 from envcheck.host.toolkit import HOOKS, probe_toolkit
-from envcheck.report import Check, Report
+from envcheck.report import Check, Report, redact_env
 from envcheck.runner import RunResult
 
 MODEL_ARGV = ["python", "-m", "model.smoke", "--json"]
@@ -92,8 +92,9 @@ def container_chain(client, image: str, driver: str | None, checks: list[Check],
         checks += skipped(CONTAINER_IDS[1:], present)
         return None, "none"
     facts["image"] = {"name": image, "id": config["id"], "user": config["user"],
-                      "env": {k: v for k, v in config["env"].items()
-                              if k.startswith(("NVIDIA_", "CUDA_", "NV_CUDNN", "JAX_"))}}
+                      "env": redact_env({k: v for k, v in config["env"].items()
+                                         if k.startswith(("NVIDIA_", "CUDA_", "NV_CUDNN",
+                                                          "JAX_", "XLA_"))})}
     brands = facts["toolkit"].get("cli_info", {}).get("brands") or [None]
     checks.append(passthrough.preflight_check(config["env"], driver, brands[0]))
     stage("passthrough", "GPU passthrough probe container")
@@ -147,6 +148,15 @@ def judge(checks: list[Check], model_run: RunResult | None, gpu_expected: bool,
 def parse_model_report(result: RunResult) -> tuple[dict[str, Any] | None, Check | None]:
     """The model test's JSON report, or a failed `model.run` check saying why there is none."""
     fix = "run `python -m model.smoke` by hand (in the image) to see the full error"
+    if passthrough.OUT_OF_MEMORY in result.err:
+        return None, Check("model.run", "fail", "the model test ran out of memory and was "
+                                                "killed", _tail(result.err),
+                           "free memory on the host (the container may use up to "
+                           f"{passthrough.MEMORY_LIMIT})")
+    if passthrough.DAEMON_GONE in result.err:
+        return None, Check("model.run", "fail", f"no model report: {passthrough.DAEMON_GONE}",
+                           _tail(result.err), "rerun once dockerd is back "
+                                              "(`systemctl status docker`)")
     if result.timed_out:
         return None, Check("model.run", "fail", "the model test timed out",
                            _tail(result.err), "raise --timeout-s, or check the device is not hung")

@@ -180,7 +180,8 @@ def _compress(data: bytes, compression: str) -> tuple[bytes, str]:
 
 
 def write_image(layout: Path, tag: str, tars: list[bytes], history: list[str],
-                compression: str, arch: str, annotate: bool = True) -> dict:
+                compression: str, arch: str, annotate: bool = True,
+                env: list[str] | None = None) -> dict:
     layers, diff_ids = [], []
     for data in tars:
         diff_ids.append("sha256:" + hashlib.sha256(data).hexdigest())
@@ -189,7 +190,8 @@ def write_image(layout: Path, tag: str, tars: list[bytes], history: list[str],
                        "size": len(blob)})
     config = {
         "created": "2025-01-27T00:00:00Z", "architecture": arch, "os": "linux",
-        "config": {"Env": ENV, "Entrypoint": ["/opt/nvidia/nvidia_entrypoint.sh"],
+        "config": {"Env": ENV if env is None else env,
+                   "Entrypoint": ["/opt/nvidia/nvidia_entrypoint.sh"],
                    "Labels": {"maintainer": "NVIDIA CORPORATION <cudatools@nvidia.com>",
                               "com.nvidia.cudnn.version": "9.7.0.66-1"}},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},

@@ -182,6 +182,7 @@ class FakeDocker:
     model_out: dict | None = None
     model_err: str = ""
     missing_image: bool = False
+    model_wait_error: Exception | None = None
     created: list[dict] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
@@ -204,7 +205,8 @@ class FakeDocker:
         if command[0] == "sh":
             return FakeContainer(self.gpu_error if gpu else None, self.probe_out, "")
         report = self.model_out or model_report("gpu" if gpu else "cpu")
-        return FakeContainer(None, json.dumps(report) + "\n", self.model_err)
+        return FakeContainer(None, json.dumps(report) + "\n", self.model_err,
+                             wait_error=self.model_wait_error)
 
 
 @dataclasses.dataclass
@@ -213,13 +215,20 @@ class FakeContainer:
     out: str
     err: str
     removed: bool = False
+    wait_error: Exception | None = None
+    attrs: dict = dataclasses.field(default_factory=lambda: {"State": {"OOMKilled": False}})
 
     def start(self):
         if self.start_error:
             raise docker.errors.APIError("500 Server Error", explanation=self.start_error)
 
     def wait(self, timeout):
+        if self.wait_error is not None:
+            raise self.wait_error
         return {"StatusCode": 0}
+
+    def reload(self):
+        pass
 
     def logs(self, stdout, stderr):
         return (self.out if stdout else self.err).encode()
@@ -228,6 +237,8 @@ class FakeContainer:
         pass
 
     def remove(self, force):
+        if self.wait_error is not None:  # the daemon is gone: removing fails the same way
+            raise self.wait_error
         self.removed = True
 
 

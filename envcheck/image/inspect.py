@@ -15,7 +15,7 @@ from envcheck.image.blobstream import tune_allocator
 from envcheck.image.layers import LayerError, LayerScan, MergedView, scan_layer
 from envcheck.image.registry import RegistryError
 from envcheck.image.sources import INDEX_TYPES, ImageSource, SourceError, open_source
-from envcheck.report import Check, Report
+from envcheck.report import Check, Report, redact_env, redact_text
 
 LIBRARIES = ("libcuda.so.1", "libcudart.so.12", "libcudnn.so.9", "libnvidia-ml.so.1")
 DRIVER_LIBRARIES = ("libcuda.so.1", "libnvidia-ml.so.1")  # belong to the host driver
@@ -360,7 +360,9 @@ def base_facts(ref, source, resolved: Resolved, env: dict, scans: list[LayerScan
             "diff_id": scan.diff_id if scan else None,
             "files": scan.file_count if scan else None,
             "uncompressed_size": scan.uncompressed_bytes if scan else None,
-            "created_by": (history[index].get("created_by") if index < len(history) else None),
+            "created_by": (redact_text(str(history[index].get("created_by")))
+                           if index < len(history) and history[index].get("created_by")
+                           else None),
         })
     return {
         "reference": str(ref), "source": ref.transport, "index_digest": resolved.index_digest,
@@ -370,7 +372,7 @@ def base_facts(ref, source, resolved: Resolved, env: dict, scans: list[LayerScan
                    "platform": resolved.platform},
         "layers": layer_rows,
         # The GPU-relevant variables first (ENV_KEYS order), then the rest as the image has them.
-        "env": {**{k: env[k] for k in ENV_KEYS if k in env}, **env},
+        "env": redact_env({**{k: env[k] for k in ENV_KEYS if k in env}, **env}),
         "labels": config.get("Labels") or {}, "entrypoint": config.get("Entrypoint"),
         "cmd": config.get("Cmd"), "user": config.get("User") or "",
     }

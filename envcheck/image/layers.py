@@ -226,7 +226,12 @@ def walk_tar(chunks: _Chunks, on_member: Callable) -> None:
         info.linkname = (pax.get("linkpath") or long_names.get(tarfile.GNUTYPE_LONGLINK)
                          or info.linkname)
         if "size" in pax:
-            info.size = int(pax["size"])
+            try:
+                info.size = int(pax["size"])
+            except ValueError:
+                raise LayerError(f"PAX size {pax['size'][:40]!r} is not a number") from None
+        if info.size < 0:
+            raise LayerError(f"tar entry {info.name[:80]!r} has a negative size")
         pax, long_names = {}, {}
         _member(chunks, info, on_member)
 

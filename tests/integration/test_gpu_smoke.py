@@ -11,6 +11,7 @@ import socket
 
 import docker
 import jsonschema
+import pytest
 
 from envcheck import passthrough
 from tests.conftest import REPO
@@ -96,3 +97,37 @@ def test_a_hung_container_is_killed_at_the_timeout(engine, built_image):
                                     env={}, user="", timeout_s=3)
     assert run.rc == 124 and "timed out after 3 s" in run.err
     assert client.containers.list(all=True, filters={"label": "envcheck=gpu-smoke"}) == []
+
+
+def run_in(engine, built_image, script: str, **options):
+    client = docker.DockerClient(base_url=engine)
+    run = passthrough.run_container(client, built_image["tag"], ["sh", "-c", script], gpu=False,
+                                    env={}, user="", timeout_s=options.pop("timeout_s", 120),
+                                    **options)
+    assert client.containers.list(all=True, filters={"label": "envcheck=gpu-smoke"}) == []
+    return run
+
+
+def test_a_container_over_its_memory_limit_is_reported_as_oom(engine, built_image):
+    from envcheck.smoke import parse_model_report
+
+    run = run_in(engine, built_image, "python -c 'x = bytearray(400 * 2**20); print(len(x))'",
+                 memory_limit="128m")
+    assert run.rc == 137 and passthrough.OUT_OF_MEMORY in run.err
+    _, check = parse_model_report(run.as_run_result())
+    assert check.id == "model.run" and "out of memory" in check.summary and "memory" in check.fix
+
+
+@pytest.mark.parametrize("script,summary", [
+    ("echo '{\"schema\": \"envcheck.model-smoke/v1\", \"checks\": [' ; exit 3",
+     "gave no report (exit code 3)"),
+    ("echo 'not json at all'", "gave no report (exit code 0)"),
+    ("echo 'Traceback: boom' >&2; exit 1", "gave no report (exit code 1)"),
+])
+def test_non_zero_exits_and_invalid_json_are_one_failed_check(engine, built_image, script,
+                                                              summary):
+    from envcheck.smoke import parse_model_report
+
+    report, check = parse_model_report(run_in(engine, built_image, script).as_run_result())
+    assert report is None and check.id == "model.run" and check.status == "fail"
+    assert summary in check.summary and "python -m model.smoke" in check.fix

@@ -361,3 +361,76 @@ def test_registry_credentials_from_a_credential_helper(auth_registry, tmp_path, 
     done = envcheck(ref, "--json", env=env)
     assert done.returncode == 0, done.stderr
     assert "s3cret-planted" not in done.stdout + done.stderr
+
+
+def test_oci_layout_with_a_missing_blob(cuda_layout, tmp_path):
+    layout, built = cuda_layout
+    copy = tmp_path / "missing-blob"
+    shutil.copytree(layout, copy)
+    (copy / "blobs" / "sha256" / built["layers"][2]["digest"].split(":")[1]).unlink()
+    one_line_error(envcheck(f"oci:{copy}"), 1, built["layers"][2]["digest"][:19])
+
+
+def test_oci_index_entry_pointing_nowhere(cuda_layout, tmp_path):
+    layout, _ = cuda_layout
+    copy = tmp_path / "dangling-index"
+    shutil.copytree(layout, copy)
+    index = json.loads((copy / "index.json").read_text())
+    nowhere = "sha256:" + "0" * 64
+    for entry in index["manifests"]:
+        entry["digest"] = nowhere
+    (copy / "index.json").write_text(json.dumps(index))
+    done = envcheck(f"oci:{copy}")
+    assert done.returncode in (1, 2)
+    one_line_error(done, done.returncode, nowhere[:19])
+
+
+def test_docker_archive_with_a_missing_layer(cuda_layout, tmp_path):
+    import tarfile
+
+    layout, built = cuda_layout
+    archive = tmp_path / "missing-layer.tar"
+    layers = ["blobs/sha256/" + layer["digest"].split(":")[1] for layer in built["layers"]]
+    manifest = [{"Config": "blobs/sha256/" + built["config_digest"].split(":")[1],
+                 "RepoTags": ["cuda:broken"], "Layers": layers}]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tmp_path / "manifest.json", arcname="manifest.json")
+        for path in sorted((layout / "blobs" / "sha256").iterdir()):
+            if f"blobs/sha256/{path.name}" != layers[1]:  # the second layer is left out
+                tar.add(path, arcname=f"blobs/sha256/{path.name}")
+    done = envcheck(f"docker-archive:{archive}")
+    assert done.returncode in (1, 2)
+    one_line_error(done, done.returncode, layers[1].split("/")[-1][:12])
+
+
+def test_secret_env_and_history_are_redacted(tmp_path):
+    import io
+    import tarfile
+
+    planted = "hf_pl4nted-s3cret"
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("etc/hostname")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"vm\n"))
+    cuda_image.write_image(tmp_path / "secret", "x", [buffer.getvalue()],
+                           [f"ENV HF_TOKEN={planted}"], "gzip", "amd64",
+                           env=[f"HF_TOKEN={planted}", "PATH=/usr/bin", "CUDA_VERSION=12.8.0"])
+    for args in ((), ("--json",)):
+        done = envcheck(f"oci:{tmp_path / 'secret'}:x", *args)
+        assert done.returncode in (0, 1), done.stderr
+        assert planted not in done.stdout + done.stderr
+        assert "<redacted>" in done.stdout
+
+
+def test_wrong_password_is_never_echoed(auth_registry, tmp_path):
+    import base64
+
+    wrong = "wr0ng-pl4nted"
+    auth = base64.b64encode(f"envcheck:{wrong}".encode()).decode()
+    (tmp_path / "config.json").write_text(json.dumps({"auths": {auth_registry.host:
+                                                                {"auth": auth}}}))
+    done = envcheck(f"{auth_registry.host}/private/cuda:1", env=isolated_env(tmp_path))
+    one_line_error(done, 1, "401 unauthorized")
+    assert wrong not in done.stderr and auth not in done.stderr

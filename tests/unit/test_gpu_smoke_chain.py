@@ -344,3 +344,15 @@ def test_json_reports_validate_against_the_schema(tmp_path, case):
     broken = {**report, "verdict": "maybe"}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema)
+
+
+def test_daemon_restarted_during_the_model_run(tmp_path):
+    """dockerd goes away while the model container runs: the SDK raises ConnectionError from
+    wait() and from remove(); the report says so, no traceback."""
+    import requests
+
+    gone = requests.exceptions.ConnectionError("('Connection aborted.', RemoteDisconnected("
+                                               "'Remote end closed connection without response'))")
+    report = smoke(healthy_host(tmp_path), FakeDocker(model_wait_error=gone))
+    check = assert_link(report, "model.run", "fail", "dockerd is back")
+    assert "dockerd restarted?" in check.summary and report.verdict == "fail"
