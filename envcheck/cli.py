@@ -100,13 +100,14 @@ def _emit_fleet(rows, engine: str, seconds: float, as_json: bool, show_all: bool
 @click.option("--nodes", help="Only these nodes (a Slurm node list, e.g. n[1-8]).")
 @click.option("--gres", help="GRES per node for the step, e.g. gpu:1 (sets CUDA_VISIBLE_DEVICES).")
 @click.option("--image", help="The image gpu-smoke runs on each node (default: its own default).")
+@click.option("--no-container", is_flag=True, help="Host checks and the model test on the host.")
 @click.option("--timeout-s", type=click.FloatRange(min=1), default=600, show_default=True,
               help="Limit for each node's model test (the step gets a minute more).")
 @click.option("--require-gpu", is_flag=True, help="Exit 1 unless every node's verdict is gpu.")
 @click.option("--all", "show_all", is_flag=True, help="List every node, however many.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON report (envcheck.fleet/v1).")
-def fleet_slurm_command(partition, nodes, gres, image, timeout_s, require_gpu, show_all,
-                        as_json) -> None:
+def fleet_slurm_command(partition, nodes, gres, image, no_container, timeout_s, require_gpu,
+                        show_all, as_json) -> None:
     """Run `envcheck gpu-smoke --json` on every node (one srun task per node) and print one
     table: node, verdict, GPUs, driver, model time, first failed check; then the groups of
     nodes that fail the same way.
@@ -120,7 +121,8 @@ def fleet_slurm_command(partition, nodes, gres, image, timeout_s, require_gpu, s
     try:
         with _spinner("running gpu-smoke on every node through srun"):
             rows, seconds = slurm.timed_fleet(partition=partition, nodes=nodes, gres=gres,
-                                              image=image, timeout_s=timeout_s)
+                                              image=image, timeout_s=timeout_s,
+                                              no_container=no_container)
     except slurm.SlurmError as error:
         _fail(str(error), EXIT_USAGE)
     _emit_fleet(rows, "slurm", seconds, as_json, show_all, require_gpu)

@@ -64,14 +64,17 @@ def availability(state: str) -> str | None:
     return UNAVAILABLE.get(base)
 
 
-def smoke_argv(envcheck: list[str], image: str | None, timeout_s: float) -> list[str]:
+def smoke_argv(envcheck: list[str], image: str | None, timeout_s: float,
+               no_container: bool = False) -> list[str]:
     argv = [*envcheck, "gpu-smoke", "--json", "--timeout-s", f"{timeout_s:g}"]
-    return argv + (["--image", image] if image else [])
+    return argv + (["--image", image] if image else []) + (
+        ["--no-container"] if no_container else [])
 
 
 def run_fleet(*, partition: str | None = None, nodes: str | None = None,
               gres: str | None = None, image: str | None = None, timeout_s: float = 600.0,
-              envcheck: list[str] | None = None, run: Runner | None = None) -> list[NodeResult]:
+              no_container: bool = False, envcheck: list[str] | None = None,
+              run: Runner | None = None) -> list[NodeResult]:
     run = run or runner_module.run
     envcheck = envcheck or [sys.executable, "-m", "envcheck"]
     listed = list_nodes(partition, nodes, run)
@@ -79,7 +82,8 @@ def run_fleet(*, partition: str | None = None, nodes: str | None = None,
                for name, state, reason in listed if availability(state)]
     ready = [name for name, state, _ in listed if not availability(state)]
     if ready:
-        results += run_step(ready, partition, gres, smoke_argv(envcheck, image, timeout_s),
+        results += run_step(ready, partition, gres,
+                            smoke_argv(envcheck, image, timeout_s, no_container),
                             timeout_s + STEP_SLACK_S, run)
     return results
 
