@@ -26,7 +26,7 @@ VERDICT_TEXT = {
     "gpu": "VERDICT gpu: the model test ran on the GPU and matched HF",
     "cpu-fallback": "VERDICT cpu-fallback: no GPU reached; the model test ran on the CPU and "
                     "matched HF",
-    "fail": "VERDICT fail: the model test did not run or did not match",
+    "fail": "VERDICT fail: the model test failed, or the container path is broken",
 }
 
 

@@ -140,9 +140,13 @@ def judge(checks: list[Check], model_run: RunResult | None, gpu_expected: bool,
             checks += [model_check(raw) for raw in model_report["checks"]]
             facts["device"] = model_report["device"]
             facts["model"] = model_facts(model_report)
-    first = next((c for c in checks if c.status == "fail"), None)
+    result = verdict(checks, facts)
+    # A failed verdict names the failure that decided it; a fallback, the first broken link.
+    failed = [c for c in checks if c.status == "fail"]
+    deciding = [c for c in failed if c.id in BLOCKING] if result == "fail" else []
+    first = (deciding or failed or [None])[0]
     facts["first_failed"] = first and {"id": first.id, "summary": first.summary}
-    return Report("smoke", verdict(checks, facts), checks, facts)
+    return Report("smoke", result, checks, facts)
 
 
 def parse_model_report(result: RunResult) -> tuple[dict[str, Any] | None, Check | None]:

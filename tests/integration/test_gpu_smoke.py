@@ -73,6 +73,7 @@ def test_stopped_daemon_is_classified(engine, tmp_path):
     assert "not running" in checks["docker.reachable"]["summary"]
     assert "systemctl start docker" in checks["docker.reachable"]["fix"]
     assert report["mode"] == "host" and checks["model.parity"]["status"] == "pass"
+    assert report["first_failed"]["id"] == "docker.reachable"  # what decided the verdict
 
 
 def test_containers_run_least_privileged_and_are_removed(engine, built_image):
