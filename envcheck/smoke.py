@@ -56,7 +56,7 @@ def gpu_smoke(*, image: str = DEFAULT_TAG, no_container: bool = False,
                                                                 "runs on this host")
     else:
         client, reach = (connect or daemon.connect)(probe, 30.0)
-    info = client.info() if client is not None else {}
+    client, info, reach = daemon.read_info(client, reach)
     stage("toolkit", "NVIDIA Container Toolkit")
     toolkit_checks, toolkit_facts = probe_toolkit(probe, driver.driver, daemon.is_rootless(info))
     checks += toolkit_checks

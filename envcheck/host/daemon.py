@@ -38,6 +38,20 @@ def connect(probe: Probe, timeout_s: float):
         return None, unreachable_check(str(error), where)
 
 
+def read_info(client, reach: Check | None) -> tuple[object | None, dict, Check | None]:
+    """GET /info, or the daemon counted unreachable when it stops answering after the ping."""
+    import docker
+    import requests
+
+    if client is None:
+        return None, {}, reach
+    try:
+        return client, client.info(), reach
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as error:
+        where = os.environ.get("DOCKER_HOST") or f"unix://{DEFAULT_SOCKET}"
+        return None, {}, unreachable_check(str(error), where)
+
+
 def unreachable_check(text: str, where: str) -> Check:
     if "Permission denied" in text or "PermissionError" in text:
         return Check("docker.reachable", "fail", f"permission denied on the Docker socket {where}",

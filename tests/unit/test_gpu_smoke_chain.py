@@ -356,3 +356,20 @@ def test_daemon_restarted_during_the_model_run(tmp_path):
     report = smoke(healthy_host(tmp_path), FakeDocker(model_wait_error=gone))
     check = assert_link(report, "model.run", "fail", "dockerd is back")
     assert "dockerd restarted?" in check.summary and report.verdict == "fail"
+
+
+def test_daemon_that_stops_answering_after_the_ping(tmp_path, monkeypatch):
+    import requests
+
+    from envcheck import smoke as smoke_module
+    from envcheck.runner import RunResult
+
+    class Dying(FakeDocker):
+        def info(self):
+            raise requests.exceptions.ConnectionError("Connection aborted.")
+
+    monkeypatch.setattr(smoke_module, "host_model_run", lambda timeout_s: RunResult(
+        0, __import__("json").dumps(model_report("cpu")), ""))
+    report = smoke(healthy_host(tmp_path), Dying())
+    assert_link(report, "docker.reachable", "fail", "systemctl start docker")
+    assert report.facts["mode"] == "host" and report.verdict == "fail"
