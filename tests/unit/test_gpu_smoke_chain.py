@@ -359,6 +359,8 @@ def test_daemon_restarted_during_the_model_run(tmp_path):
 
 
 def test_daemon_that_stops_answering_after_the_ping(tmp_path, monkeypatch):
+    import json
+
     import requests
 
     from envcheck import smoke as smoke_module
@@ -369,7 +371,7 @@ def test_daemon_that_stops_answering_after_the_ping(tmp_path, monkeypatch):
             raise requests.exceptions.ConnectionError("Connection aborted.")
 
     monkeypatch.setattr(smoke_module, "host_model_run", lambda timeout_s: RunResult(
-        0, __import__("json").dumps(model_report("cpu")), ""))
+        0, json.dumps(model_report("cpu")), ""))
     report = smoke(healthy_host(tmp_path), Dying())
     assert_link(report, "docker.reachable", "fail", "systemctl start docker")
     assert report.facts["mode"] == "host" and report.verdict == "fail"
