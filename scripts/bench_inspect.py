@@ -7,6 +7,8 @@ docker-registry with skopeo, then times, each as
 its own process with the OS's peak RSS (wait4):
   floor       curl BLOB | sha256sum                        (download + hash: the floor)
   gzip|tar    curl BLOB | gzip -dc | tar -t
+  inflate     curl BLOB | python ISA-L inflate, output dropped (the bound for anything that must
+              decompress the layer: no hashing, no tar walk)
   docker save docker save IMAGE > /dev/null                (after docker pull from the registry)
   skopeo copy skopeo copy docker://… oci:DIR
   envcheck    envcheck inspect-image REF --json            (every layer: digests, diff_ids, files)
@@ -140,6 +142,11 @@ def timed(name: str, command: str, workdir: Path, limit_s: float = 1800) -> dict
     return row
 
 
+INFLATE_ONLY = ("import collections, sys; from isal import isal_zlib; "
+                "d = isal_zlib.decompressobj(31); r = sys.stdin.buffer.raw; collections.deque("
+                "map(d.decompress, iter(lambda: r.read(1 << 20), b\"\")), maxlen=0)")
+
+
 def run(workdir: Path, gigabytes: float) -> dict:
     from scripts import test_engine
     from scripts.local_registry import Registry
@@ -157,6 +164,8 @@ def run(workdir: Path, gigabytes: float) -> dict:
         rows = [
             timed("floor", f"curl -sf {blob_url} | sha256sum", workdir),
             timed("gzip|tar", f"curl -sf {blob_url} | gzip -dc | tar -t", workdir),
+            timed("inflate", f"curl -sf {blob_url} | {sys.executable} -c '{INFLATE_ONLY}'",
+                  workdir),
             timed("skopeo copy", f"skopeo copy --src-tls-verify=false docker://{ref} "
                                  f"oci:{workdir / 'skopeo-out'}:x", workdir),
             timed("envcheck", f"{venv / 'envcheck'} inspect-image {ref} --json", workdir),
@@ -181,7 +190,9 @@ def summarize(rows: list[dict], big: dict) -> dict:
     by = {row["name"]: row for row in rows}
     mine, floor, gz = by["envcheck"], by["floor"], by["gzip|tar"]
     ratios = {"envcheck_over_floor": mine["wall_s"] / floor["wall_s"],
-              "gzip_tar_over_envcheck": gz["wall_s"] / mine["wall_s"]}
+              "gzip_tar_over_envcheck": gz["wall_s"] / mine["wall_s"],
+              "inflate_over_floor": by["inflate"]["wall_s"] / floor["wall_s"],
+              "envcheck_over_inflate": mine["wall_s"] / by["inflate"]["wall_s"]}
     goals = {"envcheck ≤ 1.1× floor": ratios["envcheck_over_floor"] <= 1.1,
              "envcheck ≥ 2.5× faster than gzip|tar": ratios["gzip_tar_over_envcheck"] >= 2.5,
              "envcheck peak RSS ≤ 150 MB": mine["peak_rss_bytes"] <= 150e6}
@@ -202,7 +213,9 @@ def print_table(result: dict) -> None:
               f"{row['wall_s'] / mine['wall_s']:>12.2f}")
     r = result["ratios"]
     print(f"ratios: envcheck / floor = {r['envcheck_over_floor']:.2f}; gzip|tar / envcheck = "
-          f"{r['gzip_tar_over_envcheck']:.2f}")
+          f"{r['gzip_tar_over_envcheck']:.2f}; inflate alone / floor = "
+          f"{r['inflate_over_floor']:.2f}; envcheck / inflate alone = "
+          f"{r['envcheck_over_inflate']:.2f}")
     print_goals(result["goals"])
 
 
