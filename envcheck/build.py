@@ -42,21 +42,19 @@ class BuildResult:
 
 def docker_client(timeout_s: float):
     """A docker SDK client, or BuildError saying whether the daemon is down or the socket is
-    not ours to use."""
+    not ours to use (the same words as gpu-smoke's docker.reachable)."""
     import docker
+
+    from envcheck.host.daemon import unreachable_check
 
     try:
         client = docker.from_env(timeout=int(timeout_s))
         client.ping()
         return client
     except docker.errors.DockerException as error:
-        text = str(error)
         host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-        if "Permission denied" in text or "PermissionError" in text:
-            raise BuildError(f"permission denied on the Docker socket {host}: add your user to "
-                             "the docker group (and log in again) or use sudo") from None
-        raise BuildError(f"Docker daemon not reachable at {host}: start dockerd (or Docker "
-                         "Desktop), or set DOCKER_HOST") from None
+        check = unreachable_check(str(error), host)
+        raise BuildError(f"{check.summary}: {check.fix}") from None
 
 
 def check_base_image(client, base_image: str) -> str:

@@ -118,3 +118,26 @@ def pushed(registry, cuda_layout) -> str:
     ref = f"{registry.host}/nvidia/cuda:12.8.0-cudnn-devel-ubuntu24.04"
     skopeo("copy", "--dest-tls-verify=false", f"oci:{layout}:12.8.0-cudnn-devel", f"docker://{ref}")
     return ref
+
+
+def run_as_nobody(engine: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m envcheck ARGS` as the unprivileged user nobody against root's socket (0660).
+    Debian's own python3 runs it (the test venv's interpreter may sit in root's home), with this
+    checkout and the venv's site-packages on PYTHONPATH."""
+    import sysconfig
+
+    from tests.conftest import REPO
+
+    system_python = "/usr/bin/python3"
+    if os.geteuid() != 0 or not engine.startswith("unix://") or not os.path.exists(
+            system_python):
+        pytest.skip("needs root, a unix socket and /usr/bin/python3")
+    runuser = require_binary("runuser")
+    site = sysconfig.get_paths()["purelib"]
+    done = subprocess.run(
+        [runuser, "-u", "nobody", "--", system_python, "-m", "envcheck", *args],
+        capture_output=True, text=True, timeout=300, check=False, cwd="/tmp",
+        env={"PATH": "/usr/bin:/bin", "DOCKER_HOST": engine, "HOME": "/tmp",
+             "PYTHONPATH": f"{REPO}:{site}"})
+    assert "Traceback" not in done.stderr, done.stderr
+    return done

@@ -1,7 +1,7 @@
 """`envcheck gpu-smoke` against the real Docker Engine here, which has no NVIDIA runtime: the GPU
 device request fails for real and is classified, the CPU fallback runs in the container, and a
-stopped daemon is classified — never a traceback. (A socket without permission cannot be staged
-for root, who bypasses file permissions: tests/unit/test_daemon.py injects it at the socket.)"""
+stopped daemon and a socket without permission (root's socket used by nobody) are classified —
+never a traceback."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 
 from envcheck import passthrough
 from tests.conftest import REPO
+from tests.integration.conftest import run_as_nobody
 from tests.integration.test_container import envcheck
 
 SCHEMA = json.loads((REPO / "envcheck/schemas/smoke.v1.json").read_text())
@@ -74,6 +75,16 @@ def test_stopped_daemon_is_classified(engine, tmp_path):
     assert "systemctl start docker" in checks["docker.reachable"]["fix"]
     assert report["mode"] == "host" and checks["model.parity"]["status"] == "pass"
     assert report["first_failed"]["id"] == "docker.reachable"  # what decided the verdict
+
+
+def test_socket_without_permission_is_classified(engine):
+    done = run_as_nobody(engine, "gpu-smoke", "--json", "--timeout-s", "30")
+    report = json.loads(done.stdout)
+    checks = {c["id"]: c for c in report["checks"]}
+    assert done.returncode == 1 and report["verdict"] == "fail"
+    assert checks["docker.reachable"]["status"] == "fail"
+    assert "permission denied on the Docker socket" in checks["docker.reachable"]["summary"]
+    assert "docker group" in checks["docker.reachable"]["fix"]
 
 
 def test_containers_run_least_privileged_and_are_removed(engine, built_image):

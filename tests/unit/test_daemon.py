@@ -1,6 +1,6 @@
-"""docker.reachable through the real docker SDK with the socket refusing us: the SDK's own error
-text is classified (a socket without permission cannot be staged for root, who bypasses file
-permissions, so the refusal is injected at socket.connect)."""
+"""docker.reachable through the real docker SDK with the socket refusing us in each way the OS
+can (injected at socket.connect): the SDK's own error text is classified. The real cases run in
+tests/integration/test_gpu_smoke.py (a stale socket; root's socket used by nobody)."""
 
 from __future__ import annotations
 
