@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import re
 import tarfile
 import time
@@ -52,8 +51,7 @@ def docker_client(timeout_s: float):
         client.ping()
         return client
     except docker.errors.DockerException as error:
-        host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-        check = unreachable_check(str(error), host)
+        check = unreachable_check(str(error))
         raise BuildError(f"{check.summary}: {check.fix}") from None
 
 

@@ -15,6 +15,7 @@ import re
 import time
 
 from envcheck.catalog import CATALOG_BY_ID, UNKNOWN, classify
+from envcheck.host.driver import parse_driver_version
 from envcheck.image.inspect import requirement_check
 from envcheck.report import Check
 from envcheck.runner import RC_TIMEOUT, RunResult
@@ -180,9 +181,9 @@ def inside_checks(sections: dict[str, str]) -> list[Check]:
               else _inside_fail("container.devices", f"no GPU device nodes inside "
                                                      f"(saw: {' '.join(nodes) or 'none'})",
                                 sections.get("devices", ""))]
-    driver = re.search(r"Kernel Module.*?(\d+\.\d+(?:\.\d+)?)", sections.get("driver", ""))
-    checks.append(Check("container.driver", "pass", f"/proc/driver/nvidia/version: "
-                                                    f"{driver.group(1)}") if driver else
+    driver, _ = parse_driver_version(sections.get("driver", ""))
+    checks.append(Check("container.driver", "pass", f"/proc/driver/nvidia/version: {driver}")
+                  if driver else
                   _inside_fail("container.driver", "/proc/driver/nvidia/version missing "
                                                    "inside", sections.get("driver", "")))
     libs = sections.get("ldconfig", "")

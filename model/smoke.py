@@ -181,9 +181,10 @@ def matmul_tflops_bf16() -> float:
 
 
 def throughput(cfg, ids_BT, forward_s: float) -> dict:
-    achieved = forward_flops(cfg, *ids_BT.shape) / forward_s / 1e12
+    flops = forward_flops(cfg, *ids_BT.shape)
+    achieved = flops / forward_s / 1e12
     peak = matmul_tflops_bf16()
-    return {"forward_gflop": round(forward_flops(cfg, *ids_BT.shape) / 1e9, 4),
+    return {"forward_gflop": round(flops / 1e9, 4),
             "achieved_tflops": round(achieved, 6), "matmul_bf16_tflops": round(peak, 3),
             "fraction_of_matmul": round(achieved / peak, 6)}
 

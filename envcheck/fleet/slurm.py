@@ -78,9 +78,10 @@ def run_fleet(*, partition: str | None = None, nodes: str | None = None,
     run = run or runner_module.run
     envcheck = envcheck or [sys.executable, "-m", "envcheck"]
     listed = list_nodes(partition, nodes, run)
-    results = [NodeResult(name, availability(state), detail=f"{state}: {reason}")
-               for name, state, reason in listed if availability(state)]
-    ready = [name for name, state, _ in listed if not availability(state)]
+    status = {name: availability(state) for name, state, _ in listed}
+    results = [NodeResult(name, status[name], detail=f"{state}: {reason}")
+               for name, state, reason in listed if status[name]]
+    ready = [name for name, _, _ in listed if not status[name]]
     if ready:
         results += run_step(ready, partition, gres,
                             smoke_argv(envcheck, image, timeout_s, no_container),

@@ -24,18 +24,16 @@ def connect(probe: Probe, timeout_s: float):
     No DOCKER_HOST and no socket at all means no Docker here: a skip, not a failure."""
     import docker
 
-    host = os.environ.get("DOCKER_HOST")
-    if host is None and not probe.path(DEFAULT_SOCKET).exists():
+    if "DOCKER_HOST" not in os.environ and not probe.path(DEFAULT_SOCKET).exists():
         return None, Check("docker.reachable", "skip",
                            f"no Docker engine here ({DEFAULT_SOCKET} absent, DOCKER_HOST unset)",
                            fix="install Docker Engine (docker-ce) to check the container path")
-    where = host or f"unix://{DEFAULT_SOCKET}"
     try:
         client = docker.from_env(timeout=int(max(timeout_s, 1)))
         client.ping()
         return client, None
     except docker.errors.DockerException as error:
-        return None, unreachable_check(str(error), where)
+        return None, unreachable_check(str(error))
 
 
 def read_info(client, reach: Check | None) -> tuple[object | None, dict, Check | None]:
@@ -48,11 +46,17 @@ def read_info(client, reach: Check | None) -> tuple[object | None, dict, Check |
     try:
         return client, client.info(), reach
     except (docker.errors.DockerException, requests.exceptions.RequestException) as error:
-        where = os.environ.get("DOCKER_HOST") or f"unix://{DEFAULT_SOCKET}"
-        return None, {}, unreachable_check(str(error), where)
+        return None, {}, unreachable_check(str(error))
 
 
-def unreachable_check(text: str, where: str) -> Check:
+def docker_host() -> str:
+    """Where the docker SDK connects: DOCKER_HOST, else the default socket."""
+    return os.environ.get("DOCKER_HOST") or f"unix://{DEFAULT_SOCKET}"
+
+
+def unreachable_check(text: str) -> Check:
+    """A failed docker.reachable from the SDK's error text: permission vs not running."""
+    where = docker_host()
     if "Permission denied" in text or "PermissionError" in text:
         return Check("docker.reachable", "fail", f"permission denied on the Docker socket {where}",
                      fix="add your user to the docker group (`sudo usermod -aG docker $USER`, "

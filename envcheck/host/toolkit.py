@@ -106,12 +106,13 @@ def cdi_specs(probe: Probe, driver: str | None) -> tuple[Check, dict]:
             if path.suffix not in (".yaml", ".yml", ".json"):
                 continue
             try:
-                spec = yaml.safe_load(path.read_text())
+                text = path.read_text()
+                spec = yaml.safe_load(text)
                 assert isinstance(spec, dict) and isinstance(spec.get("devices"), list)
             except (OSError, yaml.YAMLError, AssertionError):
                 broken.append(f"{directory}/{path.name}")
                 continue
-            versions = {a or b for a, b in SPEC_DRIVER_RE.findall(path.read_text())}
+            versions = {a or b for a, b in SPEC_DRIVER_RE.findall(text)}
             specs.append({"path": f"{directory}/{path.name}", "kind": spec.get("kind"),
                           "devices": [d.get("name") for d in spec["devices"]],
                           "driver_versions": sorted(versions)})
