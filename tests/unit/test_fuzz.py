@@ -4,7 +4,7 @@ text parsers of the GPU-host probes. Inputs are real files mutated (byte flips, 
 insertion) or structured JSON; the only failure allowed is each parser's documented error type,
 with a message.
 
-Default run: 2,000 cases per parser (500 for the threaded layer stream). The slow tier:
+Default run: 2,000 cases per parser. The slow tier:
     pytest -m fuzz_slow tests/unit/test_fuzz.py        # 100,000 cases per parser
 """
 
@@ -204,9 +204,7 @@ def _layer_seeds() -> list[bytes]:
     return [plain, gzip.compress(plain), zstandard.ZstdCompressor().compress(plain)]
 
 
-@pytest.mark.parametrize("examples", [pytest.param(500, id="default"),
-                                      pytest.param(100_000, id="slow",
-                                                   marks=pytest.mark.fuzz_slow)])
+@pytest.mark.parametrize("examples", TIERS)
 def test_layer_stream(examples):
     def check(data: bytes) -> None:
         scan = parsed(LayerError, scan_layer, io.BytesIO(data), 0, prefix="layer 0")
