@@ -1,7 +1,7 @@
 """A layer blob as a stream of decompressed chunks, with both digests computed on the way.
 
 Three stages overlap on separate threads so a layer streams at close to download speed:
-  reader thread   blob.read(1 MiB) -> sha256 of the compressed bytes (the blob digest)
+  reader thread   blob.readinto(256 KiB) -> sha256 of the compressed bytes (the blob digest)
   caller          gzip (ISA-L when installed, else zlib) / zstd / plain -> chunks out
   hasher thread   sha256 of the uncompressed bytes (the diff_id)
 hashlib, ISA-L, zlib and socket reads release the GIL, so the stages really run in parallel.
@@ -98,9 +98,11 @@ class BlobStream:
 
     def _read_compressed(self, put) -> None:
         while True:
-            data = self._blob.read(CHUNK_BYTES)
-            if not data:
+            buffer = bytearray(CHUNK_BYTES)  # a fresh one each time: the consumer keeps it
+            n = self._blob.readinto(buffer)
+            if not n:
                 return
+            data = buffer if n == CHUNK_BYTES else buffer[:n]
             self._compressed_hash.update(data)
             self.compressed_bytes += len(data)
             if self._limit is not None and self.compressed_bytes > self._limit:
