@@ -42,17 +42,12 @@ class BuildResult:
 def docker_client(timeout_s: float):
     """A docker SDK client, or BuildError saying whether the daemon is down or the socket is
     not ours to use (the same words as gpu-smoke's docker.reachable)."""
-    import docker
-
-    from envcheck.host.daemon import unreachable_check
+    from envcheck.host.daemon import Unreachable, ping_client
 
     try:
-        client = docker.from_env(timeout=int(timeout_s))
-        client.ping()
-        return client
-    except docker.errors.DockerException as error:
-        check = unreachable_check(str(error))
-        raise BuildError(f"{check.summary}: {check.fix}") from None
+        return ping_client(timeout_s)
+    except Unreachable as error:
+        raise BuildError(str(error)) from None
 
 
 def check_base_image(client, base_image: str) -> str:

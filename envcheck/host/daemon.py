@@ -22,18 +22,36 @@ CONFIGURE_FIX = ("run `sudo nvidia-ctk runtime configure --runtime=docker` and r
 def connect(probe: Probe, timeout_s: float):
     """(a pinged docker client, None) or (None, the docker.reachable Check saying why not).
     No DOCKER_HOST and no socket at all means no Docker here: a skip, not a failure."""
-    import docker
 
     if "DOCKER_HOST" not in os.environ and not probe.path(DEFAULT_SOCKET).exists():
         return None, Check("docker.reachable", "skip",
                            f"no Docker engine here ({DEFAULT_SOCKET} absent, DOCKER_HOST unset)",
                            fix="install Docker Engine (docker-ce) to check the container path")
     try:
+        return ping_client(timeout_s), None
+    except Unreachable as error:
+        return None, error.check
+
+
+class Unreachable(Exception):
+    """The daemon does not answer; `check` is the docker.reachable failure saying why."""
+
+    def __init__(self, check: Check):
+        super().__init__(f"{check.summary}: {check.fix}")
+        self.check = check
+
+
+def ping_client(timeout_s: float):
+    """A docker SDK client whose daemon answered a ping, or Unreachable (not running, or the
+    socket is not ours): one classifier for gpu-smoke, build and inspect-image."""
+    import docker
+
+    try:
         client = docker.from_env(timeout=int(max(timeout_s, 1)))
         client.ping()
-        return client, None
+        return client
     except docker.errors.DockerException as error:
-        return None, unreachable_check(str(error))
+        raise Unreachable(unreachable_check(str(error))) from None
 
 
 def read_info(client, reach: Check | None) -> tuple[object | None, dict, Check | None]:

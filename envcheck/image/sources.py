@@ -237,18 +237,20 @@ def daemon_source(ref: ImageRef, timeout_s: float = 60.0) -> DockerArchiveSource
     chunks, never into memory — then read as a docker archive."""
     import docker
 
+    from envcheck.host.daemon import Unreachable, ping_client
+
     name = ref.repository + (f":{ref.tag}" if ref.tag else "") + (
         f"@{ref.digest}" if ref.digest else "")
     try:
-        client = docker.from_env(timeout=int(timeout_s))
-        image = client.images.get(name)
+        image = ping_client(timeout_s).images.get(name)
+    except Unreachable as error:
+        raise SourceError(f"docker-daemon:{name}: {error}") from None
     except docker.errors.ImageNotFound:
         raise SourceError(f"docker-daemon:{name}: no such image in the daemon; "
                           "pull or build it first") from None
     except docker.errors.DockerException as error:
-        raise SourceError(f"docker-daemon:{name}: Docker daemon not reachable "
-                          f"({str(error).splitlines()[0][:160]}); start dockerd or set "
-                          "DOCKER_HOST") from None
+        raise SourceError(f"docker-daemon:{name}: the daemon refused the image "
+                          f"({str(error).splitlines()[0][:160]})") from None
     handle, temp = tempfile.mkstemp(prefix="envcheck-save-", suffix=".tar")
     try:
         with os.fdopen(handle, "wb") as out:

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from scripts import cuda_image
-from tests.integration.conftest import require_binary, skopeo, start_registry
+from tests.integration.conftest import require_binary, run_as_nobody, skopeo, start_registry
 
 
 def envcheck(*args: str, env=None):
@@ -279,7 +279,16 @@ def test_daemon_not_running(tmp_path):
 
     done = envcheck("docker-daemon:x:y", env={**os.environ,
                                               "DOCKER_HOST": f"unix://{tmp_path}/none.sock"})
-    one_line_error(done, 1, "Docker daemon not reachable")
+    one_line_error(done, 1, "the Docker daemon is not running at unix://")
+    assert "DOCKER_HOST" in done.stderr
+
+
+def test_daemon_socket_without_permission(engine):
+    """inspect-image docker-daemon: as nobody against root's 0660 socket: the same words (and
+    fix) as gpu-smoke's docker.reachable."""
+    done = run_as_nobody(engine, "inspect-image", "docker-daemon:x:y")
+    one_line_error(done, 1, "permission denied on the Docker socket")
+    assert "docker group" in done.stderr
 
 
 def test_oci_style_docker_archive(cuda_layout, tmp_path):
