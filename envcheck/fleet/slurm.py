@@ -1,8 +1,14 @@
 """`envcheck fleet slurm`: gpu-smoke on every node through Slurm itself — `sinfo` for the nodes
-and their states, one `srun --ntasks-per-node=1` step over the available ones (each task runs
-`envcheck gpu-smoke --json`: in the container where the node has Docker, on the host otherwise),
-one output file per node (`%n`), then the aggregation. Drained or down nodes, nodes whose task
+and their states, one allocation of the available ones (`salloc --no-shell --no-kill`), one
+`srun --ntasks-per-node=1` step in it (each task runs `envcheck gpu-smoke --json`: in the
+container where the node has Docker, on the host otherwise), one output file per node (`%n`),
+then the aggregation; the allocation is released at the end. Drained or down nodes, nodes whose task
 never reported and a step that timed out are rows with that status, never silence.
+
+A node that cannot be launched on (its slurmd died, and slurmctld has not noticed yet) makes
+srun abort the whole step, killing the tasks on healthy nodes too. Those nodes run once more in
+a second step of the same allocation without the failed ones (at once: a new allocation would
+wait for the dead node to time out), so one dead node does not hide the others.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ UNAVAILABLE = {"drain": "drained", "drng": "drained", "drained": "drained", "dow
                "down", "futr": "down", "boot": "down", "powered_down": "down"}
 TASK_ERROR_RE = re.compile(r"(?:error: (\S+): task \d+: (.+)|failed on node (\S+): (.+))$",
                            re.MULTILINE)
+LAUNCH_FAILED_RE = re.compile(r"Task launch for \S+ failed on node (\S+):")
+GRANTED_RE = re.compile(r"Granted job allocation (\d+)")
 STEP_SLACK_S = 60.0
 
 
@@ -83,26 +91,61 @@ def run_fleet(*, partition: str | None = None, nodes: str | None = None,
                for name, state, reason in listed if status[name]]
     ready = [name for name, _, _ in listed if not status[name]]
     if ready:
-        results += run_step(ready, partition, gres,
-                            smoke_argv(envcheck, image, timeout_s, no_container),
-                            timeout_s + STEP_SLACK_S, run)
+        smoke = smoke_argv(envcheck, image, timeout_s, no_container)
+        results += run_steps(ready, partition, gres, smoke, timeout_s + STEP_SLACK_S, run)
     return results
 
 
-def run_step(ready: list[str], partition: str | None, gres: str | None, smoke: list[str],
-             limit_s: float, run: Runner) -> list[NodeResult]:
+def run_steps(ready: list[str], partition: str | None, gres: str | None, smoke: list[str],
+              limit_s: float, run: Runner) -> list[NodeResult]:
+    """Allocate `ready`, run the step, re-run once the nodes a launch failure took down with
+    it, release the allocation."""
+    job, why = allocate(ready, partition, gres, 2 * limit_s, run)
+    if job is None:
+        return [NodeResult(name, "no-report", detail=why) for name in ready]
+    try:
+        rows, launch_failed = run_step(job, ready, smoke, limit_s, run)
+        lost = [row.node for row in rows if row.status == "no-report"
+                and row.node not in launch_failed] if launch_failed else []
+        if lost:  # once: a second launch failure leaves its rows as they are
+            again, _ = run_step(job, lost, smoke, limit_s, run)
+            rerun = {row.node: row for row in again}
+            rows = [rerun.get(row.node, row) for row in rows]
+        return rows
+    finally:
+        run(["scancel", job], 30.0)
+
+
+def allocate(ready: list[str], partition: str | None, gres: str | None, limit_s: float,
+             run: Runner) -> tuple[str | None, str]:
+    """(job id, "") of an allocation holding one task slot on each node, or (None, why not).
+    --no-kill keeps it when a node fails, so the healthy nodes can run another step."""
+    argv = ["salloc", "--no-shell", "--no-kill", f"--nodes={len(ready)}",
+            "--ntasks-per-node=1", f"--nodelist={','.join(ready)}", "--immediate=30",
+            f"--time={int(limit_s // 60) + 1}", "--job-name=envcheck-fleet"]
+    argv += [f"--partition={partition}"] if partition else []
+    argv += [f"--gres={gres}"] if gres else []
+    done = run(argv, 60.0)
+    granted = GRANTED_RE.search(done.err or "")
+    if done.rc == 0 and granted:
+        return granted.group(1), ""
+    return None, _last_line(done.err or done.out) or f"salloc failed (exit code {done.rc})"
+
+
+def run_step(job: str, ready: list[str], smoke: list[str], limit_s: float,
+             run: Runner) -> tuple[list[NodeResult], set[str]]:
+    """One srun step over `ready` in allocation `job`: its rows, and the nodes srun could not
+    launch on."""
     with tempfile.TemporaryDirectory(prefix="envcheck-fleet-") as folder:
         out = Path(folder)
-        argv = ["srun", f"--nodes={len(ready)}", "--ntasks-per-node=1",
-                f"--nodelist={','.join(ready)}", "--kill-on-bad-exit=0", "--immediate=30",
-                f"--time={int(limit_s // 60) + 1}", "--job-name=envcheck-fleet",
+        argv = ["srun", f"--jobid={job}", f"--nodes={len(ready)}", "--ntasks-per-node=1",
+                f"--nodelist={','.join(ready)}", "--kill-on-bad-exit=0",
                 f"--output={out}/node-%n.out", f"--error={out}/node-%n.err"]
-        argv += [f"--partition={partition}"] if partition else []
-        argv += [f"--gres={gres}"] if gres else []
         step = run(argv + smoke, limit_s)
         by_index = {i: _read(out / f"node-{i}.out") for i in range(len(ready))}
         errors = {i: _read(out / f"node-{i}.err") for i in range(len(ready))}
-    return collect_step(ready, by_index, errors, step.rc, step.err)
+    launch_failed = set(LAUNCH_FAILED_RE.findall(step.err or ""))
+    return collect_step(ready, by_index, errors, step.rc, step.err), launch_failed
 
 
 def collect_step(ready: list[str], outputs: dict[int, str], errors: dict[int, str], rc: int,

@@ -94,3 +94,5 @@ def test_a_node_whose_slurmd_died_never_answers(cluster):
     assert rc == 1 and nodes["n2"]["status"] == "no-report"
     assert "Communication connection failure" in nodes["n2"]["detail"]
     assert report["node_count"] == 2
+    # srun aborted the step for n2 and killed n1's task with it; n1 ran again without n2
+    assert nodes["n1"]["status"] == "reported" and nodes["n1"]["verdict"] == "cpu-fallback"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -16,13 +17,16 @@ from click.testing import CliRunner
 from envcheck.cli import cli
 from envcheck.fleet import k8s
 from envcheck.fleet.aggregate import NodeResult, from_report, hostlist, render, summarize
-from envcheck.fleet.slurm import availability, collect_step
+from envcheck.fleet.slurm import availability, collect_step, run_fleet
+from envcheck.runner import RunResult
 from envcheck.smoke import gpu_smoke
 from tests.conftest import REPO
 from tests.gpu_host import FakeDocker, connect_to, healthy_host
 
 FIXTURES = REPO / "tests/fixtures/fleet"
 SCHEMA = json.loads((REPO / "envcheck/schemas/fleet.v1.json").read_text())
+# slurmd dead on n2 but still idle in slurmctld: srun aborts the step and kills n1's and n3's tasks
+ABORTED_STEP_ERR = FIXTURES / "srun-stderr_step-aborted-tasks-killed_22.05.txt"
 
 
 @pytest.fixture
@@ -95,6 +99,72 @@ def synthetic_fleet(cpu_report, gpu_report, count: int) -> list[NodeResult]:
         report = copy.deepcopy(gpu_report if i % 10 < 7 else cpu_report)
         rows.append(from_report(f"n{i}", report))
     return rows
+
+
+class FakeSlurm:
+    """sinfo, salloc and scancel answer as Slurm 22.05 does; each srun step is `step(nodes,
+    files)`, which returns a RunResult after writing the per-node output files it likes."""
+
+    def __init__(self, nodes: str, step):
+        self.nodes, self.step = nodes, step
+        self.steps: list[list[str]] = []
+        self.calls: list[str] = []
+
+    def __call__(self, argv, timeout_s, **_):
+        self.calls.append(argv[0])
+        if argv[0] == "sinfo":
+            return RunResult(0, "".join(f"{n}|idle|\n" for n in self.nodes.split(",")), "")
+        if argv[0] == "salloc":
+            return RunResult(0, "", "salloc: Granted job allocation 8\n")
+        if argv[0] == "scancel":
+            assert argv[1:] == ["8"]
+            return RunResult(0, "", "")
+        options = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+        assert options["jobid"] == "8"
+        nodes = options["nodelist"].split(",")
+        self.steps.append(nodes)
+        return self.step(nodes, lambda i: Path(options["output"].replace("%n", str(i))))
+
+
+def test_a_launch_failure_reruns_the_healthy_nodes_once(cpu_report):
+    """One dead slurmd must not hide the other nodes: they run again in a second step of the
+    same allocation, which is released at the end."""
+    def step(nodes, output):
+        if len(nodes) == 3:
+            return RunResult(233, "", ABORTED_STEP_ERR.read_text())
+        for index, node in enumerate(nodes):
+            report = {**cpu_report, "node": {**cpu_report["node"], "name": node}}
+            output(index).write_text(json.dumps(report))
+        return RunResult(0, "", "")
+
+    slurm = FakeSlurm("n1,n2,n3", step)
+    rows = {row.node: row for row in run_fleet(envcheck=["envcheck"], run=slurm)}
+    assert slurm.steps == [["n1", "n2", "n3"], ["n1", "n3"]]
+    assert slurm.calls == ["sinfo", "salloc", "srun", "srun", "scancel"]
+    assert rows["n2"].status == "no-report" and "Communication" in rows["n2"].detail
+    assert rows["n1"].status == rows["n3"].status == "reported"
+    assert list(rows) == ["n1", "n2", "n3"]
+
+
+def test_without_a_launch_failure_nothing_is_rerun():
+    slurm = FakeSlurm("n1,n2", lambda nodes, output: RunResult(
+        1, "", "srun: error: n2: task 1: Exited with exit code 2\n"))
+    rows = run_fleet(envcheck=["envcheck"], run=slurm)
+    assert len(slurm.steps) == 1 and [row.status for row in rows] == ["no-report", "no-report"]
+    assert slurm.calls[-1] == "scancel"
+
+
+def test_an_allocation_refused_is_a_row_per_node():
+    def run(argv, timeout_s, **_):
+        if argv[0] == "sinfo":
+            return RunResult(0, "n1|idle|\nn2|idle|\n", "")
+        assert argv[0] == "salloc"
+        return RunResult(1, "", "salloc: error: Unable to allocate resources: Requested nodes "
+                                "are busy\n")
+
+    rows = run_fleet(envcheck=["envcheck"], run=run)
+    assert [(r.status, r.detail) for r in rows] == [
+        ("no-report", "salloc: error: Unable to allocate resources: Requested nodes are busy")] * 2
 
 
 def test_thousand_nodes_are_grouped_not_listed(cpu_report, gpu_report):
