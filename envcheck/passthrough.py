@@ -36,6 +36,10 @@ PROBE_SCRIPT = (
     "echo '== nvidia-smi'; nvidia-smi -L 2>&1 || true"
 )
 SECTION_RE = re.compile(r"^== (\S+)$", re.MULTILINE)
+# runc: exec: "sh": executable file not found in $PATH; crun: executable file `sh` not found
+# (older Docker escapes the quotes: exec: \"sh\": …)
+MISSING_PROGRAM_RE = re.compile(r'exec: \\?"([^"\\]+)\\?": executable file not found|'
+                                r"executable file `([^`]+)` not found")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,8 +152,24 @@ def _remove(container) -> None:
         pass  # already gone, or the daemon is: nothing left to remove through it
 
 
+def missing_program(text: str) -> str | None:
+    """The program an image lacks, from the OCI runtime's refusal to start its container."""
+    found = MISSING_PROGRAM_RE.search(text or "")
+    return found and (found.group(1) or found.group(2))
+
+
 def passthrough_checks(run: ContainerRun, taken: set[str]) -> list[Check]:
     """Link 5 from the probe container: why it did not start, or what it saw inside."""
+    program = missing_program(run.error or "")
+    if program:  # a distroless image: nothing to say about the GPU either way
+        reason = f"the image has no `{program}` to probe with"
+        return [Check("container.passthrough", "warn",
+                      f"the GPU probe could not look inside: {reason} (it runs sh, ls, grep, "
+                      "ldconfig); the model test still asks for the GPU",
+                      detail=run.error.strip()[:400],
+                      fix="probe with an image that has a shell: pass --image with the one "
+                          "`envcheck build` makes, or one based on it")
+                ] + [Check(i, "skip", reason) for i in INSIDE_IDS]
     if run.error is not None or run.rc == RC_TIMEOUT:
         text = run.error or run.err
         entry, matched = classify(text)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -102,7 +103,10 @@ def container_chain(client, image: str, driver: str | None, checks: list[Check],
                                           gpu=True, env=passthrough.GPU_ENV,
                                           user=config["user"], timeout_s=60.0)
     checks += passthrough.passthrough_checks(probe_run, {c.id for c in checks})
-    gpu = probe_run.error is None and probe_run.rc == 0
+    # An image without a shell got as far as exec: its GPU request went through, so the model
+    # test (which needs no shell) still asks for the GPU and decides.
+    gpu = (probe_run.error is None and probe_run.rc == 0) or bool(
+        passthrough.missing_program(probe_run.error or ""))
     stage("model", "model test in the container" + (" on the GPU" if gpu else
                                                                " (CPU fallback)"))
     model = passthrough.run_container(
@@ -164,6 +168,9 @@ def parse_model_report(result: RunResult) -> tuple[dict[str, Any] | None, Check 
     if result.timed_out:
         return None, Check("model.run", "fail", "the model test timed out",
                            _tail(result.err), "raise --timeout-s, or check the device is not hung")
+    unusable = _cannot_start(result)
+    if unusable:
+        return None, Check("model.run", "fail", unusable, _tail(result.err), INSTALL_FIX)
     try:
         report = json.loads(result.out.strip().splitlines()[-1])
         assert isinstance(report, dict) and report.get("schema") == "envcheck.model-smoke/v1"
@@ -173,6 +180,22 @@ def parse_model_report(result: RunResult) -> tuple[dict[str, Any] | None, Check 
                            f"the model test gave no report (exit code {result.rc})",
                            _tail(result.err or result.out), fix)
     return report, None
+
+
+NO_MODULE_RE = re.compile(r"No module named '?([\w.]+)'?")
+INSTALL_FIX = ("in a container: use the image `envcheck build` makes (Python, JAX, Flax and the "
+               "model package), or base yours on it; on the host (--no-container): "
+               "`pip install envcheck`")
+
+
+def _cannot_start(result: RunResult) -> str | None:
+    """Why the model test could not even start: no Python, or a module it imports is missing."""
+    program = passthrough.missing_program(result.err)
+    if program:
+        return (f"the image has no `{program}`: the model test needs Python with JAX, Flax and "
+                "envcheck's model package")
+    missing = NO_MODULE_RE.search(result.err) if result.rc != 0 else None
+    return missing and f"the model test cannot import `{missing.group(1)}`"
 
 
 def backend_check(device: dict[str, Any], gpu_expected: bool, stderr: str) -> Check:

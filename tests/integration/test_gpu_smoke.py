@@ -143,3 +143,48 @@ def test_non_zero_exits_and_invalid_json_are_one_failed_check(engine, built_imag
     report, check = parse_model_report(run_in(engine, built_image, script).as_run_result())
     assert report is None and check.id == "model.run" and check.status == "fail"
     assert summary in check.summary and "python -m model.smoke" in check.fix
+
+
+def test_an_image_without_python_names_what_is_missing(engine, base_image):
+    """The Debian base has no Python: the runtime's refusal becomes what is missing and how to
+    get an image that has it, not 'gave no report'."""
+    rc, report, checks = smoke_json(engine, "--image", base_image, "--timeout-s", "60")
+    run = checks["model.run"]
+    assert rc == 1 and report["verdict"] == "fail" and run["status"] == "fail"
+    assert "the image has no `python`" in run["summary"] and "envcheck build" in run["fix"]
+
+
+def test_a_missing_module_is_named(engine, built_image):
+    from envcheck.smoke import parse_model_report
+
+    run = run_in(engine, built_image, "python -m model_absent.smoke --json")
+    _, check = parse_model_report(run.as_run_result())
+    assert check.summary == "the model test cannot import `model_absent`"
+    assert "envcheck build" in check.fix
+
+
+def test_the_gpu_probe_in_an_image_without_a_shell(engine, tmp_path):
+    """A distroless image (one file, no sh): the probe cannot run inside, which is a warning
+    about the probe, not a GPU failure."""
+    import io
+    import tarfile
+
+    client = docker.DockerClient(base_url=engine)
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        info = tarfile.TarInfo("etc/hostname")
+        info.size = 6
+        tar.addfile(info, io.BytesIO(b"probe\n"))
+    tag = "envcheck-test/distroless:probe"
+    client.api.import_image_from_data(layer.getvalue(), repository=tag.split(":")[0],
+                                      tag=tag.split(":")[1])
+    try:
+        run = passthrough.run_container(client, tag, ["sh", "-c", passthrough.PROBE_SCRIPT],
+                                        gpu=False, env={}, user="", timeout_s=60)
+        checks = {c.id: c for c in passthrough.passthrough_checks(run, set())}
+    finally:
+        client.images.remove(tag, force=True)
+    assert run.error and "executable file not found" in run.error
+    assert checks["container.passthrough"].status == "warn"
+    assert "no `sh`" in checks["container.passthrough"].summary
+    assert {checks[i].status for i in passthrough.INSIDE_IDS} == {"skip"}

@@ -375,3 +375,28 @@ def test_daemon_that_stops_answering_after_the_ping(tmp_path, monkeypatch):
     report = smoke(healthy_host(tmp_path), Dying())
     assert_link(report, "docker.reachable", "fail", "systemctl start docker")
     assert report.facts["mode"] == "host" and report.verdict == "fail"
+
+
+# What the OCI runtimes say when the image lacks the program (runc as Docker 28 words it; older
+# Docker with escaped quotes, containerd/containerd#3597; crun, containers/crun#1688).
+NO_SHELL_ERRORS = [
+    'failed to create task for container: failed to create shim task: OCI runtime create '
+    'failed: runc create failed: unable to start container process: error during container '
+    'init: exec: "sh": executable file not found in $PATH: unknown',
+    'OCI runtime create failed: container_linux.go:345: starting container process caused '
+    '"exec: \\"sh\\": executable file not found in $PATH": unknown',
+    "crun: executable file `sh` not found in $PATH: No such file or directory: OCI runtime "
+    "attempted to invoke a command that was not found",
+]
+
+
+@pytest.mark.parametrize("error", NO_SHELL_ERRORS)
+def test_an_image_without_a_shell_cannot_be_probed_but_still_runs_the_model(tmp_path, error):
+    """A distroless Python image on a healthy host: the probe is a warning (it says nothing
+    about the GPU), the model still runs on the GPU and decides the verdict."""
+    report = smoke(healthy_host(tmp_path), FakeDocker(gpu_error=error))
+    check = assert_link(report, "container.passthrough", "warn", "envcheck build")
+    assert "no `sh`" in check.summary
+    assert {by_id(report)[i].status for i in ("container.devices", "container.libcuda")} == {
+        "skip"}
+    assert report.verdict == "gpu"
