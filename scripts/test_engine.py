@@ -41,30 +41,36 @@ def start() -> tuple[str, int | None]:
     existing = os.environ.get("DOCKER_HOST")
     if answers(existing):
         return existing or "unix:///var/run/docker.sock", None
-    socket = STATE / "docker.sock"
-    host = f"unix://{socket}"
+    host = f"unix://{STATE / 'docker.sock'}"
     if answers(host):
         return host, int((STATE / "docker.pid").read_text())
+    return host, start_dockerd(STATE)
+
+
+def start_dockerd(state: Path) -> int:
+    """Start a dockerd of its own under `state` (data-root, exec-root, socket, pid file, log);
+    its pid once it answers on unix://STATE/docker.sock."""
     dockerd = shutil.which("dockerd")
     if dockerd is None:
         raise RuntimeError("dockerd is not installed: apt-get install docker.io (as root)")
-    STATE.mkdir(parents=True, exist_ok=True)
-    log = (STATE / "dockerd.log").open("ab")
+    state.mkdir(parents=True, exist_ok=True)
+    host = f"unix://{state / 'docker.sock'}"
+    log = (state / "dockerd.log").open("ab")
     process = subprocess.Popen(
         [dockerd, "--bridge=none", "--iptables=false", "--ip-masq=false",
-         f"--data-root={STATE / 'data'}", f"--exec-root={STATE / 'exec'}",
-         f"--pidfile={STATE / 'docker.pid'}", f"--host={host}"],
+         f"--data-root={state / 'data'}", f"--exec-root={state / 'exec'}",
+         f"--pidfile={state / 'docker.pid'}", f"--host={host}"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"dockerd exited ({process.returncode}); see {STATE}/dockerd.log")
+            raise RuntimeError(f"dockerd exited ({process.returncode}); see {state}/dockerd.log")
         if answers(host):
-            return host, process.pid
+            return process.pid
         time.sleep(0.3)
     process.terminate()
     raise RuntimeError(f"dockerd did not answer within {START_TIMEOUT_S} s; see "
-                       f"{STATE}/dockerd.log")
+                       f"{state}/dockerd.log")
 
 
 def stop(pid: int | None = None) -> None:

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import subprocess
+import time
 
 import docker
 import jsonschema
@@ -15,7 +18,7 @@ import pytest
 
 from envcheck import passthrough
 from tests.conftest import REPO
-from tests.integration.conftest import run_as_nobody
+from tests.integration.conftest import require_binary, run_as_nobody
 from tests.integration.test_container import envcheck
 
 SCHEMA = json.loads((REPO / "envcheck/schemas/smoke.v1.json").read_text())
@@ -188,3 +191,86 @@ def test_the_gpu_probe_in_an_image_without_a_shell(engine, tmp_path):
     assert checks["container.passthrough"].status == "warn"
     assert "no `sh`" in checks["container.passthrough"].summary
     assert {checks[i].status for i in passthrough.INSIDE_IDS} == {"skip"}
+
+
+def tiny_image(client, tag: str) -> None:
+    """An image holding only the host's `sleep` and the C library it needs."""
+    import io
+    import tarfile
+
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        for path in ("/usr/bin/sleep", "/lib/x86_64-linux-gnu/libc.so.6",
+                     "/lib64/ld-linux-x86-64.so.2"):
+            tar.add(os.path.realpath(path), arcname=path.lstrip("/"))
+    repository, name = tag.split(":")
+    client.api.import_image_from_data(layer.getvalue(), repository=repository, tag=name)
+
+
+def forget_containerd(pid_file) -> None:
+    """The killed dockerd's containerd dies with it (parent-death signal), but may linger a
+    moment or as an unreaped zombie, which a restarted dockerd would wait for forever: wait
+    for it, then drop its pid file so the restart starts a fresh containerd."""
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return
+    for _ in range(100):
+        try:
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    pid_file.unlink(missing_ok=True)
+
+
+def test_a_daemon_killed_during_the_model_run():
+    """A second, disposable dockerd is SIGKILLed while the container runs: the run ends with
+    the daemon-gone message (not a traceback, not a hang), and model.run says to rerun."""
+    import signal
+    import tempfile
+    import threading
+    from pathlib import Path
+
+    from envcheck.smoke import parse_model_report
+    from scripts import test_engine
+
+    require_binary("dockerd")
+    if not os.path.exists("/lib64/ld-linux-x86-64.so.2") or os.geteuid() != 0:
+        pytest.skip("needs root and an x86-64 glibc host for the tiny image")
+    state = Path(tempfile.mkdtemp(prefix="ec-gone-"))  # short: a unix socket path is ≤ 107 B
+    host, tag = f"unix://{state}/docker.sock", "envcheck-test/sleep:gone"
+    pid = test_engine.start_dockerd(state)
+    try:
+        tiny_image(docker.DockerClient(base_url=host), tag)
+        done = {}
+        runner = threading.Thread(target=lambda: done.update(run=passthrough.run_container(
+            docker.DockerClient(base_url=host, timeout=120), tag, ["sleep", "120"], gpu=False,
+            env={}, user="", timeout_s=120)))
+        runner.start()
+        watcher = docker.DockerClient(base_url=host)
+        for _ in range(100):
+            if watcher.containers.list(filters={"label": "envcheck=gpu-smoke"}):
+                break
+            time.sleep(0.2)
+        os.kill(pid, signal.SIGKILL)
+        runner.join(60)
+        assert not runner.is_alive(), "run_container hung after the daemon died"
+        run = done["run"]
+        assert run.error and passthrough.DAEMON_GONE in run.error
+        report, check = parse_model_report(run.as_run_result())
+        assert report is None and check.id == "model.run" and "dockerd is back" in check.fix
+    finally:
+        forget_containerd(state / "exec/containerd/containerd.pid")
+        pid = test_engine.start_dockerd(state)  # back up, it removes what the kill left
+        client = docker.DockerClient(base_url=host)
+        for container in client.containers.list(all=True):
+            container.remove(force=True)
+        test_engine.stop(pid)
+        # the killed daemon's bind mount of its data-root outlives it
+        mounts = [line.split()[1] for line in open("/proc/mounts")]
+        for mount in sorted((m for m in mounts if m.startswith(f"{state}/")), reverse=True):
+            subprocess.run(["umount", "-l", mount], check=False)
+        shutil.rmtree(state, ignore_errors=True)
