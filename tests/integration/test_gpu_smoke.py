@@ -1,7 +1,7 @@
 """`envcheck gpu-smoke` against the real Docker Engine here, which has no NVIDIA runtime: the GPU
 device request fails for real and is classified, the CPU fallback runs in the container, and a
-stopped daemon and a socket without permission (root's socket used by nobody) are classified —
-never a traceback."""
+stopped daemon, a socket without permission (root's socket used by nobody), a daemon killed
+mid-run and images without python or a shell are classified — never a traceback."""
 
 from __future__ import annotations
 
