@@ -60,8 +60,23 @@ def engine():
             pytest.fail(str(error))
         pytest.skip(str(error))
     yield host
+    prune_build_leftovers(host)
     if started_pid is not None:
         test_engine.stop(started_pid)
+
+
+def prune_build_leftovers(host: str) -> None:
+    """Dangling images the test builds left (a rebuilt tag's old image, the classic builder's
+    intermediate steps), only those carrying envcheck's own image label, whichever engine this
+    is."""
+    import docker
+
+    client = docker.DockerClient(base_url=host, timeout=120)
+    try:
+        client.images.prune(filters={"dangling": True,
+                                     "label": "org.opencontainers.image.title=envcheck"})
+    except docker.errors.DockerException:
+        pass  # tidying only
 
 
 @pytest.fixture(scope="session")
