@@ -13,7 +13,7 @@ from typing import Any
 
 OK_VERDICTS = ("gpu", "cpu-fallback")
 # status of a node row: "reported" (a gpu-smoke report came back) or why none did
-NO_REPORT_STATUSES = ("no-report", "drained", "down", "timeout", "pending")
+NO_REPORT_STATUSES = ("no-report", "drained", "down", "busy", "timeout", "pending")
 NODE_NAME_RE = re.compile(r"^(.*?)(\d+)$")
 ROWS_BY_DEFAULT = 50
 

@@ -26,12 +26,16 @@ from envcheck.runner import RC_TIMEOUT, Runner
 
 UNAVAILABLE = {"drain": "drained", "drng": "drained", "drained": "drained", "down": "down",
                "fail": "down", "failg": "down", "maint": "down", "unk": "down", "no_respond":
-               "down", "futr": "down", "boot": "down", "powered_down": "down"}
+               "down", "futr": "down", "boot": "down", "powered_down": "down",
+               "alloc": "busy", "allocated": "busy", "comp": "busy", "completing": "busy",
+               "resv": "busy", "reserved": "busy"}
+NO_REASON = {"busy": "every CPU or GPU is taken by running jobs (or reserved)"}
 TASK_ERROR_RE = re.compile(r"(?:error: (\S+): task \d+: (.+)|failed on node (\S+): (.+))$",
                            re.MULTILINE)
 LAUNCH_FAILED_RE = re.compile(r"Task launch for \S+ failed on node (\S+):")
 GRANTED_RE = re.compile(r"Granted job allocation (\d+)")
 STEP_SLACK_S = 60.0
+IMMEDIATE_S = 30  # how long salloc may wait for the nodes
 
 
 class SlurmError(Exception):
@@ -57,7 +61,8 @@ def list_nodes(partition: str | None, nodes: str | None, run: Runner) -> list[tu
         name, state, reason = (line.split("|") + ["", ""])[:3]
         if name and name not in seen:  # a node in two partitions is listed twice
             seen.add(name)
-            found.append((name, state.strip(), reason.strip()))
+            reason = reason.strip()
+            found.append((name, state.strip(), "" if reason == "none" else reason))
     if not found:
         raise SlurmError(f"no nodes match (partition {partition or 'any'}, nodes "
                          f"{nodes or 'all'}): check with `sinfo -N`")
@@ -65,7 +70,7 @@ def list_nodes(partition: str | None, nodes: str | None, run: Runner) -> list[tu
 
 
 def availability(state: str) -> str | None:
-    """None when srun can start a task there, else the row status (drained / down)."""
+    """None when srun can start a task there, else the row status (drained / down / busy)."""
     base = state.rstrip("*~#!%$@^-").lower()
     if state.endswith("*"):  # not responding
         return "down"
@@ -87,20 +92,30 @@ def run_fleet(*, partition: str | None = None, nodes: str | None = None,
     envcheck = envcheck or [sys.executable, "-m", "envcheck"]
     listed = list_nodes(partition, nodes, run)
     status = {name: availability(state) for name, state, _ in listed}
-    results = [NodeResult(name, status[name], detail=f"{state}: {reason}")
+    results = [NodeResult(name, status[name],
+                          detail=f"{state}: {reason or NO_REASON.get(status[name], '')}")
                for name, state, reason in listed if status[name]]
     ready = [name for name, _, _ in listed if not status[name]]
+    mixed = {name for name, state, _ in listed if state.rstrip("*~#!%$@^-").lower() == "mix"}
     if ready:
         smoke = smoke_argv(envcheck, image, timeout_s, no_container)
-        results += run_steps(ready, partition, gres, smoke, timeout_s + STEP_SLACK_S, run)
+        results += run_steps(ready, mixed, partition, gres, smoke, timeout_s + STEP_SLACK_S,
+                             run)
     return results
 
 
-def run_steps(ready: list[str], partition: str | None, gres: str | None, smoke: list[str],
-              limit_s: float, run: Runner) -> list[NodeResult]:
+def run_steps(ready: list[str], mixed: set[str], partition: str | None, gres: str | None,
+              smoke: list[str], limit_s: float, run: Runner) -> list[NodeResult]:
     """Allocate `ready`, run the step, re-run once the nodes a launch failure took down with
-    it, release the allocation."""
+    it, release the allocation. When the allocation is refused and some nodes are partly in
+    use (mix), those are the likely cause: they become busy rows and the rest is tried alone."""
     job, why = allocate(ready, partition, gres, 2 * limit_s, run)
+    if job is None and mixed & set(ready):
+        rest = [name for name in ready if name not in mixed]
+        rows = {row.node: row for row in (
+            run_steps(rest, set(), partition, gres, smoke, limit_s, run) if rest else [])}
+        partly = f"mix: partly in use; Slurm could not fit the check there in {IMMEDIATE_S} s"
+        return [rows.get(name) or NodeResult(name, "busy", detail=partly) for name in ready]
     if job is None:
         return [NodeResult(name, "no-report", detail=why) for name in ready]
     try:
@@ -121,7 +136,7 @@ def allocate(ready: list[str], partition: str | None, gres: str | None, limit_s:
     """(job id, "") of an allocation holding one task slot on each node, or (None, why not).
     --no-kill keeps it when a node fails, so the healthy nodes can run another step."""
     argv = ["salloc", "--no-shell", "--no-kill", f"--nodes={len(ready)}",
-            "--ntasks-per-node=1", f"--nodelist={','.join(ready)}", "--immediate=30",
+            "--ntasks-per-node=1", f"--nodelist={','.join(ready)}", f"--immediate={IMMEDIATE_S}",
             f"--time={int(limit_s // 60) + 1}", "--job-name=envcheck-fleet"]
     argv += [f"--partition={partition}"] if partition else []
     argv += [f"--gres={gres}"] if gres else []

@@ -82,6 +82,43 @@ def test_a_drained_node_is_a_row(cluster):
     assert report["totals"] == {"cpu-fallback": 2, "drained": 1}
 
 
+def test_busy_nodes_are_rows_and_the_free_ones_run(cluster):
+    """n3 taken whole by a job (alloc), n2 with both GPUs taken (mix): both are busy rows,
+    n1 runs — the busy nodes do not hold the others back."""
+    _, env = cluster
+    jobs = [sbatch(env, "-w", "n3", "--exclusive"), sbatch(env, "-w", "n2", "-n1",
+                                                           "--gres=gpu:2")]
+    try:
+        wait_for_states(env, {"n2": "mix", "n3": "alloc"})
+        rc, report, _ = fleet(env, "--gres", "gpu:1", "--timeout-s", "300")
+    finally:
+        subprocess.run(["scancel", *jobs], env=env, check=False, timeout=30)
+        wait_for_states(env, {"n1": "idle", "n2": "idle", "n3": "idle"})
+    nodes = {n["node"]: n for n in report["nodes"]}
+    assert rc == 1 and nodes["n1"]["status"] == "reported"
+    assert nodes["n3"]["status"] == "busy" and nodes["n3"]["detail"].startswith("alloc: ")
+    assert nodes["n2"]["status"] == "busy" and nodes["n2"]["detail"].startswith("mix: ")
+
+
+def sbatch(env: dict, *args: str) -> str:
+    done = subprocess.run(["sbatch", "--parsable", "-J", "envcheck-busy", *args, "--wrap",
+                           "sleep 600"], env=env, capture_output=True, text=True, check=True,
+                          timeout=30)
+    return done.stdout.strip().split(";")[0]
+
+
+def wait_for_states(env: dict, wanted: dict[str, str], limit_s: float = 60) -> None:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        listed = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=env,
+                                capture_output=True, text=True, timeout=30).stdout.split()
+        states = dict(zip(listed[::2], listed[1::2], strict=False))
+        if all(states.get(node) == state for node, state in wanted.items()):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"nodes never reached {wanted}: {states}")
+
+
 def test_a_node_whose_slurmd_died_never_answers(cluster):
     folder, env = cluster
     pid = int((folder / "run/slurmd-n2.pid").read_text())

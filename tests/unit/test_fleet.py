@@ -64,8 +64,9 @@ def test_hostlist(names, expected):
 
 
 @pytest.mark.parametrize("state,status", [
-    ("idle", None), ("mix", None), ("alloc", None), ("drain", "drained"), ("drng", "drained"),
-    ("down*", "down"), ("idle*", "down"), ("fail", "down"),
+    ("idle", None), ("mix", None), ("alloc", "busy"), ("comp", "busy"), ("resv", "busy"),
+    ("drain", "drained"), ("drng", "drained"), ("down*", "down"), ("idle*", "down"),
+    ("fail", "down"),
 ])
 def test_slurm_states(state, status):
     assert availability(state) == status
@@ -152,6 +153,32 @@ def test_without_a_launch_failure_nothing_is_rerun():
     rows = run_fleet(envcheck=["envcheck"], run=slurm)
     assert len(slurm.steps) == 1 and [row.status for row in rows] == ["no-report", "no-report"]
     assert slurm.calls[-1] == "scancel"
+
+
+def test_partly_used_nodes_are_dropped_when_the_allocation_is_refused(cpu_report):
+    """n3 is fully allocated (a busy row, never asked for); n2 is partly in use (mix) and the
+    allocation with it times out: n2 becomes busy and n1 is allocated alone."""
+    allocations = []
+
+    def run(argv, timeout_s, **_):
+        options = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+        if argv[0] == "sinfo":
+            return RunResult(0, "n1|idle|none\nn2|mix|none\nn3|alloc|none\n", "")
+        if argv[0] == "salloc":
+            allocations.append(options["nodelist"])
+            if "n2" in options["nodelist"]:
+                return RunResult(1, "", "salloc: error: Unable to allocate resources: "
+                                        "Connection timed out\n")
+            return RunResult(0, "", "salloc: Granted job allocation 8\n")
+        if argv[0] == "srun":
+            Path(options["output"].replace("%n", "0")).write_text(json.dumps(cpu_report))
+        return RunResult(0, "", "")
+
+    rows = {row.node: row for row in run_fleet(envcheck=["envcheck"], run=run)}
+    assert allocations == ["n1,n2", "n1"]
+    assert rows["n1"].status == "reported"
+    assert rows["n2"].status == "busy" and rows["n2"].detail.startswith("mix: partly in use")
+    assert rows["n3"].status == "busy" and rows["n3"].detail.startswith("alloc: every CPU")
 
 
 def test_an_allocation_refused_is_a_row_per_node():
