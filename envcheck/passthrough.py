@@ -14,6 +14,7 @@ import dataclasses
 import re
 import time
 
+from envcheck.build import DEFAULT_TAG
 from envcheck.catalog import CATALOG_BY_ID, UNKNOWN, classify
 from envcheck.host.driver import parse_driver_version
 from envcheck.image.inspect import requirement_check
@@ -64,8 +65,10 @@ def image_env(client, image: str) -> tuple[dict | None, Check]:
         attrs = client.images.get(image).attrs
     except docker.errors.ImageNotFound:
         return None, Check("image.present", "fail", f"image {image} is not in this Docker engine",
-                           fix="build it with `envcheck build` (or pass --image NAME; "
-                               "`--no-container` runs the model test on this host)")
+                           fix=("build it with `envcheck build`" if image == DEFAULT_TAG
+                                else f"pull it (`docker pull {image}`), or build the dev "
+                                     f"image with `envcheck build` and pass --image {DEFAULT_TAG}")
+                           + "; `--no-container` runs the model test on this host")
     except docker.errors.DockerException as error:
         return None, Check("image.present", "fail", f"cannot read image {image}: {error}",
                            fix="check the image name and the daemon")

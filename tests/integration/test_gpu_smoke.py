@@ -59,6 +59,7 @@ def test_missing_image_says_how_to_build_it(engine):
     assert rc == 1 and report["verdict"] == "fail"
     assert checks["image.present"]["status"] == "fail"
     assert "envcheck build" in checks["image.present"]["fix"]
+    assert "docker pull envcheck-test/absent:nope" in checks["image.present"]["fix"]
 
 
 def test_stopped_daemon_is_classified(engine, tmp_path):
