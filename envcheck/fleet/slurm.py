@@ -36,6 +36,7 @@ LAUNCH_FAILED_RE = re.compile(r"Task launch for \S+ failed on node (\S+):")
 GRANTED_RE = re.compile(r"Granted job allocation (\d+)")
 STEP_SLACK_S = 60.0
 IMMEDIATE_S = 30  # how long salloc may wait for the nodes
+RERUN_MARGIN_S = 120.0
 
 
 class SlurmError(Exception):
@@ -109,7 +110,9 @@ def run_steps(ready: list[str], mixed: set[str], partition: str | None, gres: st
     """Allocate `ready`, run the step, re-run once the nodes a launch failure took down with
     it, release the allocation. When the allocation is refused and some nodes are partly in
     use (mix), those are the likely cause: they become busy rows and the rest is tried alone."""
-    job, why = allocate(ready, partition, gres, 2 * limit_s, run)
+    # A re-run follows an aborted step, which ends within seconds: a margin is enough for it
+    # (and a long --time would trip partitions' MaxTime).
+    job, why = allocate(ready, partition, gres, limit_s + RERUN_MARGIN_S, run)
     if job is None and mixed & set(ready):
         rest = [name for name in ready if name not in mixed]
         rows = {row.node: row for row in (
