@@ -261,6 +261,12 @@ class ResumingBlob(io.RawIOBase):
                     raise RegistryError(f"{self._what}: download failed at byte "
                                         f"{self._position} ({type(error).__name__})") from None
                 self._dropped(type(error).__name__)
+                # a chunked body that broke off: the whole chunks before the break are already
+                # in `buffer` (http.client's IncompleteRead.partial); keep them, resume after
+                kept = len(getattr(error, "partial", b"") or b"")
+                if kept:
+                    self._position += kept
+                    return kept
                 continue
             if n == 0 and len(buffer) and self._end is not None and self._position < self._end:
                 self._dropped("connection closed early")

@@ -13,7 +13,9 @@ Modes (any combination), each counted so tests can assert what happened:
 - token_status: the token endpoint refuses with this status;
 - corrupt_blobs: flip one byte in every blob body (the digest no longer matches);
 - content_type: send manifests with this Content-Type instead of the registry's;
-- delay_s: wait this long before answering any /v2/ request (a slow server).
+- delay_s: wait this long before answering any /v2/ request (a slow server);
+- chunked_blobs: blob bodies go out with Transfer-Encoding: chunked, no Content-Length (with
+  drop_blob_once: the connection drops mid-body, without the last chunk).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class FaultProxy:
                  redirect_blobs: bool = False, statuses: dict | None = None,
                  forever: dict | None = None, token_status: int | None = None,
                  corrupt_blobs: bool = False, content_type: str | None = None,
-                 delay_s: float = 0.0):
+                 delay_s: float = 0.0, chunked_blobs: bool = False):
         self.upstream = upstream
         self.modes = dict(bearer=bearer, service=service, too_many_once=too_many_once,
                           drop_blob_once=drop_blob_once, redirect_blobs=redirect_blobs)
@@ -40,6 +42,7 @@ class FaultProxy:
         self.forever = forever or {}
         self.token_status = token_status
         self.corrupt_blobs, self.content_type, self.delay_s = corrupt_blobs, content_type, delay_s
+        self.chunked_blobs = chunked_blobs
         self.events: list[str] = []
         self.redirected_auth: list[str | None] = []
         proxy = self
@@ -123,9 +126,12 @@ class FaultProxy:
         extra = {k: v for k, v in response.headers.items()
                  if k.lower() in ("content-type", "docker-content-digest", "content-range")}
         big_blob = "/blobs/" in request.path and len(body) > 16 * 1024  # a layer, not a config
+        chunked = self.chunked_blobs and "/blobs/" in request.path and request.command == "GET"
         if big_blob and request.command == "GET" and response.status == 200 and \
                 self._once("drop_blob_once"):
             self.events.append("drop")
+            if chunked:
+                return self._send_chunked(request, 200, body[: len(body) // 2], extra, end=False)
             request.send_response(200)
             request.send_header("Content-Length", str(len(body)))
             request.end_headers()
@@ -142,7 +148,28 @@ class FaultProxy:
         if "/manifests/" in request.path and self.content_type:
             extra = {k: v for k, v in extra.items() if k.lower() != "content-type"}
             extra["Content-Type"] = self.content_type
+        if chunked and response.status in (200, 206):
+            self.events.append("chunked")
+            return self._send_chunked(request, response.status, body, extra)
         self._send(request, response.status, body, extra)
+
+    @staticmethod
+    def _send_chunked(request, status: int, body: bytes, headers: dict, end: bool = True):
+        """64 KiB chunks; without `end` the connection drops before the terminating chunk."""
+        request.send_response(status)
+        for key, value in headers.items():
+            request.send_header(key, value)
+        request.send_header("Transfer-Encoding", "chunked")
+        request.end_headers()
+        for start in range(0, len(body), 64 * 1024):
+            piece = body[start:start + 64 * 1024]
+            request.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        if end:
+            request.wfile.write(b"0\r\n\r\n")
+            return
+        request.wfile.flush()
+        request.close_connection = True
+        request.connection.shutdown(2)
 
     @staticmethod
     def _send(request, status: int, body: bytes, headers: dict) -> None:

@@ -55,6 +55,19 @@ def test_dropped_blob_download_resumes_with_range(proxy_for):
     assert "drop" in proxy.events and "range" in proxy.events
 
 
+def test_chunked_blob_bodies(proxy_for):
+    """No Content-Length (Transfer-Encoding: chunked), as some blob stores send."""
+    proxy, ref = proxy_for(chunked_blobs=True)
+    run_ok(ref)
+    assert "chunked" in proxy.events
+
+
+def test_dropped_chunked_download_resumes_with_range(proxy_for):
+    proxy, ref = proxy_for(chunked_blobs=True, drop_blob_once=True)
+    run_ok(ref)
+    assert "drop" in proxy.events and "range" in proxy.events
+
+
 def test_redirect_to_another_host_drops_authorization(proxy_for):
     proxy, ref = proxy_for(bearer=True, redirect_blobs=True)
     report = run_ok(ref)
