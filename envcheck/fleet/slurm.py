@@ -39,6 +39,20 @@ IMMEDIATE_S = 30  # how long salloc may wait for the nodes
 RERUN_MARGIN_S = 120.0
 
 
+# Slurm settings of the user's own; every other SLURM_* variable is the context of a job this
+# command may be running in (SLURM_JOB_ID, SLURM_NNODES, SLURM_NTASKS, …), which srun and
+# salloc would take as options: inside an sbatch job the step would land in that job's nodes.
+SLURM_KEEP = {"SLURM_CONF", "SLURM_ACCOUNT", "SLURM_QOS", "SLURM_CLUSTERS", "SLURM_WCKEY",
+              "SLURM_TIME_FORMAT"}
+
+
+def slurm_env() -> dict[str, str]:
+    """This environment without a surrounding job's context, for salloc, srun and scancel."""
+    return {k: v for k, v in os.environ.items()
+            if not ((k.startswith("SLURM_") and k not in SLURM_KEEP)
+                    or k == "SRUN_CPUS_PER_TASK")}
+
+
 class SlurmError(Exception):
     """Slurm itself is not usable (no sinfo, no controller, no such partition/node)."""
 
@@ -131,7 +145,7 @@ def run_steps(ready: list[str], mixed: set[str], partition: str | None, gres: st
             rows = [rerun.get(row.node, row) for row in rows]
         return rows
     finally:
-        run(["scancel", job], 30.0)
+        run(["scancel", job], 30.0, env=slurm_env())
 
 
 def allocate(ready: list[str], partition: str | None, gres: str | None, limit_s: float,
@@ -143,7 +157,7 @@ def allocate(ready: list[str], partition: str | None, gres: str | None, limit_s:
             f"--time={int(limit_s // 60) + 1}", "--job-name=envcheck-fleet"]
     argv += [f"--partition={partition}"] if partition else []
     argv += [f"--gres={gres}"] if gres else []
-    done = run(argv, 60.0)
+    done = run(argv, 60.0, env=slurm_env())
     granted = GRANTED_RE.search(done.err or "")
     if done.rc == 0 and granted:
         return granted.group(1), ""
@@ -159,7 +173,7 @@ def run_step(job: str, ready: list[str], smoke: list[str], limit_s: float,
         argv = ["srun", f"--jobid={job}", f"--nodes={len(ready)}", "--ntasks-per-node=1",
                 f"--nodelist={','.join(ready)}", "--kill-on-bad-exit=0",
                 f"--output={out}/node-%n.out", f"--error={out}/node-%n.err"]
-        step = run(argv + smoke, limit_s)
+        step = run(argv + smoke, limit_s, env=slurm_env())
         by_index = {i: _read(out / f"node-{i}.out") for i in range(len(ready))}
         errors = {i: _read(out / f"node-{i}.err") for i in range(len(ready))}
     launch_failed = set(LAUNCH_FAILED_RE.findall(step.err or ""))

@@ -82,6 +82,16 @@ def test_a_drained_node_is_a_row(cluster):
     assert report["totals"] == {"cpu-fallback": 2, "drained": 1}
 
 
+def test_run_from_inside_a_job(cluster):
+    """The variables a surrounding sbatch job leaves (its id, one node, 64 tasks) would make
+    srun use that job: the fleet run leaves them out, and both nodes report."""
+    _, env = cluster
+    inside = {**env, "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_NTASKS": "64",
+              "SLURM_JOB_NODELIST": "n1", "SRUN_CPUS_PER_TASK": "2"}
+    rc, report, _ = fleet(inside, "--nodes", "n1,n2", "--timeout-s", "300")
+    assert rc == 0 and [n["status"] for n in report["nodes"]] == ["reported", "reported"]
+
+
 def test_busy_nodes_are_rows_and_the_free_ones_run(cluster):
     """n3 taken whole by a job (alloc), n2 with both GPUs taken (mix): both are busy rows,
     n1 runs — the busy nodes do not hold the others back."""

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from envcheck.cli import cli
 from envcheck.fleet import k8s
 from envcheck.fleet.aggregate import NodeResult, from_report, hostlist, render, summarize
-from envcheck.fleet.slurm import availability, collect_step, run_fleet
+from envcheck.fleet.slurm import availability, collect_step, run_fleet, slurm_env
 from envcheck.runner import RunResult
 from envcheck.smoke import gpu_smoke
 from tests.conftest import REPO
@@ -179,6 +179,17 @@ def test_partly_used_nodes_are_dropped_when_the_allocation_is_refused(cpu_report
     assert rows["n1"].status == "reported"
     assert rows["n2"].status == "busy" and rows["n2"].detail.startswith("mix: partly in use")
     assert rows["n3"].status == "busy" and rows["n3"].detail.startswith("alloc: every CPU")
+
+
+def test_a_surrounding_jobs_context_is_left_out(monkeypatch):
+    for name, value in {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_NTASKS": "64",
+                        "SRUN_CPUS_PER_TASK": "2", "SLURM_CONF": "/etc/slurm/slurm.conf",
+                        "SLURM_ACCOUNT": "gpu-ops"}.items():
+        monkeypatch.setenv(name, value)
+    env = slurm_env()
+    assert {k for k in env if k.startswith(("SLURM_", "SRUN_"))} == {"SLURM_CONF",
+                                                                     "SLURM_ACCOUNT"}
+    assert env["PATH"]
 
 
 def test_an_allocation_refused_is_a_row_per_node():
