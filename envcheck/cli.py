@@ -194,8 +194,10 @@ def fleet_k8s_collect_command(namespace, require_gpu, show_all, as_json) -> None
 @click.option("--json", "as_json", is_flag=True, help="One JSON report (envcheck.image/v1).")
 @click.option("--timeout-s", type=click.FloatRange(min=1), default=30, show_default=True,
               help="Per-request limit for registry and daemon calls.")
+@click.option("--jobs", type=click.IntRange(min=1), default=None,
+              help="Layers streamed at once [default: 2, or CPUs/2 up to 4].")
 def inspect_image_command(ref, platform, file_globs, layers, driver_version, as_json,
-                          timeout_s) -> None:
+                          timeout_s, jobs) -> None:
     """Inspect an image without running it: digests, env, CUDA, where libcuda resolves.
 
     REF: a registry reference (nvidia/cuda:12.8.0-cudnn-devel-ubuntu24.04,
@@ -216,7 +218,8 @@ def inspect_image_command(ref, platform, file_globs, layers, driver_version, as_
         with _layer_progress() as progress:
             report = pipeline.inspect_image(
                 ref, platform=platform, file_globs=file_globs, layers=layers,
-                driver_version=driver_version, progress=progress, timeout_s=timeout_s)
+                driver_version=driver_version, progress=progress, timeout_s=timeout_s,
+                jobs=jobs)
     except RefSyntaxError as error:
         _fail(str(error), EXIT_USAGE)
     except pipeline.LayerError as error:

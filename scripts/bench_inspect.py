@@ -13,6 +13,8 @@ its own process with the OS's peak RSS (wait4):
   docker save docker save IMAGE > /dev/null                (after docker pull from the registry)
   skopeo copy skopeo copy docker://… oci:DIR
   envcheck    envcheck inspect-image REF --json            (every layer: digests, diff_ids, files)
+  … -j1       the same, one layer at a time (--jobs 1)
+  2 big       the image with the big layer twice, --jobs 1 and --jobs 2
 Each row runs --repeat times (default 3); the fastest run is kept. Besides wall time and peak
 RSS, each row has its CPU seconds: the pipeline's own (user + sys) plus what the registry spent
 serving it. CPU / cores is the least wall time that work can take on this machine, so the
@@ -107,6 +109,16 @@ def build_image(workdir: Path, gigabytes: float) -> tuple[Path, dict]:
     return layout, big
 
 
+def add_big_layer_again(layout: Path, big: dict) -> None:
+    """The image with the big layer twice (same blob, stored once): two big layers to stream,
+    to time --jobs."""
+    index = json.loads((layout / "index.json").read_text())
+    digest = index["manifests"][0]["digest"]
+    manifest = json.loads((layout / "blobs/sha256" / digest.split(":")[1]).read_text())
+    extend_manifest(layout, {"manifest_digest": digest,
+                             "config_digest": manifest["config"]["digest"]}, big)
+
+
 def extend_manifest(layout: Path, built: dict, big: dict) -> None:
     """Append the big layer to the image's manifest and config (new digests, new index)."""
     blobs = layout / "blobs/sha256"
@@ -189,9 +201,12 @@ def run(workdir: Path, gigabytes: float, repeat: int) -> dict:
     registry = Registry(workdir / "registry-root")
     engine, started = None, None
     try:
-        ref = f"{registry.host}/bench/cuda:big"
+        ref, ref2 = f"{registry.host}/bench/cuda:big", f"{registry.host}/bench/cuda:big2"
         subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:bench",
                         f"docker://{ref}"], check=True, capture_output=True)
+        add_big_layer_again(layout, big)
+        subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:bench",
+                        f"docker://{ref2}"], check=True, capture_output=True)
         blob_url = f"http://{registry.host}/v2/bench/cuda/blobs/{big['digest']}"
         blob_file = layout / "blobs/sha256" / big["digest"].split(":")[1]
         venv = Path(sys.executable).parent
@@ -207,6 +222,12 @@ def run(workdir: Path, gigabytes: float, repeat: int) -> dict:
                                  f"oci:{workdir / 'skopeo-out'}:x", workdir, served, repeat),
             timed("envcheck", f"{venv / 'envcheck'} inspect-image {ref} --json", workdir,
                   served, repeat),
+            timed("envcheck -j1", f"{venv / 'envcheck'} inspect-image {ref} --json --jobs 1",
+                  workdir, served, repeat),
+            timed("2 big, -j1", f"{venv / 'envcheck'} inspect-image {ref2} --json --jobs 1",
+                  workdir, served, repeat),
+            timed("2 big, -j2", f"{venv / 'envcheck'} inspect-image {ref2} --json --jobs 2",
+                  workdir, served, repeat),
         ]
         try:
             engine, started = test_engine.start()
@@ -236,7 +257,8 @@ def summarize(rows: list[dict], big: dict) -> dict:
     ratios = {"envcheck_over_floor": mine["wall_s"] / floor["wall_s"],
               "gzip_tar_over_envcheck": gz["wall_s"] / mine["wall_s"],
               "inflate_over_floor": by["inflate"]["wall_s"] / floor["wall_s"],
-              "envcheck_over_inflate": mine["wall_s"] / by["inflate"]["wall_s"]}
+              "envcheck_over_inflate": mine["wall_s"] / by["inflate"]["wall_s"],
+              "two_layers_j1_over_j2": by["2 big, -j1"]["wall_s"] / by["2 big, -j2"]["wall_s"]}
     cores = os.cpu_count() or 1
     bounds = {"cores": cores,
               "envcheck_cpu_s": mine["cpu_s"] + mine["server_cpu_s"],
@@ -266,7 +288,8 @@ def print_table(result: dict) -> None:
     print(f"ratios: envcheck / floor = {r['envcheck_over_floor']:.2f}; gzip|tar / envcheck = "
           f"{r['gzip_tar_over_envcheck']:.2f}; inflate on one core / floor = "
           f"{r['inflate_over_floor']:.2f}; envcheck / inflate on one core = "
-          f"{r['envcheck_over_inflate']:.2f}")
+          f"{r['envcheck_over_inflate']:.2f}; two big layers, --jobs 1 / --jobs 2 = "
+          f"{r['two_layers_j1_over_j2']:.2f}")
     b = result["bounds"]
     print(f"CPU bound: envcheck's work is {b['envcheck_cpu_s']:.2f} CPU s with the registry's; on "
           f"{b['cores']} cores it cannot take less than {b['envcheck_least_wall_s']:.2f} s = "

@@ -45,6 +45,10 @@ class StreamError(ValueError):
     """A blob that ends early, is corrupt, or is larger than its limit."""
 
 
+class Cancelled(Exception):
+    """The stream was told to stop (another layer failed): not an error of this blob."""
+
+
 class _Pump(threading.Thread):
     """Runs `produce(put)` on a thread; the consumer iterates; errors cross over."""
 
@@ -89,15 +93,18 @@ class BlobStream:
     `compressed_bytes`, `uncompressed_bytes` and `compression` hold the verified facts."""
 
     def __init__(self, blob: BinaryIO, *, limit_bytes: int | None, uncompressed_max: int,
-                 progress: Callable[[int], None] | None = None):
+                 progress: Callable[[int], None] | None = None,
+                 stop: threading.Event | None = None):
         self._blob, self._limit, self._uncompressed_max = blob, limit_bytes, uncompressed_max
-        self._progress = progress
+        self._progress, self._stop = progress, stop
         self._compressed_hash, self._plain_hash = hashlib.sha256(), hashlib.sha256()
         self.compressed_bytes = self.uncompressed_bytes = 0
         self.compression = ""
 
     def _read_compressed(self, put) -> None:
         while True:
+            if self._stop is not None and self._stop.is_set():
+                raise Cancelled()
             buffer = bytearray(CHUNK_BYTES)  # a fresh one each time: the consumer keeps it
             n = self._blob.readinto(buffer)
             if not n:

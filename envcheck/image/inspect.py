@@ -3,15 +3,18 @@ merged view -> facts and checks (`envcheck.image/v1`)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 import platform as host_platform
 import posixpath
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from envcheck.host.driver import parse_driver_version
 from envcheck.image import cuda, ldcache, reference
-from envcheck.image.blobstream import tune_allocator
+from envcheck.image.blobstream import Cancelled, tune_allocator
 from envcheck.image.layers import LayerError, LayerScan, MergedView, scan_layer
 from envcheck.image.registry import RegistryError
 from envcheck.image.sources import INDEX_TYPES, ImageSource, SourceError, open_source
@@ -138,16 +141,44 @@ def resolve(source: ImageSource, wanted_platform: str | None) -> Resolved:
                     config_descriptor.get("digest"), config, plat)
 
 
+def default_jobs() -> int:
+    """Layers streamed at once: one layer keeps about 1.5 cores busy (inflate on one, both
+    sha256s and the socket on another), so two layers fill even a 2-core machine."""
+    return max(2, min(4, (os.cpu_count() or 1) // 2))
+
+
 def scan_all(source: ImageSource, resolved: Resolved,
-             progress: Callable[[int, int], Callable[[int], None]] | None = None
-             ) -> list[LayerScan]:
-    scans = []
-    for index, descriptor in enumerate(resolved.manifest.get("layers") or []):
+             progress: Callable[[int, int], Callable[[int], None]] | None = None,
+             jobs: int = 1) -> list[LayerScan]:
+    """Every layer, up to `jobs` at a time (one at a time where the source's layers share a
+    file handle). A failure stops the other layers; the lowest failing layer is raised."""
+    descriptors = resolved.manifest.get("layers") or []
+    stop = threading.Event()
+
+    def scan(index: int, descriptor: dict) -> LayerScan:
+        if stop.is_set():
+            raise Cancelled()
         report = progress(index, descriptor.get("size") or 0) if progress else None
         with source.open_layer(descriptor) as blob:
-            scans.append(scan_layer(blob, index, expected_digest=descriptor.get("digest"),
-                                    expected_size=descriptor.get("size"), progress=report))
-    return scans
+            return scan_layer(blob, index, expected_digest=descriptor.get("digest"),
+                              expected_size=descriptor.get("size"), progress=report, stop=stop)
+
+    workers = min(jobs if source.concurrent_layers else 1, len(descriptors))
+    if workers <= 1:
+        return [scan(index, descriptor) for index, descriptor in enumerate(descriptors)]
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="layer") as pool:
+        futures = [pool.submit(scan, i, d) for i, d in enumerate(descriptors)]
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                if future.exception() is not None:
+                    stop.set()
+        finally:
+            stop.set()  # also on Ctrl-C: the running layers stop at their next chunk
+    errors = [f.exception() for f in futures if not isinstance(f.exception(), Cancelled)
+              and f.exception() is not None]
+    if errors:
+        raise errors[0]
+    return [future.result() for future in futures]
 
 
 def diff_id_check(scans: list[LayerScan], config: dict) -> Check:
@@ -284,7 +315,7 @@ def host_driver_version(root: Path = Path("/")) -> str | None:
 
 def inspect_image(text: str, *, platform: str | None = None, file_globs: tuple[str, ...] = (),
                   layers: bool = True, driver_version: str | None = None,
-                  progress=None, timeout_s: float = 30.0) -> Report:
+                  progress=None, timeout_s: float = 30.0, jobs: int | None = None) -> Report:
     """Raises reference.RefSyntaxError (exit 2), SourceError (exit 1 or 2) and LayerError
     (exit 1) for inputs that give no report at all; everything else is a Check."""
     ref = reference.parse(text)
@@ -293,7 +324,7 @@ def inspect_image(text: str, *, platform: str | None = None, file_globs: tuple[s
     source = open_source(ref, timeout_s)
     try:
         resolved = resolve(source, platform)
-        scans = scan_all(source, resolved, progress) if layers else []
+        scans = scan_all(source, resolved, progress, jobs or default_jobs()) if layers else []
     except LayerError as error:
         raise LayerError(f"{source.description}: {error}") from None
     except RegistryError as error:  # raised while a layer streams (blob 404, dropped for good)

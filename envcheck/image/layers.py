@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import posixpath
 import tarfile
+import threading
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
@@ -88,10 +89,12 @@ def _kind(member: tarfile.TarInfo) -> str:
 
 def scan_layer(blob: BinaryIO, index: int, *, expected_digest: str | None = None,
                expected_size: int | None = None,
-               progress: Callable[[int], None] | None = None) -> LayerScan:
-    """Stream one layer blob; raise LayerError on a digest/size mismatch or a broken stream."""
+               progress: Callable[[int], None] | None = None,
+               stop: threading.Event | None = None) -> LayerScan:
+    """Stream one layer blob; raise LayerError on a digest/size mismatch or a broken stream
+    (blobstream.Cancelled when `stop` is set meanwhile)."""
     stream = BlobStream(blob, limit_bytes=expected_size, uncompressed_max=UNCOMPRESSED_BYTES_MAX,
-                        progress=progress)
+                        progress=progress, stop=stop)
     scan = LayerScan(index)
     name = f"layer {index}" + (f" ({expected_digest})" if expected_digest else "")
     try:

@@ -48,6 +48,7 @@ class Top:
 
 class ImageSource(Protocol):
     description: str
+    concurrent_layers: bool  # False where layers share one file handle (docker save archives)
 
     def top(self) -> Top: ...
 
@@ -73,6 +74,8 @@ def _verified_json(data: bytes, digest: str | None, what: str) -> dict:
 
 
 class RegistrySource:
+    concurrent_layers = True
+
     def __init__(self, ref: ImageRef, timeout_s: float = 30.0):
         self.ref = ref
         self.description = str(ref)
@@ -105,6 +108,8 @@ class RegistrySource:
 
 
 class OciLayoutSource:
+    concurrent_layers = True
+
     def __init__(self, ref: ImageRef):
         self.root = Path(ref.path)
         self.tag = ref.tag
@@ -157,7 +162,10 @@ class OciLayoutSource:
 class DockerArchiveSource:
     """A `docker save` tar: manifest.json names the config and layers, as `<id>/layer.tar` +
     `<hex>.json` (legacy) or `blobs/sha256/<hex>` (Docker ≥ 25, OCI-style). Members are read in
-    place through the tar index; nothing is extracted."""
+    place through the tar index; nothing is extracted. The members share the archive's file
+    handle, so layers are read one at a time."""
+
+    concurrent_layers = False
 
     def __init__(self, ref: ImageRef, cleanup: Path | None = None):
         self.path = Path(ref.path)
