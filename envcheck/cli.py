@@ -195,7 +195,7 @@ def fleet_k8s_collect_command(namespace, require_gpu, show_all, as_json) -> None
 @click.option("--timeout-s", type=click.FloatRange(min=1), default=30, show_default=True,
               help="Per-request limit for registry and daemon calls.")
 @click.option("--jobs", type=click.IntRange(min=1), default=None,
-              help="Layers streamed at once [default: 2, or CPUs/2 up to 4].")
+              help="Layers streamed at once [default: CPUs/2, 1 to 4].")
 def inspect_image_command(ref, platform, file_globs, layers, driver_version, as_json,
                           timeout_s, jobs) -> None:
     """Inspect an image without running it: digests, env, CUDA, where libcuda resolves.
