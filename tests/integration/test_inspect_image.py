@@ -85,6 +85,16 @@ def test_registry_image_matches_skopeo(pushed):
     assert report["cuda"]["stubs"] == [f"/{cuda_image.CUDA_LIB}/stubs/libcuda.so"]
 
 
+def test_layers_several_at_a_time_give_the_same_report(pushed, cuda_layout):
+    """--jobs 3 (layers streamed concurrently, one registry session) and --jobs 1 agree, from
+    the registry and from the OCI layout."""
+    layout, _ = cuda_layout
+    for ref in (pushed, f"oci:{layout}"):
+        one = inspect_json(ref, "--driver-version", "570.124.06", "--jobs", "1")
+        many = inspect_json(ref, "--driver-version", "570.124.06", "--jobs", "3")
+        assert many == one
+
+
 def test_requirement_verdicts_for_old_drivers(pushed):
     refused = inspect_json(pushed, "--no-layers", "--driver-version", "520.61.05")
     check = next(c for c in refused["checks"] if c["id"] == "image.requirement")
