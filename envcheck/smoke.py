@@ -109,9 +109,12 @@ def container_chain(client, image: str, driver: str | None, checks: list[Check],
         passthrough.missing_program(probe_run.error or ""))
     stage("model", "model test in the container" + (" on the GPU" if gpu else
                                                                " (CPU fallback)"))
-    model = passthrough.run_container(
-        client, image, MODEL_ARGV, gpu=gpu, env=passthrough.GPU_ENV if gpu else
-        passthrough.CPU_ENV, user=config["user"], timeout_s=timeout_s)
+    for argv in (MODEL_ARGV, ["python3", *MODEL_ARGV[1:]]):  # Debian/Ubuntu: python3 only
+        model = passthrough.run_container(
+            client, image, argv, gpu=gpu, env=passthrough.GPU_ENV if gpu else
+            passthrough.CPU_ENV, user=config["user"], timeout_s=timeout_s)
+        if passthrough.missing_program(model.error or "") != "python":
+            break
     facts["container_seconds"] = round(model.seconds, 3)
     return model.as_run_result(), "container-gpu" if gpu else "container-cpu"
 
@@ -192,7 +195,8 @@ def _cannot_start(result: RunResult) -> str | None:
     """Why the model test could not even start: no Python, or a module it imports is missing."""
     program = passthrough.missing_program(result.err)
     if program:
-        return (f"the image has no `{program}`: the model test needs Python with JAX, Flax and "
+        name = "`python` nor `python3`" if program == "python3" else f"`{program}`"
+        return (f"the image has no {name}: the model test needs Python with JAX, Flax and "
                 "envcheck's model package")
     missing = NO_MODULE_RE.search(result.err) if result.rc != 0 else None
     return missing and f"the model test cannot import `{missing.group(1)}`"

@@ -149,13 +149,28 @@ def test_non_zero_exits_and_invalid_json_are_one_failed_check(engine, built_imag
     assert summary in check.summary and "python -m model.smoke" in check.fix
 
 
-def test_an_image_without_python_names_what_is_missing(engine, base_image):
-    """The Debian base has no Python: the runtime's refusal becomes what is missing and how to
-    get an image that has it, not 'gave no report'."""
+def test_an_image_with_python3_only_is_run_with_python3(engine, base_image):
+    """The Debian base has python3 but no `python` (and no envcheck): the model test is
+    retried with python3, which then names the missing package, not a missing interpreter."""
     rc, report, checks = smoke_json(engine, "--image", base_image, "--timeout-s", "60")
     run = checks["model.run"]
     assert rc == 1 and report["verdict"] == "fail" and run["status"] == "fail"
-    assert "the image has no `python`" in run["summary"] and "envcheck build" in run["fix"]
+    assert run["summary"] == "the model test cannot import `model`"
+    assert "envcheck build" in run["fix"]
+
+
+def test_an_image_without_python_names_what_is_missing(engine):
+    client = docker.DockerClient(base_url=engine)
+    tag = "envcheck-test/sleep:no-python"
+    tiny_image(client, tag)
+    try:
+        rc, report, checks = smoke_json(engine, "--image", tag, "--timeout-s", "60")
+    finally:
+        client.images.remove(tag, force=True)
+    run = checks["model.run"]
+    assert rc == 1 and report["verdict"] == "fail"
+    assert "the image has no `python` nor `python3`" in run["summary"]
+    assert "envcheck build" in run["fix"]
 
 
 def test_a_missing_module_is_named(engine, built_image):
