@@ -126,8 +126,8 @@ def run_steps(ready: list[str], mixed: set[str], partition: str | None, gres: st
     use (mix), those are the likely cause: they become busy rows and the rest is tried alone."""
     # A re-run follows an aborted step, which ends within seconds: a margin is enough for it
     # (and a long --time would trip partitions' MaxTime).
-    job, why = allocate(ready, partition, gres, limit_s + RERUN_MARGIN_S, run)
-    if job is None and mixed & set(ready):
+    job, why, waited = allocate(ready, partition, gres, limit_s + RERUN_MARGIN_S, run)
+    if job is None and waited and mixed & set(ready):
         rest = [name for name in ready if name not in mixed]
         rows = {row.node: row for row in (
             run_steps(rest, set(), partition, gres, smoke, limit_s, run) if rest else [])}
@@ -149,9 +149,10 @@ def run_steps(ready: list[str], mixed: set[str], partition: str | None, gres: st
 
 
 def allocate(ready: list[str], partition: str | None, gres: str | None, limit_s: float,
-             run: Runner) -> tuple[str | None, str]:
-    """(job id, "") of an allocation holding one task slot on each node, or (None, why not).
-    --no-kill keeps it when a node fails, so the healthy nodes can run another step."""
+             run: Runner) -> tuple[str | None, str, bool]:
+    """(job id, "", _) of an allocation holding one task slot on each node, or (None, why not,
+    whether Slurm accepted the request and only waited for free resources). --no-kill keeps
+    it when a node fails, so the healthy nodes can run another step."""
     argv = ["salloc", "--no-shell", "--no-kill", f"--nodes={len(ready)}",
             "--ntasks-per-node=1", f"--nodelist={','.join(ready)}", f"--immediate={IMMEDIATE_S}",
             f"--time={int(limit_s // 60) + 1}", "--job-name=envcheck-fleet"]
@@ -160,8 +161,9 @@ def allocate(ready: list[str], partition: str | None, gres: str | None, limit_s:
     done = run(argv, 60.0, env=slurm_env())
     granted = GRANTED_RE.search(done.err or "")
     if done.rc == 0 and granted:
-        return granted.group(1), ""
-    return None, _last_line(done.err or done.out) or f"salloc failed (exit code {done.rc})"
+        return granted.group(1), "", False
+    why = _last_line(done.err or done.out) or f"salloc failed (exit code {done.rc})"
+    return None, why, "waiting for resources" in (done.err or "")
 
 
 def run_step(job: str, ready: list[str], smoke: list[str], limit_s: float,

@@ -166,9 +166,10 @@ def test_partly_used_nodes_are_dropped_when_the_allocation_is_refused(cpu_report
             return RunResult(0, "n1|idle|none\nn2|mix|none\nn3|alloc|none\n", "")
         if argv[0] == "salloc":
             allocations.append(options["nodelist"])
-            if "n2" in options["nodelist"]:
-                return RunResult(1, "", "salloc: error: Unable to allocate resources: "
-                                        "Connection timed out\n")
+            if "n2" in options["nodelist"]:  # as Slurm 22.05 words it
+                return RunResult(1, "", "salloc: Pending job allocation 7\nsalloc: job 7 "
+                                        "queued and waiting for resources\nsalloc: error: "
+                                        "Unable to allocate resources: Connection timed out\n")
             return RunResult(0, "", "salloc: Granted job allocation 8\n")
         if argv[0] == "srun":
             Path(options["output"].replace("%n", "0")).write_text(json.dumps(cpu_report))
@@ -190,6 +191,23 @@ def test_a_surrounding_jobs_context_is_left_out(monkeypatch):
     assert {k for k in env if k.startswith(("SLURM_", "SRUN_"))} == {"SLURM_CONF",
                                                                      "SLURM_ACCOUNT"}
     assert env["PATH"]
+
+
+def test_a_refused_request_does_not_blame_the_mix_nodes():
+    """An invalid request (no waiting for resources) is the request's fault: every node gets
+    Slurm's reason, the partly used ones too, and nothing is retried."""
+    calls = []
+
+    def run(argv, timeout_s, **_):
+        calls.append(argv[0])
+        if argv[0] == "sinfo":
+            return RunResult(0, "n1|idle|none\nn2|mix|none\n", "")
+        return RunResult(1, "", "salloc: error: Invalid generic resource (gres) specification\n")
+
+    rows = run_fleet(envcheck=["envcheck"], gres="gpu:9", run=run)
+    assert calls == ["sinfo", "salloc"]
+    assert {(r.status, r.detail) for r in rows} == {
+        ("no-report", "salloc: error: Invalid generic resource (gres) specification")}
 
 
 def test_an_allocation_refused_is_a_row_per_node():
