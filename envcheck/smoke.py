@@ -198,7 +198,8 @@ def _cannot_start(result: RunResult) -> str | None:
         name = "`python` nor `python3`" if program == "python3" else f"`{program}`"
         return (f"the image has no {name}: the model test needs Python with JAX, Flax and "
                 "envcheck's model package")
-    missing = NO_MODULE_RE.search(result.err) if result.rc != 0 else None
+    # what the run died of (its last lines), not a warning about an optional module
+    missing = NO_MODULE_RE.search(_tail(result.err, 2)) if result.rc != 0 else None
     return missing and f"the model test cannot import `{missing.group(1)}`"
 
 

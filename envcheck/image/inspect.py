@@ -175,8 +175,8 @@ def scan_all(source: ImageSource, resolved: Resolved,
                     stop.set()
         finally:
             stop.set()  # also on Ctrl-C: the running layers stop at their next chunk
-    errors = [f.exception() for f in futures if not isinstance(f.exception(), Cancelled)
-              and f.exception() is not None]
+    errors = [e for e in (f.exception() for f in futures)
+              if e is not None and not isinstance(e, Cancelled)]
     if errors:
         raise errors[0]
     return [future.result() for future in futures]

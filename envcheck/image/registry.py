@@ -228,6 +228,7 @@ class ResumingBlob(io.RawIOBase):
         self._end: int | None = None
         self._resumes = 0
         self._response = None
+        self._reader = None
 
     def readable(self) -> bool:
         return True
@@ -240,6 +241,9 @@ class ResumingBlob(io.RawIOBase):
                                 "the registry does not support Range to resume")
         length = self._response.headers.get("Content-Length", "")
         self._end = self._position + int(length) if length.isdigit() else None
+        # urllib3 keeps http.client's response as `_fp`; its own readinto (a copy) otherwise
+        raw = self._response.raw
+        self._reader = raw._fp if hasattr(getattr(raw, "_fp", None), "readinto") else raw
 
     def _dropped(self, cause: str) -> None:
         """Close the broken response so the next read resumes, or give up after the budget."""
@@ -255,7 +259,7 @@ class ResumingBlob(io.RawIOBase):
             if self._response is None:
                 self._open()
             try:
-                n = self._response.raw._fp.readinto(buffer)
+                n = self._reader.readinto(buffer)
             except Exception as error:  # http.client/OS errors; only drops are retried
                 if not _is_connection_error(error):
                     raise RegistryError(f"{self._what}: download failed at byte "
