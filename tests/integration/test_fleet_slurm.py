@@ -111,9 +111,9 @@ def test_busy_nodes_are_rows_and_the_free_ones_run(cluster):
 
 
 def sbatch(env: dict, *args: str) -> str:
-    done = subprocess.run(["sbatch", "--parsable", "-J", "envcheck-busy", *args, "--wrap",
-                           "sleep 600"], env=env, capture_output=True, text=True, check=True,
-                          timeout=30)
+    done = subprocess.run(["sbatch", "--parsable", "-J", "envcheck-busy", "--output=/dev/null",
+                           *args, "--wrap", "sleep 600"], env=env, capture_output=True,
+                          text=True, check=True, timeout=30)
     return done.stdout.strip().split(";")[0]
 
 
