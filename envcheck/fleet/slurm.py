@@ -84,9 +84,14 @@ def list_nodes(partition: str | None, nodes: str | None, run: Runner) -> list[tu
     return found
 
 
+def base_state(state: str) -> str:
+    """sinfo's short state without its flag suffixes (`*` not responding, `~` powered off, …)."""
+    return state.rstrip("*~#!%$@^-").lower()
+
+
 def availability(state: str) -> str | None:
     """None when srun can start a task there, else the row status (drained / down / busy)."""
-    base = state.rstrip("*~#!%$@^-").lower()
+    base = base_state(state)
     if state.endswith("*"):  # not responding
         return "down"
     return UNAVAILABLE.get(base)
@@ -111,7 +116,7 @@ def run_fleet(*, partition: str | None = None, nodes: str | None = None,
                           detail=f"{state}: {reason or NO_REASON.get(status[name], '')}")
                for name, state, reason in listed if status[name]]
     ready = [name for name, _, _ in listed if not status[name]]
-    mixed = {name for name, state, _ in listed if state.rstrip("*~#!%$@^-").lower() == "mix"}
+    mixed = {name for name, state, _ in listed if base_state(state) == "mix"}
     if ready:
         smoke = smoke_argv(envcheck, image, timeout_s, no_container)
         results += run_steps(ready, mixed, partition, gres, smoke, timeout_s + STEP_SLACK_S,

@@ -136,10 +136,7 @@ class FaultProxy:
             request.send_header("Content-Length", str(len(body)))
             request.end_headers()
             request.wfile.write(body[: len(body) // 2])
-            request.wfile.flush()
-            request.close_connection = True
-            request.connection.shutdown(2)
-            return
+            return self._drop(request)
         if "content-range" in (k.lower() for k in extra):
             self.events.append("range")
         if "/blobs/" in request.path and self.corrupt_blobs and body:
@@ -167,6 +164,11 @@ class FaultProxy:
         if end:
             request.wfile.write(b"0\r\n\r\n")
             return
+        FaultProxy._drop(request)
+
+    @staticmethod
+    def _drop(request) -> None:
+        """Cut the connection mid-body."""
         request.wfile.flush()
         request.close_connection = True
         request.connection.shutdown(2)

@@ -103,28 +103,44 @@ def synthetic_fleet(cpu_report, gpu_report, count: int) -> list[NodeResult]:
 
 
 class FakeSlurm:
-    """sinfo, salloc and scancel answer as Slurm 22.05 does; each srun step is `step(nodes,
-    files)`, which returns a RunResult after writing the per-node output files it likes."""
+    """sinfo, salloc and scancel answer as Slurm 22.05 does. `states` is what sinfo lists
+    ("n1:idle,n2:mix"); `salloc(nodelist)` may refuse an allocation (a RunResult) or grant it
+    (None); each srun step is `step(nodes, files)`, which returns a RunResult after writing
+    the per-node output files it likes."""
 
-    def __init__(self, nodes: str, step):
-        self.nodes, self.step = nodes, step
+    def __init__(self, states: str, step=None, salloc=None):
+        self.states = [item.split(":") for item in states.split(",")]
+        self.step, self.salloc = step, salloc or (lambda nodelist: None)
         self.steps: list[list[str]] = []
+        self.allocations: list[str] = []
         self.calls: list[str] = []
 
     def __call__(self, argv, timeout_s, **_):
         self.calls.append(argv[0])
+        options = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
         if argv[0] == "sinfo":
-            return RunResult(0, "".join(f"{n}|idle|\n" for n in self.nodes.split(",")), "")
+            return RunResult(0, "".join(f"{n}|{state}|none\n" for n, state in self.states), "")
         if argv[0] == "salloc":
-            return RunResult(0, "", "salloc: Granted job allocation 8\n")
+            self.allocations.append(options["nodelist"])
+            return self.salloc(options["nodelist"]) or RunResult(
+                0, "", "salloc: Granted job allocation 8\n")
         if argv[0] == "scancel":
             assert argv[1:] == ["8"]
             return RunResult(0, "", "")
-        options = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
         assert options["jobid"] == "8"
         nodes = options["nodelist"].split(",")
         self.steps.append(nodes)
         return self.step(nodes, lambda i: Path(options["output"].replace("%n", str(i))))
+
+
+def reports(cpu_report):
+    """A step in which every node prints its report."""
+    def step(nodes, output):
+        for index, node in enumerate(nodes):
+            report = {**cpu_report, "node": {**cpu_report["node"], "name": node}}
+            output(index).write_text(json.dumps(report))
+        return RunResult(0, "", "")
+    return step
 
 
 def test_a_launch_failure_reruns_the_healthy_nodes_once(cpu_report):
@@ -133,12 +149,9 @@ def test_a_launch_failure_reruns_the_healthy_nodes_once(cpu_report):
     def step(nodes, output):
         if len(nodes) == 3:
             return RunResult(233, "", ABORTED_STEP_ERR.read_text())
-        for index, node in enumerate(nodes):
-            report = {**cpu_report, "node": {**cpu_report["node"], "name": node}}
-            output(index).write_text(json.dumps(report))
-        return RunResult(0, "", "")
+        return reports(cpu_report)(nodes, output)
 
-    slurm = FakeSlurm("n1,n2,n3", step)
+    slurm = FakeSlurm("n1:idle,n2:idle,n3:idle", step)
     rows = {row.node: row for row in run_fleet(envcheck=["envcheck"], run=slurm)}
     assert slurm.steps == [["n1", "n2", "n3"], ["n1", "n3"]]
     assert slurm.calls == ["sinfo", "salloc", "srun", "srun", "scancel"]
@@ -148,7 +161,7 @@ def test_a_launch_failure_reruns_the_healthy_nodes_once(cpu_report):
 
 
 def test_without_a_launch_failure_nothing_is_rerun():
-    slurm = FakeSlurm("n1,n2", lambda nodes, output: RunResult(
+    slurm = FakeSlurm("n1:idle,n2:idle", lambda nodes, output: RunResult(
         1, "", "srun: error: n2: task 1: Exited with exit code 2\n"))
     rows = run_fleet(envcheck=["envcheck"], run=slurm)
     assert len(slurm.steps) == 1 and [row.status for row in rows] == ["no-report", "no-report"]
@@ -158,25 +171,13 @@ def test_without_a_launch_failure_nothing_is_rerun():
 def test_partly_used_nodes_are_dropped_when_the_allocation_is_refused(cpu_report):
     """n3 is fully allocated (a busy row, never asked for); n2 is partly in use (mix) and the
     allocation with it times out: n2 becomes busy and n1 is allocated alone."""
-    allocations = []
-
-    def run(argv, timeout_s, **_):
-        options = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
-        if argv[0] == "sinfo":
-            return RunResult(0, "n1|idle|none\nn2|mix|none\nn3|alloc|none\n", "")
-        if argv[0] == "salloc":
-            allocations.append(options["nodelist"])
-            if "n2" in options["nodelist"]:  # as Slurm 22.05 words it
-                return RunResult(1, "", "salloc: Pending job allocation 7\nsalloc: job 7 "
-                                        "queued and waiting for resources\nsalloc: error: "
-                                        "Unable to allocate resources: Connection timed out\n")
-            return RunResult(0, "", "salloc: Granted job allocation 8\n")
-        if argv[0] == "srun":
-            Path(options["output"].replace("%n", "0")).write_text(json.dumps(cpu_report))
-        return RunResult(0, "", "")
-
-    rows = {row.node: row for row in run_fleet(envcheck=["envcheck"], run=run)}
-    assert allocations == ["n1,n2", "n1"]
+    waited = RunResult(1, "", "salloc: Pending job allocation 7\nsalloc: job 7 queued and "
+                              "waiting for resources\nsalloc: error: Unable to allocate "
+                              "resources: Connection timed out\n")  # as Slurm 22.05 words it
+    slurm = FakeSlurm("n1:idle,n2:mix,n3:alloc", reports(cpu_report),
+                      salloc=lambda nodelist: waited if "n2" in nodelist else None)
+    rows = {row.node: row for row in run_fleet(envcheck=["envcheck"], run=slurm)}
+    assert slurm.allocations == ["n1,n2", "n1"]
     assert rows["n1"].status == "reported"
     assert rows["n2"].status == "busy" and rows["n2"].detail.startswith("mix: partly in use")
     assert rows["n3"].status == "busy" and rows["n3"].detail.startswith("alloc: every CPU")
@@ -196,29 +197,20 @@ def test_a_surrounding_jobs_context_is_left_out(monkeypatch):
 def test_a_refused_request_does_not_blame_the_mix_nodes():
     """An invalid request (no waiting for resources) is the request's fault: every node gets
     Slurm's reason, the partly used ones too, and nothing is retried."""
-    calls = []
-
-    def run(argv, timeout_s, **_):
-        calls.append(argv[0])
-        if argv[0] == "sinfo":
-            return RunResult(0, "n1|idle|none\nn2|mix|none\n", "")
-        return RunResult(1, "", "salloc: error: Invalid generic resource (gres) specification\n")
-
-    rows = run_fleet(envcheck=["envcheck"], gres="gpu:9", run=run)
-    assert calls == ["sinfo", "salloc"]
+    invalid = RunResult(1, "", "salloc: error: Invalid generic resource (gres) specification\n")
+    slurm = FakeSlurm("n1:idle,n2:mix", salloc=lambda nodelist: invalid)
+    rows = run_fleet(envcheck=["envcheck"], gres="gpu:9", run=slurm)
+    assert slurm.calls == ["sinfo", "salloc"]
     assert {(r.status, r.detail) for r in rows} == {
         ("no-report", "salloc: error: Invalid generic resource (gres) specification")}
 
 
 def test_an_allocation_refused_is_a_row_per_node():
-    def run(argv, timeout_s, **_):
-        if argv[0] == "sinfo":
-            return RunResult(0, "n1|idle|\nn2|idle|\n", "")
-        assert argv[0] == "salloc"
-        return RunResult(1, "", "salloc: error: Unable to allocate resources: Requested nodes "
-                                "are busy\n")
-
-    rows = run_fleet(envcheck=["envcheck"], run=run)
+    busy = RunResult(1, "", "salloc: error: Unable to allocate resources: Requested nodes are "
+                            "busy\n")
+    slurm = FakeSlurm("n1:idle,n2:idle", salloc=lambda nodelist: busy)
+    rows = run_fleet(envcheck=["envcheck"], run=slurm)
+    assert slurm.calls == ["sinfo", "salloc"]
     assert [(r.status, r.detail) for r in rows] == [
         ("no-report", "salloc: error: Unable to allocate resources: Requested nodes are busy")] * 2
 
