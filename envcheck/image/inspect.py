@@ -151,8 +151,8 @@ def default_jobs() -> int:
 def scan_all(source: ImageSource, resolved: Resolved,
              progress: Callable[[int, int], Callable[[int], None]] | None = None,
              jobs: int = 1) -> list[LayerScan]:
-    """Every layer, up to `jobs` at a time (one at a time where the source's layers share a
-    file handle). A failure stops the other layers; the lowest failing layer is raised."""
+    """Every layer, up to `jobs` at a time. A failure stops the other layers (at their next
+    chunk, or in a retry back-off); the lowest failing layer is raised."""
     descriptors = resolved.manifest.get("layers") or []
     stop = threading.Event()
 
@@ -160,11 +160,11 @@ def scan_all(source: ImageSource, resolved: Resolved,
         if stop.is_set():
             raise Cancelled()
         report = progress(index, descriptor.get("size") or 0) if progress else None
-        with source.open_layer(descriptor) as blob:
+        with source.open_layer(descriptor, stop) as blob:
             return scan_layer(blob, index, expected_digest=descriptor.get("digest"),
                               expected_size=descriptor.get("size"), progress=report, stop=stop)
 
-    workers = min(jobs if source.concurrent_layers else 1, len(descriptors))
+    workers = min(jobs, len(descriptors))
     if workers <= 1:
         return [scan(index, descriptor) for index, descriptor in enumerate(descriptors)]
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="layer") as pool:

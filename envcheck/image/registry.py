@@ -13,12 +13,14 @@ import io
 import json
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
 import requests
 
 from envcheck import runner as runner_module
+from envcheck.image.blobstream import Cancelled
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -94,6 +96,7 @@ class RegistryClient:
         self._credentials = credentials
         self._session = session or requests.Session()
         self._authorization: str | None = None
+        self._auth_lock = threading.Lock()  # layers stream on several threads
 
     def _url(self, kind: str, reference: str) -> str:
         return f"{self.base}/v2/{self.repository}/{kind}/{reference}"
@@ -102,8 +105,10 @@ class RegistryClient:
         return f"{self.registry}/{self.repository}@{reference}" if reference.startswith(
             "sha256:") else f"{self.registry}/{self.repository}:{reference}"
 
-    def request(self, url: str, what: str, headers: dict | None = None, stream: bool = False):
-        """GET with auth, retries and backoff; returns a 2xx response or raises RegistryError."""
+    def request(self, url: str, what: str, headers: dict | None = None, stream: bool = False,
+                stop: threading.Event | None = None):
+        """GET with auth, retries and backoff; returns a 2xx response or raises RegistryError
+        (blobstream.Cancelled where `stop` is set during a back-off)."""
         authenticated = False
         for attempt in range(ATTEMPTS_MAX):
             send = dict(headers or {})
@@ -116,19 +121,27 @@ class RegistryClient:
                 if attempt + 1 == ATTEMPTS_MAX:
                     raise RegistryError(f"{what}: cannot reach {self.base} "
                                         f"({type(error).__name__})") from None
-                time.sleep(BACKOFF_S * 2**attempt)
+                _pause(BACKOFF_S * 2**attempt, stop)
                 continue
             if response.status_code == 401 and not authenticated:
-                self._authenticate(response, what)
+                self._renew(response, what, send.get("Authorization"))
                 authenticated = True
                 continue
             if response.status_code in RETRY_STATUSES and attempt + 1 < ATTEMPTS_MAX:
-                time.sleep(_retry_after_s(response, attempt))
+                _pause(_retry_after_s(response, attempt), stop)
                 continue
             if response.ok:
                 return response
             raise RegistryError(f"{what}: {_status_text(response)}")
         raise RegistryError(f"{what}: gave up after {ATTEMPTS_MAX} attempts")
+
+    def _renew(self, response, what: str, sent: str | None) -> None:
+        """After a 401: the first thread to get here fetches a token; layers that were refused
+        the same expired token meanwhile retry with the new one instead of fetching their own."""
+        with self._auth_lock:
+            if self._authorization is not None and self._authorization != sent:
+                return
+            self._authenticate(response, what)
 
     def _authenticate(self, response, what: str) -> None:
         challenge = response.headers.get("WWW-Authenticate", "")
@@ -197,8 +210,8 @@ class RegistryClient:
             raise RegistryError(f"{what}: blob content does not match its digest")
         return body
 
-    def open_blob(self, digest: str) -> io.RawIOBase:
-        return ResumingBlob(self, digest)
+    def open_blob(self, digest: str, stop: threading.Event | None = None) -> io.RawIOBase:
+        return ResumingBlob(self, digest, stop)
 
 
 def check_media_type(body: bytes, header_type: str, what: str) -> None:
@@ -220,8 +233,9 @@ class ResumingBlob(io.RawIOBase):
     requests): on a 1 GB layer the copies through urllib3's chunk API cost as much CPU as the
     blob's sha256. A body that ends before its Content-Length is a drop, like a reset."""
 
-    def __init__(self, client: RegistryClient, digest: str):
-        self._client = client
+    def __init__(self, client: RegistryClient, digest: str,
+                 stop: threading.Event | None = None):
+        self._client, self._stop = client, stop
         self._url = client._url("blobs", digest)
         self._what = client._where(digest)
         self._position = 0
@@ -235,7 +249,8 @@ class ResumingBlob(io.RawIOBase):
 
     def _open(self) -> None:
         headers = {"Range": f"bytes={self._position}-"} if self._position else {}
-        self._response = self._client.request(self._url, self._what, headers, stream=True)
+        self._response = self._client.request(self._url, self._what, headers, stream=True,
+                                              stop=self._stop)
         if self._position and self._response.status_code != 206:
             raise RegistryError(f"{self._what}: connection dropped at byte {self._position} and "
                                 "the registry does not support Range to resume")
@@ -290,6 +305,14 @@ def _is_connection_error(error: Exception) -> bool:
     return bool(names & {"ProtocolError", "IncompleteRead", "ConnectionError",
                          "ChunkedEncodingError", "ReadTimeoutError", "ConnectionResetError",
                          "TimeoutError", "BrokenPipeError"})
+
+
+def _pause(seconds: float, stop: threading.Event | None) -> None:
+    """A retry back-off that another layer's failure cuts short."""
+    if stop is None:
+        time.sleep(seconds)
+    elif stop.wait(seconds):
+        raise Cancelled()
 
 
 def _retry_after_s(response, attempt: int) -> float:

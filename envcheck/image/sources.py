@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import posixpath
 import tarfile
 import tempfile
+import threading
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -48,7 +50,6 @@ class Top:
 
 class ImageSource(Protocol):
     description: str
-    concurrent_layers: bool  # False where layers share one file handle (docker save archives)
 
     def top(self) -> Top: ...
 
@@ -56,7 +57,9 @@ class ImageSource(Protocol):
 
     def json_blob(self, digest: str) -> dict: ...
 
-    def open_layer(self, descriptor: dict) -> BinaryIO: ...
+    def open_layer(self, descriptor: dict, stop: threading.Event | None = None) -> BinaryIO:
+        """A stream of the layer blob; each call its own (layers are read concurrently).
+        `stop` set: waits (retry back-off) end with blobstream.Cancelled."""
 
     def close(self) -> None: ...
 
@@ -74,8 +77,6 @@ def _verified_json(data: bytes, digest: str | None, what: str) -> dict:
 
 
 class RegistrySource:
-    concurrent_layers = True
-
     def __init__(self, ref: ImageRef, timeout_s: float = 30.0):
         self.ref = ref
         self.description = str(ref)
@@ -100,16 +101,14 @@ class RegistrySource:
         data = self._call(self.client.blob_bytes, digest)
         return _verified_json(data, digest, f"{self.ref.registry}/{self.ref.repository}@{digest}")
 
-    def open_layer(self, descriptor: dict) -> BinaryIO:
-        return self.client.open_blob(descriptor["digest"])
+    def open_layer(self, descriptor: dict, stop: threading.Event | None = None) -> BinaryIO:
+        return self.client.open_blob(descriptor["digest"], stop)
 
     def close(self) -> None:
         pass
 
 
 class OciLayoutSource:
-    concurrent_layers = True
-
     def __init__(self, ref: ImageRef):
         self.root = Path(ref.path)
         self.tag = ref.tag
@@ -152,7 +151,7 @@ class OciLayoutSource:
     def json_blob(self, digest: str) -> dict:
         return _verified_json(self._read(digest), digest, f"{self.description}@{digest}")
 
-    def open_layer(self, descriptor: dict) -> BinaryIO:
+    def open_layer(self, descriptor: dict, stop: threading.Event | None = None) -> BinaryIO:
         return self._blob_path(descriptor["digest"]).open("rb")
 
     def close(self) -> None:
@@ -162,10 +161,8 @@ class OciLayoutSource:
 class DockerArchiveSource:
     """A `docker save` tar: manifest.json names the config and layers, as `<id>/layer.tar` +
     `<hex>.json` (legacy) or `blobs/sha256/<hex>` (Docker ≥ 25, OCI-style). Members are read in
-    place through the tar index; nothing is extracted. The members share the archive's file
-    handle, so layers are read one at a time."""
-
-    concurrent_layers = False
+    place through the tar index; nothing is extracted. Each layer gets its own file handle on
+    the archive, so layers can be read concurrently."""
 
     def __init__(self, ref: ImageRef, cleanup: Path | None = None):
         self.path = Path(ref.path)
@@ -173,12 +170,16 @@ class DockerArchiveSource:
         self._cleanup = cleanup
         try:
             self.tar = tarfile.open(self.path, "r:")
+            self.members = {posixpath.normpath(m.name): m for m in self.tar.getmembers()}
         except FileNotFoundError:
             raise UnreadableInput(f"{ref.path}: no such file; make one with "
                                   "`docker save IMAGE -o FILE`") from None
         except (tarfile.TarError, OSError) as error:
-            raise UnreadableInput(f"{ref.path}: not a docker save archive ({error})") from None
-        self.members = {posixpath.normpath(m.name): m for m in self.tar.getmembers()}
+            if cleanup is not None:
+                cleanup.unlink(missing_ok=True)
+            cut = " (cut short? save it again)" if "end of data" in str(error) else ""
+            raise UnreadableInput(f"{ref.path}: not a docker save archive "
+                                  f"({error}){cut}") from None
         entries = self._json("manifest.json")
         if not isinstance(entries, list) or not entries:
             raise SourceError(f"{self.description}: manifest.json lists no images")
@@ -231,13 +232,39 @@ class DockerArchiveSource:
         name = self.entry.get("Config", "")
         return _verified_json(self._member_bytes(name), digest, f"{self.description} config")
 
-    def open_layer(self, descriptor: dict) -> BinaryIO:
-        return self.tar.extractfile(self.members[posixpath.normpath(descriptor["member"])])
+    def open_layer(self, descriptor: dict, stop: threading.Event | None = None) -> BinaryIO:
+        member = self.members[posixpath.normpath(descriptor["member"])]
+        if member.issparse():  # never in a docker save; tarfile maps the holes
+            return self.tar.extractfile(member)
+        return MemberReader(self.path, member.offset_data, member.size)
 
     def close(self) -> None:
         self.tar.close()
         if self._cleanup is not None:
             self._cleanup.unlink(missing_ok=True)
+
+
+class MemberReader(io.RawIOBase):
+    """`size` bytes at `offset` of a file, through a handle of its own."""
+
+    def __init__(self, path: Path, offset: int, size: int):
+        self._file = path.open("rb", buffering=0)
+        self._file.seek(offset)
+        self._left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._left <= 0:
+            return 0
+        n = self._file.readinto(memoryview(buffer)[: min(len(buffer), self._left)])
+        self._left -= n  # a file cut short ends early: scan_layer's size check says so
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def daemon_source(ref: ImageRef, timeout_s: float = 60.0) -> DockerArchiveSource:

@@ -2,7 +2,10 @@
 
 Modes (any combination), each counted so tests can assert what happened:
 - bearer: every /v2/ request needs `Authorization: Bearer <token>`; 401 carries a Bearer
-  challenge (with or without `service`, as nvcr.io); GET /token hands out the token;
+  challenge (with or without `service`, as nvcr.io); GET /token hands out a new token each
+  time (TOKEN-1, TOKEN-2, ...), each valid until it expires;
+- expire_tokens_after_blobs: after that many blob GETs, every token handed out so far expires
+  (as Docker Hub's do after 300 s, mid-pull); tokens fetched afterwards are valid;
 - too_many_once: the first blob GET answers 429 with Retry-After: 1;
 - drop_blob_once: the first layer-sized blob GET sends half the body, then drops the connection
   (the client must resume with Range);
@@ -34,7 +37,8 @@ class FaultProxy:
                  redirect_blobs: bool = False, statuses: dict | None = None,
                  forever: dict | None = None, token_status: int | None = None,
                  corrupt_blobs: bool = False, content_type: str | None = None,
-                 delay_s: float = 0.0, chunked_blobs: bool = False):
+                 delay_s: float = 0.0, chunked_blobs: bool = False,
+                 expire_tokens_after_blobs: int | None = None):
         self.upstream = upstream
         self.modes = dict(bearer=bearer, service=service, too_many_once=too_many_once,
                           drop_blob_once=drop_blob_once, redirect_blobs=redirect_blobs)
@@ -43,6 +47,10 @@ class FaultProxy:
         self.token_status = token_status
         self.corrupt_blobs, self.content_type, self.delay_s = corrupt_blobs, content_type, delay_s
         self.chunked_blobs = chunked_blobs
+        self.expire_after, self.blob_gets = expire_tokens_after_blobs, 0
+        self.tokens: list[str] = []  # handed out
+        self.valid: set[str] = set()
+        self.lock = threading.Lock()
         self.events: list[str] = []
         self.redirected_auth: list[str | None] = []
         proxy = self
@@ -81,7 +89,11 @@ class FaultProxy:
             self.events.append("token")
             if self.token_status:
                 return self._send(request, self.token_status, b'{"details":"denied"}', {})
-            return self._send(request, 200, b'{"token": "%s", "expires_in": 300}' % TOKEN.encode(),
+            with self.lock:
+                token = f"{TOKEN}-{len(self.tokens) + 1}"
+                self.tokens.append(token)
+                self.valid.add(token)
+            return self._send(request, 200, b'{"token": "%s", "expires_in": 300}' % token.encode(),
                               {"Content-Type": "application/json"})
         is_blob = "/blobs/" in path
         kind = "blob" if is_blob else "manifest" if "/manifests/" in path else "other"
@@ -99,7 +111,7 @@ class FaultProxy:
         if is_blob and request.headers.get("Host", "").startswith("localhost"):
             self.redirected_auth.append(request.headers.get("Authorization"))
             return self._forward(request)
-        if self.modes["bearer"] and request.headers.get("Authorization") != f"Bearer {TOKEN}":
+        if self.modes["bearer"] and not self._authorized(request, is_blob):
             self.events.append("challenge")
             service = ',service="envcheck-test"' if self.modes["service"] else ""
             return self._send(request, 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {
@@ -112,6 +124,18 @@ class FaultProxy:
             return self._send(request, 307, b"", {
                 "Location": f"http://localhost:{self.port}{path}"})
         return self._forward(request)
+
+    def _authorized(self, request, is_blob: bool) -> bool:
+        sent = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        with self.lock:
+            if sent not in self.valid:
+                return False
+            if is_blob and request.command == "GET":
+                self.blob_gets += 1
+                if self.blob_gets == self.expire_after:
+                    self.events.append("tokens expired")
+                    self.valid.clear()
+        return True
 
     def _forward(self, request) -> None:
         headers = {k: v for k, v in request.headers.items()

@@ -85,11 +85,13 @@ def test_registry_image_matches_skopeo(pushed):
     assert report["cuda"]["stubs"] == [f"/{cuda_image.CUDA_LIB}/stubs/libcuda.so"]
 
 
-def test_layers_several_at_a_time_give_the_same_report(pushed, cuda_layout):
+def test_layers_several_at_a_time_give_the_same_report(pushed, cuda_layout, tmp_path):
     """--jobs 3 (layers streamed concurrently, one registry session) and --jobs 1 agree, from
-    the registry and from the OCI layout."""
+    the registry, the OCI layout and a docker save archive (a file handle per layer)."""
     layout, _ = cuda_layout
-    for ref in (pushed, f"oci:{layout}"):
+    archive = tmp_path / "cuda.tar"
+    skopeo("copy", f"oci:{layout}:12.8.0-cudnn-devel", f"docker-archive:{archive}:cuda:test")
+    for ref in (pushed, f"oci:{layout}", f"docker-archive:{archive}"):
         one = inspect_json(ref, "--driver-version", "570.124.06", "--jobs", "1")
         many = inspect_json(ref, "--driver-version", "570.124.06", "--jobs", "3")
         assert many == one
@@ -127,6 +129,23 @@ def test_docker_archive_from_skopeo(cuda_layout, tmp_path):
     assert report["config"]["digest"] == built["config_digest"]
     assert [layer["diff_id"] for layer in report["layers"]] == built["diff_ids"]
     assert {c["id"]: c["status"] for c in report["checks"]}["image.diff-ids"] == "pass"
+
+
+def test_docker_archive_cut_inside_a_layer(cuda_layout, tmp_path):
+    """A `docker save` copied only in part (tarfile finds the member that runs past the end
+    while it reads the index): one line, exit 2."""
+    import tarfile
+
+    layout, _ = cuda_layout
+    archive = tmp_path / "cut.tar"
+    skopeo("copy", f"oci:{layout}:12.8.0-cudnn-devel", f"docker-archive:{archive}:cuda:test")
+    with tarfile.open(archive) as tar:
+        biggest = max(tar.getmembers(), key=lambda m: m.size)
+        cut_at = biggest.offset_data + biggest.size // 2
+    with archive.open("r+b") as handle:
+        handle.truncate(cut_at)
+    one_line_error(envcheck(f"docker-archive:{archive}", "--jobs", "2"), 2,
+                   "cut short? save it again")
 
 
 def test_zstd_layers_through_the_registry(registry, tmp_path):

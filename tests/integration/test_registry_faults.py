@@ -27,8 +27,8 @@ def proxy_for(registry, pushed):
         proxy.stop()
 
 
-def run_ok(ref: str) -> dict:
-    done = envcheck(ref, "--json")
+def run_ok(ref: str, *args: str) -> dict:
+    done = envcheck(ref, "--json", *args)
     assert done.returncode == 0, done.stderr
     assert TOKEN not in done.stdout + done.stderr
     report = json.loads(done.stdout)
@@ -41,6 +41,17 @@ def test_bearer_token_flow(proxy_for, service):
     proxy, ref = proxy_for(bearer=True, service=service)
     run_ok(ref)
     assert proxy.events[:2] == ["challenge", "token"]
+
+
+def test_token_expiring_while_layers_stream_concurrently(proxy_for):
+    """The token expires after the config and one layer (Docker Hub's last 300 s); the layers
+    in flight are refused with it together. One of them fetches a new token, the others retry
+    with that one: two tokens in all, every layer verified."""
+    proxy, ref = proxy_for(bearer=True, expire_tokens_after_blobs=2)
+    report = run_ok(ref, "--jobs", "3")
+    assert len(report["layers"]) >= 3
+    assert "tokens expired" in proxy.events
+    assert proxy.events.count("challenge") >= 2 and len(proxy.tokens) == 2
 
 
 def test_429_with_retry_after_is_retried(proxy_for):

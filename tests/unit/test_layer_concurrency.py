@@ -1,12 +1,15 @@
 """Layers streamed several at a time (inspect-image --jobs): the same scans in layer order as
-one at a time, one layer at a time where the source's layers share a file handle, and a failing
-layer stops the others instead of waiting for them."""
+one at a time, a docker save archive's layers each through a handle of its own, and a failing
+layer stops the others instead of waiting for them — also one waiting out a registry's
+Retry-After."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import http.server
 import io
+import json
 import tarfile
 import threading
 import time
@@ -15,6 +18,9 @@ import pytest
 
 from envcheck.image.inspect import Resolved, scan_all
 from envcheck.image.layers import LayerError
+from envcheck.image.reference import ImageRef
+from envcheck.image.registry import RegistryClient
+from envcheck.image.sources import DockerArchiveSource
 
 
 def gzip_layer(index: int) -> bytes:
@@ -49,13 +55,15 @@ class FakeSource:
 
     description = "fake"
 
-    def __init__(self, blobs: list, concurrent_layers: bool = True):
-        self.blobs, self.concurrent_layers = blobs, concurrent_layers
+    def __init__(self, blobs: list):
+        self.blobs = blobs
         self.open_now = self.open_most = 0
         self.lock = threading.Lock()
 
-    def open_layer(self, descriptor: dict):
+    def open_layer(self, descriptor: dict, stop=None):
         blob = self.blobs[descriptor["index"]]
+        if callable(blob):
+            blob = blob(stop)
         with self.lock:
             self.open_now += 1
             self.open_most = max(self.open_most, self.open_now)
@@ -103,11 +111,31 @@ def test_several_at_a_time_give_the_same_scans_in_layer_order():
     assert 1 < source.open_most <= 3
 
 
-def test_a_source_with_one_file_handle_is_read_one_layer_at_a_time():
-    blobs = [gzip_layer(i) for i in range(4)]
-    source = FakeSource(blobs, concurrent_layers=False)
-    scan_all(source, resolved(blobs), jobs=4)
-    assert source.open_most == 1
+def test_docker_archive_layers_read_at_once_through_their_own_handles(tmp_path):
+    """Reads of two layers interleaved, as two threads do: each gets its own bytes."""
+    blobs = [gzip_layer(i) for i in range(3)]
+    archive = tmp_path / "saved.tar"
+    names = [f"blobs/sha256/{hashlib.sha256(b).hexdigest()}" for b in blobs]
+    with tarfile.open(archive, "w") as tar:
+        manifest = json.dumps([{"Config": "config.json", "Layers": names}]).encode()
+        for name, data in [("manifest.json", manifest), *zip(names, blobs, strict=True)]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    source = DockerArchiveSource(ImageRef("docker-archive", path=str(archive)))
+    layers = source.top().body["layers"]
+    readers = [source.open_layer(layer) for layer in layers]
+    got = [bytearray() for _ in readers]
+    while any(r is not None for r in readers):
+        for n, reader in enumerate(readers):
+            if reader is not None:
+                piece = reader.read(1000)
+                got[n] += piece
+                if not piece:
+                    reader.close()
+                    readers[n] = None
+    assert [bytes(g) for g in got] == blobs
+    source.close()
 
 
 def test_a_failing_layer_stops_the_others():
@@ -122,3 +150,44 @@ def test_a_failing_layer_stops_the_others():
     reads = endless.reads
     time.sleep(0.2)
     assert endless.reads == reads  # stopped, not still streaming in the background
+
+
+class TooManyRequests(http.server.BaseHTTPRequestHandler):
+    """A registry that answers every request with 429 and Retry-After: 30."""
+
+    asked = threading.Event()
+
+    def do_GET(self):
+        TooManyRequests.asked.set()
+        self.send_response(429)
+        self.send_header("Retry-After", "30")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_failing_layer_cuts_another_layers_retry_after_short():
+    """Layer 0 waits out a 30 s Retry-After; layer 1 fails once layer 0 is waiting: the run
+    ends at once with layer 1's error instead of after the wait."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TooManyRequests)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = RegistryClient(f"127.0.0.1:{server.server_address[1]}", "busy/image")
+    broken = gzip_layer(1)[:200]
+
+    def fails_after_the_first_ask(stop):
+        TooManyRequests.asked.wait(10)
+        time.sleep(0.2)  # layer 0 is in its back-off now
+        return broken
+
+    blobs = [lambda stop: client.open_blob("sha256:" + "0" * 64, stop),
+             fails_after_the_first_ask]
+    start_s = time.perf_counter()
+    try:
+        with pytest.raises(LayerError, match="layer 1"):
+            scan_all(FakeSource(blobs), resolved(blobs), jobs=2)
+        assert time.perf_counter() - start_s < 5
+    finally:
+        server.shutdown()
+        server.server_close()
