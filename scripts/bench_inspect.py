@@ -1,10 +1,12 @@
 """Benchmark (not a test): `envcheck inspect-image` on an image with a ≥ 1 GB compressed layer,
 side by side with the tools people use, in one run.
 
-Builds the CUDA-like image plus one big gzip layer (1 MiB files cut from this machine's real
-shared libraries, about 2.7:1 compressible, like a CUDA library layer), pushes it to a local
-docker-registry with skopeo, then times, each as
-its own process with the OS's peak RSS (wait4):
+Builds the CUDA-like image plus one big gzip layer (level 6, gzip's and BuildKit's default)
+and pushes it to a local docker-registry with skopeo. The layer holds, by --content:
+  cuda  the image's own cuBLAS 12.8.3.14 and cuDNN 9.7.0.66 libraries, from their PyPI wheels
+        (pip download, once, into --wheel-cache): real GPU code, about 1.5:1, as in the image
+  host  1 MiB pieces of this machine's shared libraries (x86 code, about 2.6:1): offline
+Then it times, each as its own process with the OS's peak RSS (wait4):
   floor       curl BLOB | sha256sum                        (download + hash: the floor)
   gzip|tar    curl BLOB | gzip -dc | tar -t
   inflate     python ISA-L inflate of the blob file (page cache), output dropped, one core, with
@@ -22,23 +24,30 @@ table shows whether a ratio is bounded by the code or by the machine.
 Goals: envcheck ≤ 1.1× the floor, ≥ 2.5× faster than gzip|tar, peak RSS ≤ 150 MB.
 
 Run: .venv/bin/python -m scripts.bench_inspect [--gigabytes 1.0] [--repeat 3] [--workdir DIR]
-     [--json OUT]
+     [--content cuda|host] [--wheel-cache DIR] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
+import posixpath
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from scripts import cuda_image
 from scripts.benchlib import print_goals
@@ -59,9 +68,16 @@ class _HashingWriter(io.RawIOBase):
         return self.sink.write(data)
 
 
+CUDA_WHEELS = ("nvidia-cublas-cu12==12.8.3.14", "nvidia-cudnn-cu12==9.7.0.66")
+WHEEL_DIRS = {"nvidia/cublas/lib/": "usr/local/cuda-12.8/targets/x86_64-linux/lib/",
+              "nvidia/cublas/include/": "usr/local/cuda-12.8/targets/x86_64-linux/include/",
+              "nvidia/cudnn/lib/": "usr/lib/x86_64-linux-gnu/",
+              "nvidia/cudnn/include/": "usr/include/x86_64-linux-gnu/"}
+GZIP_LEVEL = 6  # gzip's and BuildKit's default level
+
+
 def binary_pool(pool_bytes: int = 64 << 20) -> bytes:
-    """Real machine code to fill the layer with: this machine's shared libraries (CUDA layers
-    are mostly shared libraries, compressing about 2.5-3:1)."""
+    """This machine's shared libraries (x86 code), when the CUDA libraries cannot be had."""
     pool = bytearray()
     for path in sorted(Path("/usr/lib/x86_64-linux-gnu").glob("*.so*")):
         if path.is_file() and not path.is_symlink():
@@ -73,35 +89,80 @@ def binary_pool(pool_bytes: int = 64 << 20) -> bytes:
     return bytes(pool)
 
 
-def big_layer(path: Path, compressed_bytes_min: int) -> dict:
-    """Stream a tar of 1 MiB files cut from real shared libraries through ISA-L gzip (level 3,
-    close to the ratio of Go's default gzip level that builders use) into `path` until the
-    compressed size reaches the target. Never holds the layer in memory."""
-    from isal import igzip
-
+def host_library_files() -> Iterator[tuple[str, int, Callable[[], BinaryIO]]]:
+    """Endless 1 MiB files cut from this machine's shared libraries (about 2.6:1 at level 6)."""
     pool = binary_pool()
+    for index in itertools.count():
+        start = (index * 7919 * 4096) % (len(pool) - FILE_BYTES)
+        data = os.urandom(64) + pool[start + 64:start + FILE_BYTES]
+        yield (f"opt/big/{index // 1000:03d}/lib-{index:06d}.so", len(data),
+               functools.partial(io.BytesIO, data))
+
+
+def cuda_wheels(cache: Path) -> list[Path] | None:
+    """The cuBLAS and cuDNN wheels of the image's own versions (12.8.3.14, 9.7.0.66) from PyPI,
+    kept in `cache`; None when pip cannot fetch them (no package index)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d",
+                           str(cache), *CUDA_WHEELS], capture_output=True, text=True)
+    wheels = sorted(cache.glob("nvidia_cu*.whl"))
+    if done.returncode != 0 or len(wheels) < len(CUDA_WHEELS):
+        print(f"cannot fetch {', '.join(CUDA_WHEELS)} ({done.stderr.strip()[-200:]})",
+              file=sys.stderr)
+        return None
+    return wheels
+
+
+def cuda_library_files(wheels: list[Path]) -> Iterator[tuple[str, int, Callable[[], BinaryIO]]]:
+    """The libraries and headers of the wheels at their paths in the CUDA image, over and over
+    (…/copyN/ after the first pass): real GPU code, 1.5:1 like the image's own layers."""
+    for copy in itertools.count():
+        for wheel in wheels:
+            archive = zipfile.ZipFile(wheel)
+            for member in archive.infolist():
+                prefix = next((p for p in WHEEL_DIRS if member.filename.startswith(p)), None)
+                if member.is_dir() or prefix is None or "/__" in member.filename:
+                    continue
+                name = WHEEL_DIRS[prefix] + member.filename[len(prefix):]
+                if copy:
+                    name = posixpath.join(posixpath.dirname(name), f"copy{copy}",
+                                          posixpath.basename(name))
+                yield name, member.file_size, functools.partial(archive.open, member)
+
+
+def big_layer(path: Path, compressed_bytes_min: int, files) -> dict:
+    """Stream a tar of `files` through gzip (level 6) into `path` until the compressed size
+    reaches the target (whole files only). Never holds the layer in memory."""
     with path.open("wb") as raw:
         compressed = _HashingWriter(raw)
-        with igzip.IGzipFile(fileobj=compressed, mode="wb", compresslevel=3, mtime=0) as gz:
+        with gzip.GzipFile(fileobj=compressed, mode="wb", compresslevel=GZIP_LEVEL,
+                           mtime=0) as gz:
             plain = _HashingWriter(gz)
             with tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                index = 0
-                while compressed.count < compressed_bytes_min:
-                    start = (index * 7919 * 4096) % (len(pool) - FILE_BYTES)
-                    data = os.urandom(64) + pool[start + 64:start + FILE_BYTES]
-                    info = tarfile.TarInfo(f"opt/big/{index // 1000:03d}/lib-{index:06d}.so")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                    index += 1
+                count = 0
+                for name, size, opener in files:
+                    if compressed.count >= compressed_bytes_min:
+                        break
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mode = size, 0o644
+                    with opener() as body:
+                        tar.addfile(info, body)
+                    count += 1
     return {"digest": "sha256:" + compressed.hash.hexdigest(), "size": compressed.count,
-            "diff_id": "sha256:" + plain.hash.hexdigest(), "files": index,
+            "diff_id": "sha256:" + plain.hash.hexdigest(), "files": count,
             "uncompressed": plain.count}
 
 
-def build_image(workdir: Path, gigabytes: float) -> tuple[Path, dict]:
+def build_image(workdir: Path, gigabytes: float, content: str,
+                wheel_cache: Path) -> tuple[Path, dict]:
     layout = workdir / "layout"
     blob_path = workdir / "big.tar.gz"
-    big = big_layer(blob_path, int(gigabytes * 1e9))
+    wheels = cuda_wheels(wheel_cache) if content == "cuda" else None
+    if content == "cuda" and wheels is None:
+        print("falling back to --content host", file=sys.stderr)
+    files = cuda_library_files(wheels) if wheels else host_library_files()
+    big = big_layer(blob_path, int(gigabytes * 1e9), files)
+    big["content"] = "cuda" if wheels else "host"
     built = cuda_image.build_layout(layout, tag="bench")
     (layout / "blobs/sha256" / big["digest"].split(":")[1]).unlink(missing_ok=True)
     shutil.move(blob_path, layout / "blobs/sha256" / big["digest"].split(":")[1])
@@ -192,12 +253,12 @@ INFLATE_ONLY = ("import collections, ctypes, sys; from isal import isal_zlib; "
                 "iter(lambda: r.read(1 << 18), b\"\")), maxlen=0)")
 
 
-def run(workdir: Path, gigabytes: float, repeat: int) -> dict:
+def run(workdir: Path, gigabytes: float, repeat: int, content: str, wheel_cache: Path) -> dict:
     from scripts import test_engine
     from scripts.local_registry import Registry
 
     print(f"building the image (≥ {gigabytes} GB compressed layer)…", file=sys.stderr)
-    layout, big = build_image(workdir, gigabytes)
+    layout, big = build_image(workdir, gigabytes, content, wheel_cache)
     registry = Registry(workdir / "registry-root")
     engine, started = None, None
     try:
@@ -272,8 +333,12 @@ def summarize(rows: list[dict], big: dict) -> dict:
 
 def print_table(result: dict) -> None:
     layer = result["layer"]
-    print(f"big layer: {layer['size'] / 1e9:.3f} GB gzip, {layer['uncompressed'] / 1e9:.3f} GB "
-          f"uncompressed, {layer['files']} files (+ 3 small CUDA-like layers)")
+    what = {"cuda": "cuBLAS 12.8.3.14 + cuDNN 9.7.0.66 libraries",
+            "host": "1 MiB pieces of this machine's x86 libraries"}[layer["content"]]
+    print(f"big layer: {layer['size'] / 1e9:.3f} GB gzip -{GZIP_LEVEL}, "
+          f"{layer['uncompressed'] / 1e9:.3f} GB uncompressed "
+          f"({layer['uncompressed'] / layer['size']:.2f}:1), {layer['files']} files of {what} "
+          "(+ 3 small CUDA-like layers)")
     print(f"{'':<13}{'wall s':>9}{'CPU s':>8}{'+ server':>10}{'peak RSS MB':>13}"
           f"{'× envcheck':>12}")
     mine = next(r for r in result["rows"] if r["name"] == "envcheck")
@@ -303,12 +368,19 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per row; the fastest is kept")
     parser.add_argument("--workdir", type=Path, help="keep the image here (default: a temp dir)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--content", choices=("cuda", "host"), default="cuda",
+                        help="what the big layer holds: the image's own cuBLAS and cuDNN "
+                             "libraries (pip-downloaded once; the default) or pieces of this "
+                             "machine's shared libraries (offline)")
+    parser.add_argument("--wheel-cache", type=Path,
+                        default=Path.home() / ".cache/envcheck/bench-wheels")
     args = parser.parse_args()
     for tool in ("curl", "skopeo", "docker-registry", "gzip", "tar", "time"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed: scripts/install_system_packages.sh {tool}")
     with tempfile.TemporaryDirectory(prefix="bench-inspect-", dir=args.workdir) as tmp:
-        result = run(Path(tmp), args.gigabytes, max(1, args.repeat))
+        result = run(Path(tmp), args.gigabytes, max(1, args.repeat), args.content,
+                     args.wheel_cache)
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -13,6 +13,7 @@ wait for the dead node to time out), so one dead node does not hide the others.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -37,6 +38,7 @@ GRANTED_RE = re.compile(r"Granted job allocation (\d+)")
 STEP_SLACK_S = 60.0
 IMMEDIATE_S = 30  # how long salloc may wait for the nodes
 RERUN_MARGIN_S = 120.0
+PARTITION_LIMIT = "Requested partition configuration not available now"
 
 
 # Slurm settings of the user's own; every other SLURM_* variable is the context of a job this
@@ -57,13 +59,15 @@ class SlurmError(Exception):
     """Slurm itself is not usable (no sinfo, no controller, no such partition/node)."""
 
 
-def list_nodes(partition: str | None, nodes: str | None, run: Runner) -> list[tuple[str, str, str]]:
-    """(name, state, reason) per node, in Slurm's node order."""
+def list_nodes(partition: str | None, nodes: str | None, run: Runner
+               ) -> tuple[list[tuple[str, str, str]], float | None]:
+    """(name, state, reason) per node, in Slurm's node order; and the time limit (s) of the
+    partition the allocation goes to (the named one, else the default), None if unlimited."""
     conf = os.environ.get("SLURM_CONF")
     if conf and not Path(conf).is_file():  # sinfo would retry for a minute
         raise SlurmError(f"SLURM_CONF={conf} does not exist: point it at the cluster's "
                          "slurm.conf (or unset it to use the default)")
-    argv = ["sinfo", "-h", "-N", "-o", "%N|%t|%E"]
+    argv = ["sinfo", "-h", "-N", "-o", "%N|%t|%P|%l|%E"]
     argv += ["-p", partition] if partition else []
     argv += ["-n", nodes] if nodes else []
     result = run(argv, 30.0)
@@ -71,9 +75,11 @@ def list_nodes(partition: str | None, nodes: str | None, run: Runner) -> list[tu
         text = (result.err or result.out).strip().splitlines()
         raise SlurmError(f"sinfo failed: {text[-1] if text else f'exit code {result.rc}'}: "
                          "is slurmctld up and SLURM_CONF set?")
-    seen, found = set(), []
+    seen, found, limits = set(), [], []
     for line in result.out.splitlines():
-        name, state, reason = (line.split("|") + ["", ""])[:3]
+        name, state, part, limit, reason = (line.split("|", 4) + [""] * 4)[:5]
+        if partition or part.endswith("*"):
+            limits.append(slurm_time_s(limit))
         if name and name not in seen:  # a node in two partitions is listed twice
             seen.add(name)
             reason = reason.strip()
@@ -81,7 +87,23 @@ def list_nodes(partition: str | None, nodes: str | None, run: Runner) -> list[tu
     if not found:
         raise SlurmError(f"no nodes match (partition {partition or 'any'}, nodes "
                          f"{nodes or 'all'}): check with `sinfo -N`")
-    return found
+    bounded = [limit for limit in limits if limit is not None]
+    return found, (min(bounded) if bounded else None)
+
+
+def slurm_time_s(text: str) -> float | None:
+    """sinfo's time limit (`5:00` m:s, `1:30:00`, `1-02:03:00`) in seconds; None for
+    `infinite` or anything else."""
+    days, _, clock = text.strip().rpartition("-")
+    try:
+        parts = [int(part) for part in clock.split(":")]
+        whole_days = int(days) if days else 0
+    except ValueError:
+        return None
+    if not 1 <= len(parts) <= 3:
+        return None
+    hours, minutes, seconds = ([0, 0] + parts)[-3:] if len(parts) > 1 else (0, parts[0], 0)
+    return whole_days * 86400.0 + hours * 3600 + minutes * 60 + seconds
 
 
 def base_state(state: str) -> str:
@@ -110,7 +132,7 @@ def run_fleet(*, partition: str | None = None, nodes: str | None = None,
               run: Runner | None = None) -> list[NodeResult]:
     run = run or runner_module.run
     envcheck = envcheck or [sys.executable, "-m", "envcheck"]
-    listed = list_nodes(partition, nodes, run)
+    listed, max_time_s = list_nodes(partition, nodes, run)
     status = {name: availability(state) for name, state, _ in listed}
     results = [NodeResult(name, status[name],
                           detail=f"{state}: {reason or NO_REASON.get(status[name], '')}")
@@ -119,23 +141,32 @@ def run_fleet(*, partition: str | None = None, nodes: str | None = None,
     mixed = {name for name, state, _ in listed if base_state(state) == "mix"}
     if ready:
         smoke = smoke_argv(envcheck, image, timeout_s, no_container)
-        results += run_steps(ready, mixed, partition, gres, smoke, timeout_s + STEP_SLACK_S,
-                             run)
+        results += run_steps(ready, mixed, Placement(partition, gres, max_time_s), smoke,
+                             timeout_s + STEP_SLACK_S, run)
     return results
 
 
-def run_steps(ready: list[str], mixed: set[str], partition: str | None, gres: str | None,
-              smoke: list[str], limit_s: float, run: Runner) -> list[NodeResult]:
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where the allocation goes: partition and GRES as asked, and the partition's MaxTime."""
+
+    partition: str | None
+    gres: str | None
+    max_time_s: float | None = None
+
+
+def run_steps(ready: list[str], mixed: set[str], placement: Placement, smoke: list[str],
+              limit_s: float, run: Runner) -> list[NodeResult]:
     """Allocate `ready`, run the step, re-run once the nodes a launch failure took down with
     it, release the allocation. When the allocation is refused and some nodes are partly in
     use (mix), those are the likely cause: they become busy rows and the rest is tried alone."""
     # A re-run follows an aborted step, which ends within seconds: a margin is enough for it
     # (and a long --time would trip partitions' MaxTime).
-    job, why, waited = allocate(ready, partition, gres, limit_s + RERUN_MARGIN_S, run)
+    job, why, waited = allocate(ready, placement, limit_s + RERUN_MARGIN_S, run)
     if job is None and waited and mixed & set(ready):
         rest = [name for name in ready if name not in mixed]
         rows = {row.node: row for row in (
-            run_steps(rest, set(), partition, gres, smoke, limit_s, run) if rest else [])}
+            run_steps(rest, set(), placement, smoke, limit_s, run) if rest else [])}
         partly = f"mix: partly in use; Slurm could not fit the check there in {IMMEDIATE_S} s"
         return [rows.get(name) or NodeResult(name, "busy", detail=partly) for name in ready]
     if job is None:
@@ -153,22 +184,32 @@ def run_steps(ready: list[str], mixed: set[str], partition: str | None, gres: st
         run(["scancel", job], 30.0, env=slurm_env())
 
 
-def allocate(ready: list[str], partition: str | None, gres: str | None, limit_s: float,
+def allocate(ready: list[str], placement: Placement, limit_s: float,
              run: Runner) -> tuple[str | None, str, bool]:
     """(job id, "", _) of an allocation holding one task slot on each node, or (None, why not,
     whether Slurm accepted the request and only waited for free resources). --no-kill keeps
-    it when a node fails, so the healthy nodes can run another step."""
+    it when a node fails, so the healthy nodes can run another step. The time asked for is
+    cut to the partition's MaxTime: over it, Slurm would queue the job for ever (reason
+    PartitionTimeLimit) or refuse it (EnforcePartLimits)."""
+    minutes = int(limit_s // 60) + 1
+    if placement.max_time_s is not None:
+        minutes = max(1, min(minutes, int(placement.max_time_s // 60)))
     argv = ["salloc", "--no-shell", "--no-kill", f"--nodes={len(ready)}",
             "--ntasks-per-node=1", f"--nodelist={','.join(ready)}", f"--immediate={IMMEDIATE_S}",
-            f"--time={int(limit_s // 60) + 1}", "--job-name=envcheck-fleet"]
-    argv += [f"--partition={partition}"] if partition else []
-    argv += [f"--gres={gres}"] if gres else []
+            f"--time={minutes}", "--job-name=envcheck-fleet"]
+    argv += [f"--partition={placement.partition}"] if placement.partition else []
+    argv += [f"--gres={placement.gres}"] if placement.gres else []
     done = run(argv, 60.0, env=slurm_env())
     granted = GRANTED_RE.search(done.err or "")
     if done.rc == 0 and granted:
         return granted.group(1), "", False
-    why = _last_line(done.err or done.out) or f"salloc failed (exit code {done.rc})"
-    return None, why, "waiting for resources" in (done.err or "")
+    err = done.err or ""
+    if PARTITION_LIMIT in err:  # queued for ever, not for resources: no node is to blame
+        return None, (f"salloc: {PARTITION_LIMIT.lower()}: the request is over one of the "
+                      "partition's limits (MaxNodes, MaxTime, …) or the partition is not up: "
+                      "`scontrol show partition`"), False
+    why = _last_line(err or done.out) or f"salloc failed (exit code {done.rc})"
+    return None, why, "waiting for resources" in err
 
 
 def run_step(job: str, ready: list[str], smoke: list[str], limit_s: float,

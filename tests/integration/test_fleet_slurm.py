@@ -110,6 +110,27 @@ def test_busy_nodes_are_rows_and_the_free_ones_run(cluster):
     assert nodes["n2"]["status"] == "busy" and nodes["n2"]["detail"].startswith("mix: ")
 
 
+def test_partition_limits(cluster):
+    """MaxTime=5 (minutes): the allocation asks for 5 instead of the check's 14 and every node
+    reports (over MaxTime Slurm would queue it for ever). MaxNodes=1: Slurm queues the 3-node
+    request for a partition limit; every row says so, and names where to look."""
+    _, env = cluster
+    scontrol(env, "update", "partitionname=debug", "maxtime=5")
+    try:
+        rc, report, _ = fleet(env)
+    finally:
+        scontrol(env, "update", "partitionname=debug", "maxtime=INFINITE")
+    assert rc == 0 and {n["status"] for n in report["nodes"]} == {"reported"}
+    scontrol(env, "update", "partitionname=debug", "maxnodes=1")
+    try:
+        rc, report, _ = fleet(env)
+    finally:
+        scontrol(env, "update", "partitionname=debug", "maxnodes=UNLIMITED")
+    assert rc == 1 and {n["status"] for n in report["nodes"]} == {"no-report"}
+    assert all("partition's limits" in n["detail"] and "scontrol show partition" in n["detail"]
+               for n in report["nodes"])
+
+
 def sbatch(env: dict, *args: str) -> str:
     done = subprocess.run(["sbatch", "--parsable", "-J", "envcheck-busy", "--output=/dev/null",
                            *args, "--wrap", "sleep 600"], env=env, capture_output=True,

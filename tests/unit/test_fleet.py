@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from envcheck.cli import cli
 from envcheck.fleet import k8s
 from envcheck.fleet.aggregate import NodeResult, from_report, hostlist, render, summarize
-from envcheck.fleet.slurm import availability, collect_step, run_fleet, slurm_env
+from envcheck.fleet.slurm import availability, collect_step, run_fleet, slurm_env, slurm_time_s
 from envcheck.runner import RunResult
 from envcheck.smoke import gpu_smoke
 from tests.conftest import REPO
@@ -104,13 +104,15 @@ def synthetic_fleet(cpu_report, gpu_report, count: int) -> list[NodeResult]:
 
 class FakeSlurm:
     """sinfo, salloc and scancel answer as Slurm 22.05 does. `states` is what sinfo lists
-    ("n1:idle,n2:mix"); `salloc(nodelist)` may refuse an allocation (a RunResult) or grant it
-    (None); each srun step is `step(nodes, files)`, which returns a RunResult after writing
-    the per-node output files it likes."""
+    ("n1:idle,n2:mix") in the default partition `debug*` with time limit `max_time` (sinfo's
+    %l); `salloc(nodelist)` may refuse an allocation (a RunResult) or grant it (None); each
+    srun step is `step(nodes, files)`, which returns a RunResult after writing the per-node
+    output files it likes."""
 
-    def __init__(self, states: str, step=None, salloc=None):
+    def __init__(self, states: str, step=None, salloc=None, max_time: str = "infinite"):
         self.states = [item.split(":") for item in states.split(",")]
         self.step, self.salloc = step, salloc or (lambda nodelist: None)
+        self.max_time, self.times = max_time, []
         self.steps: list[list[str]] = []
         self.allocations: list[str] = []
         self.calls: list[str] = []
@@ -119,9 +121,12 @@ class FakeSlurm:
         self.calls.append(argv[0])
         options = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
         if argv[0] == "sinfo":
-            return RunResult(0, "".join(f"{n}|{state}|none\n" for n, state in self.states), "")
+            assert argv[4] == "%N|%t|%P|%l|%E"
+            return RunResult(0, "".join(f"{n}|{state}|debug*|{self.max_time}|none\n"
+                                        for n, state in self.states), "")
         if argv[0] == "salloc":
             self.allocations.append(options["nodelist"])
+            self.times.append(int(options["time"]))
             return self.salloc(options["nodelist"]) or RunResult(
                 0, "", "salloc: Granted job allocation 8\n")
         if argv[0] == "scancel":
@@ -203,6 +208,39 @@ def test_a_refused_request_does_not_blame_the_mix_nodes():
     assert slurm.calls == ["sinfo", "salloc"]
     assert {(r.status, r.detail) for r in rows} == {
         ("no-report", "salloc: error: Invalid generic resource (gres) specification")}
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("5:00", 300), ("1:30:00", 5400), ("1-02:03:00", 93780), ("30", 1800),
+    ("infinite", None), ("UNLIMITED", None), ("", None)])
+def test_sinfo_time_limits(text, seconds):
+    assert slurm_time_s(text) == seconds
+
+
+def test_the_allocation_fits_the_partitions_max_time(cpu_report):
+    """The check's time (--timeout-s 600 + slack + the re-run margin: 14 min) is cut to a
+    5-minute MaxTime; under an unlimited partition it stays."""
+    short = FakeSlurm("n1:idle,n2:idle", reports(cpu_report), max_time="5:00")
+    run_fleet(envcheck=["envcheck"], run=short)
+    unlimited = FakeSlurm("n1:idle", reports(cpu_report))
+    run_fleet(envcheck=["envcheck"], run=unlimited)
+    assert short.times == [5] and unlimited.times == [14]
+
+
+def test_a_request_over_a_partition_limit_blames_no_node():
+    """Queued for a partition limit (Slurm words it so, then times out like a wait for
+    resources): the partly used nodes are not blamed, nothing is retried, and the row says
+    which limit to look at."""
+    queued = RunResult(1, "", "salloc: Requested partition configuration not available now\n"
+                              "salloc: Pending job allocation 1\nsalloc: job 1 queued and "
+                              "waiting for resources\nsalloc: error: Unable to allocate "
+                              "resources: Connection timed out\n")  # real, Slurm 22.05
+    slurm = FakeSlurm("n1:idle,n2:mix", salloc=lambda nodelist: queued)
+    rows = run_fleet(envcheck=["envcheck"], nodes="n[1-2]", run=slurm)
+    assert slurm.calls == ["sinfo", "salloc"]
+    assert {r.status for r in rows} == {"no-report"}
+    assert "over one of the partition's limits" in rows[0].detail
+    assert "scontrol show partition" in rows[0].detail
 
 
 def test_an_allocation_refused_is_a_row_per_node():
