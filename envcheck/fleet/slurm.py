@@ -137,13 +137,60 @@ def run_fleet(*, partition: str | None = None, nodes: str | None = None,
     results = [NodeResult(name, status[name],
                           detail=f"{state}: {reason or NO_REASON.get(status[name], '')}")
                for name, state, reason in listed if status[name]]
-    ready = [name for name, _, _ in listed if not status[name]]
     mixed = {name for name, state, _ in listed if base_state(state) == "mix"}
+    full = mix_without_room(sorted(mixed), gres, run) if mixed else {}
+    results += [NodeResult(name, "busy", detail=f"mix: {why}") for name, why in full.items()]
+    ready = [name for name, _, _ in listed if not status[name] and name not in full]
     if ready:
         smoke = smoke_argv(envcheck, image, timeout_s, no_container)
         results += run_steps(ready, mixed, Placement(partition, gres, max_time_s), smoke,
                              timeout_s + STEP_SLACK_S, run)
     return results
+
+
+def mix_without_room(mixed: list[str], gres: str | None, run: Runner) -> dict[str, str]:
+    """The partly used nodes that sinfo already shows cannot take the check (no idle CPU, or
+    fewer free GRES than asked for), with why; asking salloc for them would only wait out
+    IMMEDIATE_S. Any other limit (memory, say) is still found by salloc. {} where sinfo
+    cannot tell (no -O GresUsed before Slurm 19.05)."""
+    result = run(["sinfo", "-h", "-N", "-n", ",".join(mixed), "-O",
+                  "NodeList:|,CPUsState:|,Gres:|,GresUsed:|"], 30.0)
+    if result.rc != 0:
+        return {}
+    wanted = _gres_request(gres) if gres else None
+    full = {}
+    for line in result.out.splitlines():
+        name, cpus, configured, used = (line.split("|") + [""] * 3)[:4]
+        idle = cpus.split("/")[1] if cpus.count("/") == 3 else ""
+        if idle == "0":
+            full[name] = f"no idle CPU (allocated/idle/other/total {cpus})"
+        elif wanted is not None:
+            kind, count = wanted
+            total = _gres_count(configured, kind)
+            free = total - _gres_count(used, kind)
+            if total >= count > free:  # (a node with too few at all: salloc says so)
+                full[name] = f"{free} {':'.join(kind)} free of {total}, {count} asked for"
+    return full
+
+
+def _gres_request(gres: str) -> tuple[tuple[str, ...], int] | None:
+    """`gpu:2` / `gpu:a100:2` / `gpu` as ((name[, type]), count); None for anything else."""
+    parts = gres.split(",")[0].split(":")
+    count = int(parts.pop()) if len(parts) > 1 and parts[-1].isdigit() else 1
+    return (tuple(parts), count) if 1 <= len(parts) <= 2 and parts[0] else None
+
+
+def _gres_count(listed: str, kind: tuple[str, ...]) -> int:
+    """How many of `kind` (name, or name and type) sinfo's Gres/GresUsed text lists:
+    `gpu:2(S:0-1)`, `gpu:a100:1(IDX:0),gpu:v100:0(IDX:N/A)`, `(null)`."""
+    total = 0
+    for item in re.sub(r"\([^)]*\)", "", listed).split(","):
+        parts = item.strip().split(":")
+        if len(parts) < 2 or not parts[-1].isdigit() or parts[0] != kind[0]:
+            continue
+        if len(kind) == 1 or (len(parts) == 3 and parts[1] == kind[1]):
+            total += int(parts[-1])
+    return total
 
 
 @dataclasses.dataclass(frozen=True)

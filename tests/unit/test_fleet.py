@@ -17,7 +17,14 @@ from click.testing import CliRunner
 from envcheck.cli import cli
 from envcheck.fleet import k8s
 from envcheck.fleet.aggregate import NodeResult, from_report, hostlist, render, summarize
-from envcheck.fleet.slurm import availability, collect_step, run_fleet, slurm_env, slurm_time_s
+from envcheck.fleet.slurm import (
+    _gres_count,
+    availability,
+    collect_step,
+    run_fleet,
+    slurm_env,
+    slurm_time_s,
+)
 from envcheck.runner import RunResult
 from envcheck.smoke import gpu_smoke
 from tests.conftest import REPO
@@ -109,10 +116,12 @@ class FakeSlurm:
     srun step is `step(nodes, files)`, which returns a RunResult after writing the per-node
     output files it likes."""
 
-    def __init__(self, states: str, step=None, salloc=None, max_time: str = "infinite"):
+    def __init__(self, states: str, step=None, salloc=None, max_time: str = "infinite",
+                 room: dict | None = None):
         self.states = [item.split(":") for item in states.split(",")]
         self.step, self.salloc = step, salloc or (lambda nodelist: None)
         self.max_time, self.times = max_time, []
+        self.room = room or {}  # node -> sinfo -O "CPUsState|Gres|GresUsed"
         self.steps: list[list[str]] = []
         self.allocations: list[str] = []
         self.calls: list[str] = []
@@ -120,6 +129,10 @@ class FakeSlurm:
     def __call__(self, argv, timeout_s, **_):
         self.calls.append(argv[0])
         options = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+        if argv[0] == "sinfo" and "-O" in argv:  # the partly used nodes' CPUs and GRES
+            nodes = argv[argv.index("-n") + 1].split(",")
+            return RunResult(0, "".join(f"{n}|{self.room.get(n, '1/1/0/2|gpu:2|gpu:0')}|\n"
+                                        for n in nodes), "")
         if argv[0] == "sinfo":
             assert argv[4] == "%N|%t|%P|%l|%E"
             return RunResult(0, "".join(f"{n}|{state}|debug*|{self.max_time}|none\n"
@@ -188,6 +201,30 @@ def test_partly_used_nodes_are_dropped_when_the_allocation_is_refused(cpu_report
     assert rows["n3"].status == "busy" and rows["n3"].detail.startswith("alloc: every CPU")
 
 
+def test_partly_used_nodes_without_room_are_busy_without_asking(cpu_report):
+    """sinfo shows n2 with no idle CPU and n3 with both GPUs taken (real sinfo -O text, GPU
+    indices included): both are busy rows at once, only n1 and n4 are allocated, no 30 s wait."""
+    slurm = FakeSlurm("n1:idle,n2:mix,n3:mix,n4:mix", reports(cpu_report), room={
+        "n2": "2/0/0/2|gpu:2(S:0-1)|gpu:1(IDX:0)",
+        "n3": "1/1/0/2|gpu:2(S:0-1)|gpu:2(IDX:0-1)",
+        "n4": "1/1/0/2|gpu:2(S:0-1)|gpu:1(IDX:1)"})
+    rows = {row.node: row for row in run_fleet(envcheck=["envcheck"], gres="gpu:1",
+                                               run=slurm)}
+    assert slurm.allocations == ["n1,n4"]
+    assert rows["n2"].status == "busy" and "no idle CPU" in rows["n2"].detail
+    assert rows["n3"].status == "busy" and rows["n3"].detail == \
+        "mix: 0 gpu free of 2, 1 asked for"
+    assert rows["n1"].status == rows["n4"].status == "reported"
+
+
+@pytest.mark.parametrize("listed, kind, count", [
+    ("gpu:2(S:0-1)", ("gpu",), 2), ("gpu:a100:1(IDX:0),gpu:v100:2(IDX:1-2)", ("gpu",), 3),
+    ("gpu:a100:1(IDX:0),gpu:v100:2(IDX:1-2)", ("gpu", "v100"), 2), ("(null)", ("gpu",), 0),
+    ("gpu:4(IDX:0,2-3),nic:1", ("nic",), 1), ("bandwidth:10G", ("bandwidth",), 0)])
+def test_gres_counts_from_sinfo(listed, kind, count):
+    assert _gres_count(listed, kind) == count
+
+
 def test_a_surrounding_jobs_context_is_left_out(monkeypatch):
     for name, value in {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_NTASKS": "64",
                         "SRUN_CPUS_PER_TASK": "2", "SLURM_CONF": "/etc/slurm/slurm.conf",
@@ -204,8 +241,8 @@ def test_a_refused_request_does_not_blame_the_mix_nodes():
     Slurm's reason, the partly used ones too, and nothing is retried."""
     invalid = RunResult(1, "", "salloc: error: Invalid generic resource (gres) specification\n")
     slurm = FakeSlurm("n1:idle,n2:mix", salloc=lambda nodelist: invalid)
-    rows = run_fleet(envcheck=["envcheck"], gres="gpu:9", run=slurm)
-    assert slurm.calls == ["sinfo", "salloc"]
+    rows = run_fleet(envcheck=["envcheck"], gres="gpu:9", run=slurm, nodes="n[1-2]")
+    assert slurm.calls == ["sinfo", "sinfo", "salloc"]
     assert {(r.status, r.detail) for r in rows} == {
         ("no-report", "salloc: error: Invalid generic resource (gres) specification")}
 
@@ -237,7 +274,7 @@ def test_a_request_over_a_partition_limit_blames_no_node():
                               "resources: Connection timed out\n")  # real, Slurm 22.05
     slurm = FakeSlurm("n1:idle,n2:mix", salloc=lambda nodelist: queued)
     rows = run_fleet(envcheck=["envcheck"], nodes="n[1-2]", run=slurm)
-    assert slurm.calls == ["sinfo", "salloc"]
+    assert slurm.calls == ["sinfo", "sinfo", "salloc"]
     assert {r.status for r in rows} == {"no-report"}
     assert "over one of the partition's limits" in rows[0].detail
     assert "scontrol show partition" in rows[0].detail
