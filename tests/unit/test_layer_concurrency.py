@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from envcheck.image.inspect import Resolved, scan_all
+from envcheck.image.inspect import Resolved, default_jobs, scan_all
 from envcheck.image.layers import LayerError
 from envcheck.image.reference import ImageRef
 from envcheck.image.registry import RegistryClient
@@ -191,3 +191,9 @@ def test_a_failing_layer_cuts_another_layers_retry_after_short():
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("cores, jobs", [(None, 1), (1, 1), (2, 2), (4, 2), (8, 4), (64, 4)])
+def test_default_jobs(monkeypatch, cores, jobs):
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    assert default_jobs() == jobs
