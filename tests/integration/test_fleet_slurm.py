@@ -117,20 +117,22 @@ def test_partition_limits(cluster):
     reports (over MaxTime Slurm would queue it for ever). MaxNodes=1: Slurm queues the 3-node
     request for a partition limit; every row says so, and names where to look."""
     _, env = cluster
-    scontrol(env, "update", "partitionname=debug", "maxtime=5")
-    try:
-        rc, report, _ = fleet(env)
-    finally:
-        scontrol(env, "update", "partitionname=debug", "maxtime=INFINITE")
+    rc, report = fleet_under_partition(env, "maxtime=5", "maxtime=INFINITE")
     assert rc == 0 and {n["status"] for n in report["nodes"]} == {"reported"}
-    scontrol(env, "update", "partitionname=debug", "maxnodes=1")
-    try:
-        rc, report, _ = fleet(env)
-    finally:
-        scontrol(env, "update", "partitionname=debug", "maxnodes=UNLIMITED")
+    rc, report = fleet_under_partition(env, "maxnodes=1", "maxnodes=UNLIMITED")
     assert rc == 1 and {n["status"] for n in report["nodes"]} == {"no-report"}
     assert all("partition's limits" in n["detail"] and "scontrol show partition" in n["detail"]
                for n in report["nodes"])
+
+
+def fleet_under_partition(env: dict, setting: str, undo: str) -> tuple[int, dict]:
+    """A fleet run with the partition's `setting`, put back with `undo` afterwards."""
+    scontrol(env, "update", "partitionname=debug", setting)
+    try:
+        rc, report, _ = fleet(env)
+    finally:
+        scontrol(env, "update", "partitionname=debug", undo)
+    return rc, report
 
 
 def sbatch(env: dict, *args: str) -> str:
