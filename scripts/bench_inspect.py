@@ -105,7 +105,8 @@ def cuda_wheels(cache: Path) -> list[Path] | None:
     cache.mkdir(parents=True, exist_ok=True)
     done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d",
                            str(cache), *CUDA_WHEELS], capture_output=True, text=True)
-    wheels = sorted(cache.glob("nvidia_cu*.whl"))
+    patterns = [pin.replace("-", "_").replace("==", "-") + "-*.whl" for pin in CUDA_WHEELS]
+    wheels = [found for pattern in patterns for found in sorted(cache.glob(pattern))[:1]]
     if done.returncode != 0 or len(wheels) < len(CUDA_WHEELS):
         print(f"cannot fetch {', '.join(CUDA_WHEELS)} ({done.stderr.strip()[-200:]})",
               file=sys.stderr)
@@ -116,18 +117,19 @@ def cuda_wheels(cache: Path) -> list[Path] | None:
 def cuda_library_files(wheels: list[Path]) -> Iterator[tuple[str, int, Callable[[], BinaryIO]]]:
     """The libraries and headers of the wheels at their paths in the CUDA image, over and over
     (…/copyN/ after the first pass): real GPU code, 1.5:1 like the image's own layers."""
+    archives = [zipfile.ZipFile(wheel) for wheel in wheels]
+    files = [(archive, member, WHEEL_DIRS[prefix] + member.filename[len(prefix):])
+             for archive in archives for member in archive.infolist()
+             for prefix in WHEEL_DIRS if member.filename.startswith(prefix)
+             and not member.is_dir() and "/__" not in member.filename]
+    if not files:
+        sys.exit(f"no libraries under {', '.join(WHEEL_DIRS)} in {', '.join(map(str, wheels))}")
     for copy in itertools.count():
-        for wheel in wheels:
-            archive = zipfile.ZipFile(wheel)
-            for member in archive.infolist():
-                prefix = next((p for p in WHEEL_DIRS if member.filename.startswith(p)), None)
-                if member.is_dir() or prefix is None or "/__" in member.filename:
-                    continue
-                name = WHEEL_DIRS[prefix] + member.filename[len(prefix):]
-                if copy:
-                    name = posixpath.join(posixpath.dirname(name), f"copy{copy}",
-                                          posixpath.basename(name))
-                yield name, member.file_size, functools.partial(archive.open, member)
+        for archive, member, name in files:
+            if copy:
+                name = posixpath.join(posixpath.dirname(name), f"copy{copy}",
+                                      posixpath.basename(name))
+            yield name, member.file_size, functools.partial(archive.open, member)
 
 
 def big_layer(path: Path, compressed_bytes_min: int, files) -> dict:
