@@ -10,12 +10,15 @@ import hashlib
 import http.server
 import io
 import json
+import os
+import sys
 import tarfile
 import threading
 import time
 
 import pytest
 
+from envcheck.image.blobstream import HELPER_NICE, BlobStream
 from envcheck.image.inspect import Resolved, default_jobs, scan_all
 from envcheck.image.layers import LayerError
 from envcheck.image.reference import ImageRef
@@ -197,3 +200,40 @@ def test_a_failing_layer_cuts_another_layers_retry_after_short():
 def test_default_jobs(monkeypatch, cores, jobs):
     monkeypatch.setattr("os.cpu_count", lambda: cores)
     assert default_jobs() == jobs
+
+
+def thread_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+class NiceRecorder:
+    """A stand-in for a stage's work that notes the priority of the thread it runs on."""
+
+    def __init__(self, inner=None):
+        self.inner, self.seen = inner, set()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        self.seen.add(thread_nice())
+        return self.inner.readinto(buffer)
+
+    def update(self, data) -> None:
+        self.seen.add(thread_nice())
+
+    def hexdigest(self) -> str:
+        return ""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
+def test_helper_threads_yield_to_the_inflating_thread():
+    blob = gzip_layer(0)
+    reader, plain_hash = NiceRecorder(io.BytesIO(blob)), NiceRecorder()
+    stream = BlobStream(reader, limit_bytes=None, uncompressed_max=1 << 30)
+    stream._plain_hash = plain_hash
+    caller_nice = thread_nice()
+    assert b"".join(stream) == gzip.decompress(blob)
+    helper_nice = min(19, caller_nice + HELPER_NICE)
+    assert reader.seen == {helper_nice} and plain_hash.seen == {helper_nice}
+    assert thread_nice() == caller_nice  # the inflating (calling) thread keeps its priority
