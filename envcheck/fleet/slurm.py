@@ -60,14 +60,15 @@ class SlurmError(Exception):
 
 
 def list_nodes(partition: str | None, nodes: str | None, run: Runner
-               ) -> tuple[list[tuple[str, str, str]], float | None]:
-    """(name, state, reason) per node, in Slurm's node order; and the time limit (s) of the
-    partition the allocation goes to (the named one, else the default), None if unlimited."""
+               ) -> tuple[list[tuple[str, str, str]], float | None, int | None]:
+    """(name, state, reason) per node, in Slurm's node order; and the time limit (s) and the
+    most nodes one job may have (MaxNodes) in the partition the allocation goes to (the named
+    one, else the default), None where unlimited."""
     conf = os.environ.get("SLURM_CONF")
     if conf and not Path(conf).is_file():  # sinfo would retry for a minute
         raise SlurmError(f"SLURM_CONF={conf} does not exist: point it at the cluster's "
                          "slurm.conf (or unset it to use the default)")
-    argv = ["sinfo", "-h", "-N", "-o", "%N|%t|%P|%l|%E"]
+    argv = ["sinfo", "-h", "-N", "-o", "%N|%t|%P|%l|%s|%E"]
     argv += ["-p", partition] if partition else []
     argv += ["-n", nodes] if nodes else []
     result = run(argv, 30.0)
@@ -75,11 +76,12 @@ def list_nodes(partition: str | None, nodes: str | None, run: Runner
         text = (result.err or result.out).strip().splitlines()
         raise SlurmError(f"sinfo failed: {text[-1] if text else f'exit code {result.rc}'}: "
                          "is slurmctld up and SLURM_CONF set?")
-    seen, found, limits = set(), [], []
+    seen, found, times, sizes = set(), [], [], []
     for line in result.out.splitlines():
-        name, state, part, limit, reason = (line.split("|", 4) + [""] * 4)[:5]
+        name, state, part, limit, size, reason = (line.split("|", 5) + [""] * 5)[:6]
         if partition or part.endswith("*"):
-            limits.append(slurm_time_s(limit))
+            times.append(slurm_time_s(limit))
+            sizes.append(slurm_max_nodes(size))
         if name and name not in seen:  # a node in two partitions is listed twice
             seen.add(name)
             reason = reason.strip()
@@ -87,8 +89,19 @@ def list_nodes(partition: str | None, nodes: str | None, run: Runner
     if not found:
         raise SlurmError(f"no nodes match (partition {partition or 'any'}, nodes "
                          f"{nodes or 'all'}): check with `sinfo -N`")
+    return found, _least(times), _least(sizes)
+
+
+def _least(limits: list):
     bounded = [limit for limit in limits if limit is not None]
-    return found, (min(bounded) if bounded else None)
+    return min(bounded) if bounded else None
+
+
+def slurm_max_nodes(text: str) -> int | None:
+    """The most nodes of sinfo's job size (%s: `1-infinite`, `1-4`, or `2` where MinNodes
+    equals MaxNodes); None for unlimited or anything else."""
+    most = text.strip().rpartition("-")[2]
+    return int(most) if most.isdigit() and int(most) > 0 else None
 
 
 def slurm_time_s(text: str) -> float | None:
@@ -132,7 +145,7 @@ def run_fleet(*, partition: str | None = None, nodes: str | None = None,
               run: Runner | None = None) -> list[NodeResult]:
     run = run or runner_module.run
     envcheck = envcheck or [sys.executable, "-m", "envcheck"]
-    listed, max_time_s = list_nodes(partition, nodes, run)
+    listed, max_time_s, max_nodes = list_nodes(partition, nodes, run)
     status = {name: availability(state) for name, state, _ in listed}
     results = [NodeResult(name, status[name],
                           detail=f"{state}: {reason or NO_REASON.get(status[name], '')}")
@@ -141,9 +154,11 @@ def run_fleet(*, partition: str | None = None, nodes: str | None = None,
     full = mix_without_room(sorted(mixed), gres, run) if mixed else {}
     results += [NodeResult(name, "busy", detail=f"mix: {why}") for name, why in full.items()]
     ready = [name for name, _, _ in listed if not status[name] and name not in full]
-    if ready:
-        smoke = smoke_argv(envcheck, image, timeout_s, no_container)
-        results += run_steps(ready, mixed, Placement(partition, gres, max_time_s), smoke,
+    smoke = smoke_argv(envcheck, image, timeout_s, no_container)
+    size = max_nodes or len(ready)  # over MaxNodes Slurm would queue the job for ever
+    for start in range(0, len(ready), size or 1):
+        results += run_steps(ready[start:start + size], mixed,
+                             Placement(partition, gres, max_time_s), smoke,
                              timeout_s + STEP_SLACK_S, run)
     return results
 

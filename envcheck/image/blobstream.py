@@ -12,6 +12,7 @@ priority (nice +10): when threads outnumber cores, the inflating one keeps its c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
@@ -68,6 +69,38 @@ class StreamError(ValueError):
 
 class Cancelled(Exception):
     """The stream was told to stop (another layer failed): not an error of this blob."""
+
+
+class Halt(threading.Event):
+    """The stop event of a scan of several layers. A flag checked between chunks cannot reach
+    a read blocked on a hung connection, so setting it also calls `abort()` on the streams being
+    watched (a registry blob shuts its socket down)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._streams: set = set()
+
+    @contextlib.contextmanager
+    def watch(self, stream) -> Iterator:
+        with self._lock:
+            self._streams.add(stream)
+        try:
+            if self.is_set():  # set before the stream was watched: no abort reached it
+                raise Cancelled()
+            yield stream
+        finally:
+            with self._lock:
+                self._streams.discard(stream)
+
+    def set(self) -> None:
+        super().set()
+        with self._lock:
+            streams = list(self._streams)
+        for stream in streams:
+            abort = getattr(stream, "abort", None)
+            if abort is not None:
+                abort()
 
 
 class _Pump(threading.Thread):

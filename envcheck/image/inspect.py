@@ -8,13 +8,12 @@ import dataclasses
 import os
 import platform as host_platform
 import posixpath
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from envcheck.host.driver import parse_driver_version
 from envcheck.image import cuda, ldcache, reference
-from envcheck.image.blobstream import Cancelled, tune_allocator
+from envcheck.image.blobstream import Cancelled, Halt, tune_allocator
 from envcheck.image.layers import LayerError, LayerScan, MergedView, scan_layer
 from envcheck.image.registry import RegistryError
 from envcheck.image.sources import INDEX_TYPES, ImageSource, SourceError, open_source
@@ -156,13 +155,13 @@ def scan_all(source: ImageSource, resolved: Resolved,
     """Every layer, up to `jobs` at a time. A failure stops the other layers (at their next
     chunk, or in a retry back-off); the lowest failing layer is raised."""
     descriptors = resolved.manifest.get("layers") or []
-    stop = threading.Event()
+    stop = Halt()
 
     def scan(index: int, descriptor: dict) -> LayerScan:
         if stop.is_set():
             raise Cancelled()
         report = progress(index, descriptor.get("size") or 0) if progress else None
-        with source.open_layer(descriptor, stop) as blob:
+        with source.open_layer(descriptor, stop) as blob, stop.watch(blob):
             return scan_layer(blob, index, expected_digest=descriptor.get("digest"),
                               expected_size=descriptor.get("size"), progress=report, stop=stop)
 

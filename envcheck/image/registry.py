@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -269,13 +270,32 @@ class ResumingBlob(io.RawIOBase):
         self._response.close()
         self._response = None
 
+    def _stopped(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
+
+    def abort(self) -> None:
+        """From another thread: wake a read blocked on a hung connection (it then ends with
+        Cancelled) by shutting the socket down; closing it would not wake the read."""
+        sock = _socket_of(self._response)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
+
     def readinto(self, buffer) -> int:
         while True:
             if self._response is None:
+                if self._stopped():
+                    raise Cancelled()
                 self._open()
+                if self._stopped():  # set while opening: its abort missed this connection
+                    raise Cancelled()
             try:
                 n = self._reader.readinto(buffer)
             except Exception as error:  # http.client/OS errors; only drops are retried
+                if self._stopped():
+                    raise Cancelled() from None
                 if not _is_connection_error(error):
                     raise RegistryError(f"{self._what}: download failed at byte "
                                         f"{self._position} ({type(error).__name__})") from None
@@ -288,6 +308,8 @@ class ResumingBlob(io.RawIOBase):
                     return kept
                 continue
             if n == 0 and len(buffer) and self._end is not None and self._position < self._end:
+                if self._stopped():
+                    raise Cancelled()
                 self._dropped("connection closed early")
                 continue
             self._position += n
@@ -297,6 +319,18 @@ class ResumingBlob(io.RawIOBase):
         if self._response is not None:
             self._response.close()
         super().close()
+
+
+def _socket_of(response) -> socket.socket | None:
+    """The socket a streaming response reads from: its connection's (kept alive), or the one
+    under the response's file where http.client handed it over (HTTP/1.0, Connection: close)."""
+    for path in (("raw", "connection", "sock"), ("raw", "_fp", "fp", "raw", "_sock")):
+        value = response
+        for name in path:
+            value = getattr(value, name, None)
+        if isinstance(value, socket.socket):
+            return value
+    return None
 
 
 def _is_connection_error(error: Exception) -> bool:

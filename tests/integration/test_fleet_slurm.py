@@ -114,12 +114,17 @@ def test_busy_nodes_are_rows_and_the_free_ones_run(cluster):
 
 def test_partition_limits(cluster):
     """MaxTime=5 (minutes): the allocation asks for 5 instead of the check's 14 and every node
-    reports (over MaxTime Slurm would queue it for ever). MaxNodes=1: Slurm queues the 3-node
-    request for a partition limit; every row says so, and names where to look."""
+    reports (over MaxTime Slurm would queue it for ever). MaxNodes=2: the three nodes go in
+    two allocations (one of three would be queued for ever) and every node reports.
+    MinNodes=4, which no check of 3 nodes can meet: Slurm queues the request for a partition
+    limit; every row says so, and names where to look."""
     _, env = cluster
     rc, report = fleet_under_partition(env, "maxtime=5", "maxtime=INFINITE")
     assert rc == 0 and {n["status"] for n in report["nodes"]} == {"reported"}
-    rc, report = fleet_under_partition(env, "maxnodes=1", "maxnodes=UNLIMITED")
+    rc, report = fleet_under_partition(env, "maxnodes=2", "maxnodes=UNLIMITED")
+    assert rc == 0 and {n["status"] for n in report["nodes"]} == {"reported"}
+    assert report["node_count"] == 3
+    rc, report = fleet_under_partition(env, "minnodes=4", "minnodes=0")
     assert rc == 1 and {n["status"] for n in report["nodes"]} == {"no-report"}
     assert all("partition's limits" in n["detail"] and "scontrol show partition" in n["detail"]
                for n in report["nodes"])

@@ -23,6 +23,7 @@ from envcheck.fleet.slurm import (
     collect_step,
     run_fleet,
     slurm_env,
+    slurm_max_nodes,
     slurm_time_s,
 )
 from envcheck.runner import RunResult
@@ -117,10 +118,10 @@ class FakeSlurm:
     output files it likes."""
 
     def __init__(self, states: str, step=None, salloc=None, max_time: str = "infinite",
-                 room: dict | None = None):
+                 room: dict | None = None, job_size: str = "1-infinite"):
         self.states = [item.split(":") for item in states.split(",")]
         self.step, self.salloc = step, salloc or (lambda nodelist: None)
-        self.max_time, self.times = max_time, []
+        self.max_time, self.times, self.job_size = max_time, [], job_size
         self.room = room or {}  # node -> sinfo -O "CPUsState|Gres|GresUsed"
         self.steps: list[list[str]] = []
         self.allocations: list[str] = []
@@ -134,9 +135,9 @@ class FakeSlurm:
             return RunResult(0, "".join(f"{n}|{self.room.get(n, '1/1/0/2|gpu:2|gpu:0')}|\n"
                                         for n in nodes), "")
         if argv[0] == "sinfo":
-            assert argv[4] == "%N|%t|%P|%l|%E"
-            return RunResult(0, "".join(f"{n}|{state}|debug*|{self.max_time}|none\n"
-                                        for n, state in self.states), "")
+            assert argv[4] == "%N|%t|%P|%l|%s|%E"
+            return RunResult(0, "".join(f"{n}|{state}|debug*|{self.max_time}|{self.job_size}|"
+                                        "none\n" for n, state in self.states), "")
         if argv[0] == "salloc":
             self.allocations.append(options["nodelist"])
             self.times.append(int(options["time"]))
@@ -262,6 +263,23 @@ def test_the_allocation_fits_the_partitions_max_time(cpu_report):
     unlimited = FakeSlurm("n1:idle", reports(cpu_report))
     run_fleet(envcheck=["envcheck"], run=unlimited)
     assert short.times == [5] and unlimited.times == [14]
+
+
+def test_over_max_nodes_the_nodes_go_in_groups_of_max_nodes(cpu_report):
+    """MaxNodes=2 (sinfo's job size `1-2`): five nodes in three allocations, one after the
+    other (one of five would be queued for ever); every node reports."""
+    slurm = FakeSlurm(",".join(f"n{i}:idle" for i in range(1, 6)), reports(cpu_report),
+                      job_size="1-2")
+    rows = run_fleet(envcheck=["envcheck"], run=slurm)
+    assert slurm.allocations == ["n1,n2", "n3,n4", "n5"]
+    assert slurm.calls == ["sinfo"] + ["salloc", "srun", "scancel"] * 3
+    assert [(r.node, r.status) for r in rows] == [(f"n{i}", "reported") for i in range(1, 6)]
+
+
+@pytest.mark.parametrize("text, most", [("1-infinite", None), ("1-4", 4), ("2", 2),
+                                        ("0-infinite", None), ("n/a", None), ("", None)])
+def test_sinfo_job_sizes(text, most):
+    assert slurm_max_nodes(text) == most
 
 
 def test_a_request_over_a_partition_limit_blames_no_node():

@@ -1,7 +1,7 @@
 """Layers streamed several at a time (inspect-image --jobs): the same scans in layer order as
 one at a time, a docker save archive's layers each through a handle of its own, and a failing
 layer stops the others instead of waiting for them — also one waiting out a registry's
-Retry-After."""
+Retry-After, or one stuck on a connection that stopped sending."""
 
 from __future__ import annotations
 
@@ -82,6 +82,9 @@ class Tracked(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         return self.raw.readinto(buffer)
+
+    def abort(self) -> None:
+        getattr(self.raw, "abort", lambda: None)()
 
     def close(self) -> None:
         if not self.closed:
@@ -192,6 +195,55 @@ def test_a_failing_layer_cuts_another_layers_retry_after_short():
             scan_all(FakeSource(blobs), resolved(blobs), jobs=2)
         assert time.perf_counter() - start_s < 5
     finally:
+        server.shutdown()
+        server.server_close()
+
+
+class Hangs(http.server.BaseHTTPRequestHandler):
+    """Sends a blob's first bytes, then nothing (a stalled connection) until released."""
+
+    sent, release = threading.Event(), threading.Event()
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(10 << 20))
+        self.end_headers()
+        self.wfile.write(gzip_layer(0)[:1000])
+        self.wfile.flush()
+        Hangs.sent.set()
+        Hangs.release.wait(60)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("protocol", ["HTTP/1.1", "HTTP/1.0"])
+def test_a_failing_layer_wakes_another_layer_stuck_on_a_hung_connection(monkeypatch, protocol):
+    """Layer 0's registry stops sending mid-blob (the read would wait out the 30 s socket
+    timeout); layer 1 fails meanwhile: the run ends at once with layer 1's error. (Over
+    HTTP/1.0 the socket has moved from the connection to the response.)"""
+    monkeypatch.setattr(Hangs, "protocol_version", protocol)
+    monkeypatch.setattr(Hangs, "sent", threading.Event())
+    monkeypatch.setattr(Hangs, "release", threading.Event())
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hangs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = RegistryClient(f"127.0.0.1:{server.server_address[1]}", "stalled/image")
+    broken = gzip_layer(1)[:200]
+
+    def fails_once_layer_0_is_stuck(stop):
+        Hangs.sent.wait(10)
+        time.sleep(0.2)  # layer 0's reader is blocked in recv now
+        return broken
+
+    blobs = [lambda stop: client.open_blob("sha256:" + "0" * 64, stop),
+             fails_once_layer_0_is_stuck]
+    start_s = time.perf_counter()
+    try:
+        with pytest.raises(LayerError, match="layer 1"):
+            scan_all(FakeSource(blobs), resolved(blobs), jobs=2)
+        assert time.perf_counter() - start_s < 5
+    finally:
+        Hangs.release.set()
         server.shutdown()
         server.server_close()
 
