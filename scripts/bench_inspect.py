@@ -14,7 +14,7 @@ Then it times, each as its own process with the OS's peak RSS (wait4):
               layer on one core, however fast its download (no hashing, no tar walk)
   inflate+hash  the same inflate while a second process hashes as many bytes as envcheck must
               (blob + uncompressed): the machine's bound for envcheck's work on two cores, with
-              no GIL, no queues and no tar walk (a busy second core slows the first, here ~5%)
+              no GIL, no queues, no tar walk and no registry to share the cores with
   docker save docker save IMAGE > /dev/null                (after docker pull from the registry)
   skopeo copy skopeo copy docker://… oci:DIR
   envcheck    envcheck inspect-image REF --json            (every layer: digests, diff_ids, files)
