@@ -50,8 +50,9 @@ def tune_allocator() -> bool:
 def yield_to_inflater() -> bool:
     """Lower the calling helper thread's priority (Linux: nice is per thread; raising it needs
     no privilege). Measured on a 1.2 GB CUDA-library layer from a local registry on 2 cores: the
-    inflating thread's run-queue wait fell from 0.3 s to 0.1 s and the layer took 5-9% less
-    time. False (nothing changed) off Linux, where a thread id is no process id, or if refused."""
+    inflating thread's run-queue wait fell from 0.3 s to 0.1 s, and the layer took 3.4% less
+    time (median of 8 interleaved rounds). False (nothing changed) off Linux, where a thread
+    id is no process id, or if refused."""
     if sys.platform != "linux":
         return False
     thread = threading.get_native_id()

@@ -153,7 +153,8 @@ def scan_all(source: ImageSource, resolved: Resolved,
              progress: Callable[[int, int], Callable[[int], None]] | None = None,
              jobs: int = 1) -> list[LayerScan]:
     """Every layer, up to `jobs` at a time. A failure stops the other layers (at their next
-    chunk, or in a retry back-off); the lowest failing layer is raised."""
+    chunk, in a retry back-off, or in a read from a hung connection); the lowest failing
+    layer is raised."""
     descriptors = resolved.manifest.get("layers") or []
     stop = Halt()
 
