@@ -174,29 +174,38 @@ class TooManyRequests(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_failing_layer_cuts_another_layers_retry_after_short():
-    """Layer 0 waits out a 30 s Retry-After; layer 1 fails once layer 0 is waiting: the run
-    ends at once with layer 1's error instead of after the wait."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TooManyRequests)
+def assert_layer_1_error_at_once(handler, layer_0_waits: threading.Event,
+                                 release=lambda: None) -> None:
+    """Layer 0 comes from a local server answering with `handler`; layer 1 fails once layer 0
+    waits (`layer_0_waits` set, then 0.2 s): the run must end with layer 1's error in under
+    5 s. `release` frees the handler before the server closes."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    client = RegistryClient(f"127.0.0.1:{server.server_address[1]}", "busy/image")
+    client = RegistryClient(f"127.0.0.1:{server.server_address[1]}", "slow/image")
     broken = gzip_layer(1)[:200]
 
-    def fails_after_the_first_ask(stop):
-        TooManyRequests.asked.wait(10)
-        time.sleep(0.2)  # layer 0 is in its back-off now
+    def fails_once_layer_0_waits(stop):
+        layer_0_waits.wait(10)
+        time.sleep(0.2)  # layer 0 is in its back-off, or blocked in recv, now
         return broken
 
     blobs = [lambda stop: client.open_blob("sha256:" + "0" * 64, stop),
-             fails_after_the_first_ask]
+             fails_once_layer_0_waits]
     start_s = time.perf_counter()
     try:
         with pytest.raises(LayerError, match="layer 1"):
             scan_all(FakeSource(blobs), resolved(blobs), jobs=2)
         assert time.perf_counter() - start_s < 5
     finally:
+        release()
         server.shutdown()
         server.server_close()
+
+
+def test_a_failing_layer_cuts_another_layers_retry_after_short():
+    """Layer 0 waits out a 30 s Retry-After; layer 1 fails once layer 0 is waiting: the run
+    ends at once with layer 1's error instead of after the wait."""
+    assert_layer_1_error_at_once(TooManyRequests, TooManyRequests.asked)
 
 
 class Hangs(http.server.BaseHTTPRequestHandler):
@@ -225,27 +234,7 @@ def test_a_failing_layer_wakes_another_layer_stuck_on_a_hung_connection(monkeypa
     monkeypatch.setattr(Hangs, "protocol_version", protocol)
     monkeypatch.setattr(Hangs, "sent", threading.Event())
     monkeypatch.setattr(Hangs, "release", threading.Event())
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hangs)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    client = RegistryClient(f"127.0.0.1:{server.server_address[1]}", "stalled/image")
-    broken = gzip_layer(1)[:200]
-
-    def fails_once_layer_0_is_stuck(stop):
-        Hangs.sent.wait(10)
-        time.sleep(0.2)  # layer 0's reader is blocked in recv now
-        return broken
-
-    blobs = [lambda stop: client.open_blob("sha256:" + "0" * 64, stop),
-             fails_once_layer_0_is_stuck]
-    start_s = time.perf_counter()
-    try:
-        with pytest.raises(LayerError, match="layer 1"):
-            scan_all(FakeSource(blobs), resolved(blobs), jobs=2)
-        assert time.perf_counter() - start_s < 5
-    finally:
-        Hangs.release.set()
-        server.shutdown()
-        server.server_close()
+    assert_layer_1_error_at_once(Hangs, Hangs.sent, release=Hangs.release.set)
 
 
 @pytest.mark.parametrize("cores, jobs", [(None, 1), (1, 1), (2, 2), (4, 2), (8, 4), (64, 4)])
