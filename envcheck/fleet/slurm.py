@@ -155,10 +155,10 @@ def run_fleet(*, partition: str | None = None, nodes: str | None = None,
     results += [NodeResult(name, "busy", detail=f"mix: {why}") for name, why in full.items()]
     ready = [name for name, _, _ in listed if not status[name] and name not in full]
     smoke = smoke_argv(envcheck, image, timeout_s, no_container)
-    size = max_nodes or len(ready)  # over MaxNodes Slurm would queue the job for ever
-    for start in range(0, len(ready), size or 1):
-        results += run_steps(ready[start:start + size], mixed,
-                             Placement(partition, gres, max_time_s), smoke,
+    placement = Placement(partition, gres, max_time_s)
+    size = max_nodes or len(ready) or 1  # over MaxNodes Slurm would queue the job for ever
+    for start in range(0, len(ready), size):
+        results += run_steps(ready[start:start + size], mixed, placement, smoke,
                              timeout_s + STEP_SLACK_S, run)
     return results
 
