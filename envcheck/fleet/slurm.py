@@ -1,5 +1,6 @@
 """`envcheck fleet slurm`: gpu-smoke on every node through Slurm itself — `sinfo` for the nodes
-and their states, one allocation of the available ones (`salloc --no-shell --no-kill`), one
+and their states, one allocation of the available ones (`salloc --no-shell --no-kill`; one per
+partition, each node in its default-first partition, and at most MaxNodes nodes each), one
 `srun --ntasks-per-node=1` step in it (each task runs `envcheck gpu-smoke --json`: in the
 container where the node has Docker, on the host otherwise), one output file per node (`%n`),
 then the aggregation; the allocation is released at the end. Drained or down nodes, nodes whose task
@@ -59,16 +60,42 @@ class SlurmError(Exception):
     """Slurm itself is not usable (no sinfo, no controller, no such partition/node)."""
 
 
-def list_nodes(partition: str | None, nodes: str | None, run: Runner
-               ) -> tuple[list[tuple[str, str, str]], float | None, int | None]:
-    """(name, state, reason) per node, in Slurm's node order; and the time limit (s) and the
-    most nodes one job may have (MaxNodes) in the partition the allocation goes to (the named
-    one, else the default), None where unlimited."""
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """A partition as sinfo shows it: name (without the default's `*`), whether it is the
+    default, its availability (up, down, drain, inact), MaxTime (s) and MaxNodes (None:
+    unlimited)."""
+
+    name: str
+    default: bool = False
+    avail: str = "up"
+    max_time_s: float | None = None
+    max_nodes: int | None = None
+
+    @property
+    def up(self) -> bool:
+        return self.avail == "up"
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """One node: its state, the reason an admin gave, and the partition its check goes to."""
+
+    name: str
+    state: str
+    reason: str
+    partition: Partition
+
+
+def list_nodes(partition: str | None, nodes: str | None, run: Runner) -> list[Node]:
+    """The nodes in Slurm's node order. Each goes to the partition named, else the default
+    partition where the node is in it, else the first partition that lists it (up ones
+    first): salloc in the default partition refuses a node outside it."""
     conf = os.environ.get("SLURM_CONF")
     if conf and not Path(conf).is_file():  # sinfo would retry for a minute
         raise SlurmError(f"SLURM_CONF={conf} does not exist: point it at the cluster's "
                          "slurm.conf (or unset it to use the default)")
-    argv = ["sinfo", "-h", "-N", "-o", "%N|%t|%P|%l|%s|%E"]
+    argv = ["sinfo", "-h", "-N", "-o", "%N|%t|%P|%a|%l|%s|%E"]
     argv += ["-p", partition] if partition else []
     argv += ["-n", nodes] if nodes else []
     result = run(argv, 30.0)
@@ -76,25 +103,27 @@ def list_nodes(partition: str | None, nodes: str | None, run: Runner
         text = (result.err or result.out).strip().splitlines()
         raise SlurmError(f"sinfo failed: {text[-1] if text else f'exit code {result.rc}'}: "
                          "is slurmctld up and SLURM_CONF set?")
-    seen, found, times, sizes = set(), [], [], []
+    rows: dict[str, tuple[str, str]] = {}
+    homes: dict[str, list[Partition]] = {}
     for line in result.out.splitlines():
-        name, state, part, limit, size, reason = (line.split("|", 5) + [""] * 5)[:6]
-        if partition or part.endswith("*"):
-            times.append(slurm_time_s(limit))
-            sizes.append(slurm_max_nodes(size))
-        if name and name not in seen:  # a node in two partitions is listed twice
-            seen.add(name)
-            reason = reason.strip()
-            found.append((name, state.strip(), "" if reason == "none" else reason))
-    if not found:
+        name, state, part, up, limit, size, reason = (line.split("|", 6) + [""] * 6)[:7]
+        if not name:
+            continue
+        reason = reason.strip()
+        rows.setdefault(name, (state.strip(), "" if reason == "none" else reason))
+        homes.setdefault(name, []).append(Partition(
+            part.strip().rstrip("*"), part.strip().endswith("*"), up.strip(),
+            slurm_time_s(limit), slurm_max_nodes(size)))
+    if not rows:
         raise SlurmError(f"no nodes match (partition {partition or 'any'}, nodes "
                          f"{nodes or 'all'}): check with `sinfo -N`")
-    return found, _least(times), _least(sizes)
+    return [Node(name, state, reason, _home(homes[name])) for name, (state, reason)
+            in rows.items()]
 
 
-def _least(limits: list):
-    bounded = [limit for limit in limits if limit is not None]
-    return min(bounded) if bounded else None
+def _home(partitions: list[Partition]) -> Partition:
+    """The default partition if it is up, else the first one up, else the first."""
+    return min(partitions, key=lambda p: (not p.up, not p.default))
 
 
 def slurm_max_nodes(text: str) -> int | None:
@@ -145,21 +174,30 @@ def run_fleet(*, partition: str | None = None, nodes: str | None = None,
               run: Runner | None = None) -> list[NodeResult]:
     run = run or runner_module.run
     envcheck = envcheck or [sys.executable, "-m", "envcheck"]
-    listed, max_time_s, max_nodes = list_nodes(partition, nodes, run)
-    status = {name: availability(state) for name, state, _ in listed}
-    results = [NodeResult(name, status[name],
-                          detail=f"{state}: {reason or NO_REASON.get(status[name], '')}")
-               for name, state, reason in listed if status[name]]
-    mixed = {name for name, state, _ in listed if base_state(state) == "mix"}
+    listed = list_nodes(partition, nodes, run)
+    status = {node.name: availability(node.state) for node in listed}
+    results = [NodeResult(node.name, status[node.name], detail=f"{node.state}: "
+                          f"{node.reason or NO_REASON.get(status[node.name], '')}")
+               for node in listed if status[node.name]]
+    mixed = {node.name for node in listed if base_state(node.state) == "mix"}
     full = mix_without_room(sorted(mixed), gres, run) if mixed else {}
     results += [NodeResult(name, "busy", detail=f"mix: {why}") for name, why in full.items()]
-    ready = [name for name, _, _ in listed if not status[name] and name not in full]
+    groups: dict[Partition, list[str]] = {}
+    for node in listed:
+        if not status[node.name] and node.name not in full:
+            groups.setdefault(node.partition, []).append(node.name)
     smoke = smoke_argv(envcheck, image, timeout_s, no_container)
-    placement = Placement(partition, gres, max_time_s)
-    size = max_nodes or len(ready) or 1  # over MaxNodes Slurm would queue the job for ever
-    for start in range(0, len(ready), size):
-        results += run_steps(ready[start:start + size], mixed, placement, smoke,
-                             timeout_s + STEP_SLACK_S, run)
+    for home, ready in groups.items():
+        if not home.up:  # salloc would wait out IMMEDIATE_S and say only "timed out"
+            results += [NodeResult(name, "down", detail=f"partition {home.name} is "
+                                   f"{home.avail}: no job can start there (`scontrol update "
+                                   f"partitionname={home.name} state=up`)") for name in ready]
+            continue
+        placement = Placement(home.name, gres, home.max_time_s)
+        size = home.max_nodes or len(ready)  # over MaxNodes Slurm would queue it for ever
+        for start in range(0, len(ready), size):
+            results += run_steps(ready[start:start + size], mixed, placement, smoke,
+                                 timeout_s + STEP_SLACK_S, run)
     return results
 
 
@@ -210,9 +248,10 @@ def _gres_count(listed: str, kind: tuple[str, ...]) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-    """Where the allocation goes: partition and GRES as asked, and the partition's MaxTime."""
+    """Where the allocation goes: the nodes' partition, GRES as asked, the partition's
+    MaxTime."""
 
-    partition: str | None
+    partition: str
     gres: str | None
     max_time_s: float | None = None
 
@@ -259,7 +298,7 @@ def allocate(ready: list[str], placement: Placement, limit_s: float,
     argv = ["salloc", "--no-shell", "--no-kill", f"--nodes={len(ready)}",
             "--ntasks-per-node=1", f"--nodelist={','.join(ready)}", f"--immediate={IMMEDIATE_S}",
             f"--time={minutes}", "--job-name=envcheck-fleet"]
-    argv += [f"--partition={placement.partition}"] if placement.partition else []
+    argv.append(f"--partition={placement.partition}")
     argv += [f"--gres={placement.gres}"] if placement.gres else []
     done = run(argv, 60.0, env=slurm_env())
     granted = GRANTED_RE.search(done.err or "")

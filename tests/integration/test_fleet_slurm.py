@@ -130,6 +130,25 @@ def test_partition_limits(cluster):
                for n in report["nodes"])
 
 
+def test_nodes_outside_the_default_partition(cluster):
+    """n3 only in partition `extra` (MaxTime 5): salloc in the default partition would refuse
+    all three nodes; n3 runs in its own. With `extra` down, n3 is a row that says so at once
+    (salloc would wait out --immediate and say only "Connection timed out")."""
+    _, env = cluster
+    scontrol(env, "update", "partitionname=debug", "nodes=n1,n2")
+    scontrol(env, "create", "partitionname=extra", "nodes=n3", "maxtime=5")
+    try:
+        rc, report, _ = fleet(env, "--timeout-s", "300")
+        assert rc == 0 and [n["status"] for n in report["nodes"]] == ["reported"] * 3
+        scontrol(env, "update", "partitionname=extra", "state=down")
+        rc, report, seconds = fleet(env, "--nodes", "n3")
+    finally:
+        scontrol(env, "delete", "partitionname=extra")
+        scontrol(env, "update", "partitionname=debug", "nodes=ALL")
+    assert rc == 1 and report["nodes"][0]["status"] == "down" and seconds < 20
+    assert report["nodes"][0]["detail"].startswith("partition extra is down")
+
+
 def fleet_under_partition(env: dict, setting: str, undo: str) -> tuple[int, dict]:
     """A fleet run with the partition's `setting`, put back with `undo` afterwards."""
     scontrol(env, "update", "partitionname=debug", setting)

@@ -115,16 +115,20 @@ class FakeSlurm:
     ("n1:idle,n2:mix") in the default partition `debug*` with time limit `max_time` (sinfo's
     %l); `salloc(nodelist)` may refuse an allocation (a RunResult) or grant it (None); each
     srun step is `step(nodes, files)`, which returns a RunResult after writing the per-node
-    output files it likes."""
+    output files it likes. `sinfo`, where given, is sinfo's whole node list instead (other
+    partitions, other limits)."""
 
     def __init__(self, states: str, step=None, salloc=None, max_time: str = "infinite",
-                 room: dict | None = None, job_size: str = "1-infinite"):
+                 room: dict | None = None, job_size: str = "1-infinite",
+                 sinfo: str | None = None):
         self.states = [item.split(":") for item in states.split(",")]
+        self.sinfo = sinfo
         self.step, self.salloc = step, salloc or (lambda nodelist: None)
         self.max_time, self.times, self.job_size = max_time, [], job_size
         self.room = room or {}  # node -> sinfo -O "CPUsState|Gres|GresUsed"
         self.steps: list[list[str]] = []
         self.allocations: list[str] = []
+        self.partitions: list[str] = []
         self.calls: list[str] = []
 
     def __call__(self, argv, timeout_s, **_):
@@ -135,11 +139,13 @@ class FakeSlurm:
             return RunResult(0, "".join(f"{n}|{self.room.get(n, '1/1/0/2|gpu:2|gpu:0')}|\n"
                                         for n in nodes), "")
         if argv[0] == "sinfo":
-            assert argv[4] == "%N|%t|%P|%l|%s|%E"
-            return RunResult(0, "".join(f"{n}|{state}|debug*|{self.max_time}|{self.job_size}|"
-                                        "none\n" for n, state in self.states), "")
+            assert argv[4] == "%N|%t|%P|%a|%l|%s|%E"
+            return RunResult(0, self.sinfo or "".join(
+                f"{n}|{state}|debug*|up|{self.max_time}|{self.job_size}|none\n"
+                for n, state in self.states), "")
         if argv[0] == "salloc":
             self.allocations.append(options["nodelist"])
+            self.partitions.append(options["partition"])
             self.times.append(int(options["time"]))
             return self.salloc(options["nodelist"]) or RunResult(
                 0, "", "salloc: Granted job allocation 8\n")
@@ -280,6 +286,36 @@ def test_over_max_nodes_the_nodes_go_in_groups_of_max_nodes(cpu_report):
                                         ("0-infinite", None), ("n/a", None), ("", None)])
 def test_sinfo_job_sizes(text, most):
     assert slurm_max_nodes(text) == most
+
+
+# sinfo -N of a cluster whose default partition `cpu` holds n1-n2, and `gpu` n2-n4 with a
+# 5-minute MaxTime and MaxNodes=2; `old` (down) holds n4 and n5 (format as in list_nodes).
+PARTITIONED = """\
+n1|idle|cpu*|up|infinite|1-infinite|none
+n2|idle|cpu*|up|infinite|1-infinite|none
+n2|idle|gpu|up|5:00|1-2|none
+n3|idle|gpu|up|5:00|1-2|none
+n4|idle|old|down|infinite|1-infinite|none
+n4|idle|gpu|up|5:00|1-2|none
+n5|idle|old|down|infinite|1-infinite|none
+"""
+
+
+def test_each_node_runs_in_a_partition_of_its_own(cpu_report):
+    """salloc in the default partition refuses nodes outside it: each node goes to the
+    default partition where it is in it (n2), else to the first partition that is up (n4
+    skips the down `old`), with that partition's MaxTime and MaxNodes. A node whose only
+    partition is down is a row that says so, without asking salloc to wait for it."""
+    slurm = FakeSlurm("", reports(cpu_report), sinfo=PARTITIONED)
+    rows = run_fleet(envcheck=["envcheck"], run=slurm)
+    assert list(zip(slurm.partitions, slurm.allocations, slurm.times, strict=True)) == [
+        ("cpu", "n1,n2", 14), ("gpu", "n3,n4", 5)]
+    status = {r.node: r.status for r in rows}
+    assert status == {"n1": "reported", "n2": "reported", "n3": "reported",
+                      "n4": "reported", "n5": "down"}
+    assert [r.detail for r in rows if r.node == "n5"] == [
+        "partition old is down: no job can start there "
+        "(`scontrol update partitionname=old state=up`)"]
 
 
 def test_a_request_over_a_partition_limit_blames_no_node():
