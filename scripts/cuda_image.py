@@ -173,9 +173,9 @@ def _compress(data: bytes, compression: str) -> tuple[bytes, str]:
     if compression == "gzip":
         return gzip.compress(data, compresslevel=1, mtime=0), base + "+gzip"
     if compression == "zstd":
-        import zstandard
+        from envcheck.image.blobstream import zstd_module
 
-        return zstandard.ZstdCompressor(level=3).compress(data), base + "+zstd"
+        return zstd_module().compress(data, level=3), base + "+zstd"
     return data, base
 
 

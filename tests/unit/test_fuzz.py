@@ -16,7 +16,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +24,7 @@ from envcheck.fleet.aggregate import parse_report
 from envcheck.host.driver import parse_driver_version
 from envcheck.host.nvml import parse_query_csv
 from envcheck.image import cuda, ldcache, reference
+from envcheck.image.blobstream import zstd_module
 from envcheck.image.inspect import resolve
 from envcheck.image.layers import LayerError, scan_layer
 from envcheck.image.sources import SourceError, Top
@@ -201,7 +201,7 @@ def _layer_seeds() -> list[bytes]:
         link.type, link.linkname = tarfile.SYMTYPE, "libx.so.1"
         tar.addfile(link)
     plain = raw.getvalue()
-    return [plain, gzip.compress(plain), zstandard.ZstdCompressor().compress(plain)]
+    return [plain, gzip.compress(plain), zstd_module().compress(plain)]
 
 
 @pytest.mark.parametrize("examples", TIERS)

@@ -1,17 +1,22 @@
 """Hostile tar streams through the layer scanner: absolute and climbing paths, symlink and
-hardlink loops, device files, huge PAX headers, bad PAX sizes, truncated gzip/zstd. The scanner
+hardlink loops, device files, huge PAX headers, bad PAX sizes, truncated or corrupt gzip/zstd
+(through ISA-L and the zlib fallback), a layer of zeros that expands 30000 times. The scanner
 never writes anything (it only reads the stream), so "nothing outside a temp dir" holds by
 construction; these pin that each input is either read correctly or refused with one error."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import tarfile
+import tracemalloc
+import zlib
 
 import pytest
-import zstandard
 
+from envcheck.image import blobstream
+from envcheck.image.blobstream import OUT_BYTES, zstd_module
 from envcheck.image.layers import PAX_BYTES_MAX, LayerError, MergedView, scan_layer
 
 
@@ -85,9 +90,71 @@ def test_pax_size_that_is_not_a_number():
         scan(bytes(data))
 
 
-@pytest.mark.parametrize("compress", [gzip.compress, zstandard.ZstdCompressor().compress],
+@pytest.mark.parametrize("compress", [gzip.compress, zstd_module().compress],
                          ids=["gzip", "zstd"])
 def test_truncated_compressed_streams(compress):
     data = compress(tar_of((entry("big"), bytes(range(256)) * 400)))
     with pytest.raises(LayerError):
         scan(data[: len(data) // 2])
+
+
+class Zeros(io.RawIOBase):
+    def __init__(self, size: int):
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_a_layer_of_zeros_is_inflated_in_bounded_memory(kind):
+    """256 MiB of zeros is 8 KiB of zstd (a frame expands 30000 times): the inflater must hand
+    it out in pieces, not as one 256 MiB buffer."""
+    size, blob = 256 << 20, io.BytesIO()
+    opener = gzip.GzipFile if kind == "gzip" else zstd_module().ZstdFile
+    with opener(fileobj=blob, mode="wb") if kind == "gzip" else opener(blob, "wb") as packed:
+        with tarfile.open(fileobj=packed, mode="w|") as tar:
+            tar.addfile(entry("zeros", size=size), io.BufferedReader(Zeros(size)))
+    blob.seek(0)
+    tracemalloc.start()
+    try:
+        layer = scan_layer(blob, 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert layer.compression == kind and layer.files["zeros"].size == size
+    assert peak < 32 << 20, f"{peak >> 20} MiB at peak for a {len(blob.getvalue())}-byte blob"
+
+
+@pytest.fixture(params=["isal", "zlib"])
+def gzip_inflater(request, monkeypatch):
+    """ISA-L's gzip inflater, and zlib's behind the same API (where isal is not installed)."""
+    if request.param == "zlib":
+        monkeypatch.setattr(blobstream, "_gzip_inflater",
+                            lambda: (blobstream._ZlibInflater, (zlib.error,)))
+    return request.param
+
+
+def test_gzip_members_split_anywhere_give_the_same_layer(gzip_inflater):
+    """Members that end exactly at an output piece's end (OUT_BYTES) and in mid-piece."""
+    plain = tar_of((entry("a"), bytes(range(256)) * 3000), (entry("b"), b"b" * OUT_BYTES))
+    cuts = [0, OUT_BYTES, 2 * OUT_BYTES + 7, len(plain)]
+    data = b"".join(gzip.compress(plain[a:b]) for a, b in zip(cuts, cuts[1:], strict=False))
+    layer = scan(data)
+    assert layer.diff_id == "sha256:" + hashlib.sha256(plain).hexdigest()
+    assert layer.uncompressed_bytes == len(plain) and sorted(layer.files) == ["a", "b"]
+
+
+def test_gzip_truncated_or_failing_its_checksum(gzip_inflater):
+    data = gzip.compress(tar_of((entry("big"), bytes(range(256)) * 400)))
+    with pytest.raises(LayerError, match="truncated gzip stream"):
+        scan(data[:-3])
+    crc = len(data) - 8
+    with pytest.raises(LayerError, match="corrupt gzip stream"):
+        scan(data[:crc] + bytes([data[crc] ^ 1]) + data[crc + 1:])
