@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from envcheck.image.blobstream import GZIP_MAGIC, ZSTD_MAGIC
 from envcheck.image.reference import ImageRef
 from envcheck.image.registry import RegistryClient, RegistryError, docker_credentials
 
@@ -177,6 +178,11 @@ class DockerArchiveSource:
         except (tarfile.TarError, OSError) as error:
             if cleanup is not None:
                 cleanup.unlink(missing_ok=True)
+            packed = _compression_of(self.path)
+            if packed:
+                raise UnreadableInput(f"{ref.path}: a {packed}-compressed file; docker-archive: "
+                                      "reads the tar `docker save` writes: decompress it "
+                                      f"first (`{packed} -dk {ref.path}`)") from None
             cut = " (cut short? save it again)" if "end of data" in str(error) else ""
             raise UnreadableInput(f"{ref.path}: not a docker save archive "
                                   f"({error}){cut}") from None
@@ -242,6 +248,17 @@ class DockerArchiveSource:
         self.tar.close()
         if self._cleanup is not None:
             self._cleanup.unlink(missing_ok=True)
+
+
+def _compression_of(path: Path) -> str:
+    """"gzip" or "zstd" when the file starts with that magic number, else ""."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(4)
+    except OSError:
+        return ""
+    return ("gzip" if head.startswith(GZIP_MAGIC) else "zstd" if head.startswith(ZSTD_MAGIC)
+            else "")
 
 
 class MemberReader(io.RawIOBase):

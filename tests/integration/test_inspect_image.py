@@ -5,6 +5,7 @@ layers' uncompressed sha256 computed by gzip -dc | sha256sum."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import shutil
@@ -189,6 +190,10 @@ def test_missing_image_in_the_registry(registry):
 def test_missing_local_inputs(tmp_path):
     one_line_error(envcheck(f"oci:{tmp_path}"), 2, "not an OCI image layout")
     one_line_error(envcheck(f"docker-archive:{tmp_path}/none.tar"), 2, "no such file")
+    packed = tmp_path / "image.tar.gz"  # `docker save IMAGE | gzip`
+    packed.write_bytes(gzip.compress(bytes(10240)))
+    one_line_error(envcheck(f"docker-archive:{packed}"), 2, "a gzip-compressed file",
+                   f"gzip -dk {packed}")
 
 
 def test_corrupted_blob_is_never_reported(cuda_layout, tmp_path):
