@@ -136,6 +136,21 @@ class RegistryClient:
             raise RegistryError(f"{what}: {_status_text(response)}")
         raise RegistryError(f"{what}: gave up after {ATTEMPTS_MAX} attempts")
 
+    def small(self, url: str, what: str, kind: str, headers: dict | None = None):
+        """(body, response) of a manifest or config, read in pieces and refused as soon as it
+        passes MANIFEST_BYTES_MAX (a wrong digest can name a GB layer, which must not be read
+        whole into memory first); a connection that breaks mid-body is retried."""
+        for attempt in range(ATTEMPTS_MAX):
+            response = self.request(url, what, headers, stream=True)
+            try:
+                return _bounded_body(response, what, kind), response
+            except requests.RequestException as error:
+                if attempt + 1 == ATTEMPTS_MAX:
+                    raise RegistryError(f"{what}: the connection broke while reading the "
+                                        f"{kind} ({type(error).__name__})") from None
+                _pause(BACKOFF_S * 2**attempt, None)
+        raise AssertionError("unreachable")
+
     def _renew(self, response, what: str, sent: str | None) -> None:
         """After a 401: the first thread to get here fetches a token; layers that were refused
         the same expired token meanwhile retry with the new one instead of fetching their own."""
@@ -186,11 +201,8 @@ class RegistryClient:
     def manifest(self, reference: str) -> tuple[bytes, str, str]:
         """(raw bytes, media type, verified digest) of a manifest or index."""
         what = self._where(reference)
-        response = self.request(self._url("manifests", reference), what,
-                                {"Accept": ", ".join(MANIFEST_TYPES)})
-        body = response.content
-        if len(body) > MANIFEST_BYTES_MAX:
-            raise RegistryError(f"{what}: manifest of {len(body)} bytes is over the limit")
+        body, response = self.small(self._url("manifests", reference), what, "manifest",
+                                    {"Accept": ", ".join(MANIFEST_TYPES)})
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         claimed = response.headers.get("Docker-Content-Digest")
         for expected in (reference if reference.startswith("sha256:") else None, claimed):
@@ -201,12 +213,10 @@ class RegistryClient:
         check_media_type(body, media_type, what)
         return body, media_type, digest
 
-    def blob_bytes(self, digest: str, limit_bytes: int = MANIFEST_BYTES_MAX) -> bytes:
+    def blob_bytes(self, digest: str) -> bytes:
         """A small blob (a config), verified against its digest."""
         what = self._where(digest)
-        body = self.request(self._url("blobs", digest), what).content
-        if len(body) > limit_bytes:
-            raise RegistryError(f"{what}: blob of {len(body)} bytes is over the limit")
+        body, _ = self.small(self._url("blobs", digest), what, "blob")
         if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
             raise RegistryError(f"{what}: blob content does not match its digest")
         return body
@@ -339,6 +349,24 @@ def _is_connection_error(error: Exception) -> bool:
     return bool(names & {"ProtocolError", "IncompleteRead", "ConnectionError",
                          "ChunkedEncodingError", "ReadTimeoutError", "ConnectionResetError",
                          "TimeoutError", "BrokenPipeError"})
+
+
+def _bounded_body(response, what: str, kind: str) -> bytes:
+    """The body of a streamed response, up to MANIFEST_BYTES_MAX (else a RegistryError)."""
+    over = f"{what}: {kind} is over the {MANIFEST_BYTES_MAX}-byte limit: not a manifest " \
+        "or config (a wrong digest?)"
+    try:
+        length = response.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > MANIFEST_BYTES_MAX:
+            raise RegistryError(over.replace(" is over", f" of {length} bytes is over"))
+        body = bytearray()
+        for piece in response.iter_content(64 << 10):
+            body += piece
+            if len(body) > MANIFEST_BYTES_MAX:
+                raise RegistryError(over)
+        return bytes(body)
+    finally:
+        response.close()
 
 
 def _pause(seconds: float, stop: threading.Event | None) -> None:

@@ -1,0 +1,91 @@
+"""Manifests and configs from a local HTTP server: a body over the limit (a wrong digest naming a
+GB layer) is refused while it streams, never read whole into memory; a connection that breaks
+mid-manifest is retried."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+
+import pytest
+
+from envcheck.image.registry import MANIFEST_BYTES_MAX, RegistryClient, RegistryError
+
+PIECE = 1 << 20
+HUGE_BYTES = 64 << 20
+
+
+class Registry(http.server.BaseHTTPRequestHandler):
+    """Blobs: HUGE_BYTES of zeros, with Content-Length or (`chunked`) in chunks; manifests: one small manifest, whose first answer breaks off halfway."""
+
+    protocol_version = "HTTP/1.1"
+    chunked = False
+    sent = 0
+    manifest = json.dumps({"schemaVersion": 2, "mediaType":
+                           "application/vnd.oci.image.manifest.v1+json"}).encode()
+    manifest_answers = 0
+
+    def do_GET(self):
+        if "/manifests/" in self.path:
+            self.answer_manifest()
+            return
+        self.send_response(200)
+        if Registry.chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(HUGE_BYTES))
+        self.end_headers()
+        piece = bytes(PIECE)
+        try:
+            for _ in range(HUGE_BYTES // PIECE):
+                framed = b"%x\r\n%s\r\n" % (PIECE, piece) if Registry.chunked else piece
+                self.wfile.write(framed)
+                Registry.sent += PIECE
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def answer_manifest(self):
+        Registry.manifest_answers += 1
+        body = Registry.manifest
+        self.send_response(200)
+        self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if Registry.manifest_answers == 1:  # half the body, then the connection drops
+            self.wfile.write(body[: len(body) // 2])
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def client(monkeypatch):
+    monkeypatch.setattr(Registry, "sent", 0)
+    monkeypatch.setattr(Registry, "manifest_answers", 0)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Registry)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield RegistryClient(f"127.0.0.1:{server.server_address[1]}", "some/image")
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_config_digest_naming_a_huge_blob_is_refused_while_it_streams(client, monkeypatch,
+                                                                         chunked):
+    monkeypatch.setattr(Registry, "chunked", chunked)
+    with pytest.raises(RegistryError, match=f"over the {MANIFEST_BYTES_MAX}-byte limit"):
+        client.blob_bytes("sha256:" + "0" * 64)
+    # the socket buffers take a few MiB more; the old code read all 64 MiB first
+    assert Registry.sent < HUGE_BYTES // 2
+
+
+def test_a_manifest_cut_off_mid_body_is_fetched_again(client):
+    body, media_type, digest = client.manifest("latest")
+    assert body == Registry.manifest and Registry.manifest_answers == 2
+    assert media_type == "application/vnd.oci.image.manifest.v1+json"
+    assert digest == "sha256:" + hashlib.sha256(body).hexdigest()
