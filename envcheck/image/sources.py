@@ -288,6 +288,7 @@ def daemon_source(ref: ImageRef, timeout_s: float = 60.0) -> DockerArchiveSource
     """The daemon's image, streamed by `docker save` (SDK) into a temp file — layers go to disk in
     chunks, never into memory — then read as a docker archive."""
     import docker
+    import requests
 
     from envcheck.host.daemon import Unreachable, ping_client
 
@@ -308,9 +309,16 @@ def daemon_source(ref: ImageRef, timeout_s: float = 60.0) -> DockerArchiveSource
         with os.fdopen(handle, "wb") as out:
             for chunk in image.save(chunk_size=1 << 20, named=False):
                 out.write(chunk)
-    except docker.errors.DockerException as error:
+    except BaseException as error:  # never leave a GB-sized half-saved image behind
         Path(temp).unlink(missing_ok=True)
-        raise SourceError(f"docker-daemon:{name}: docker save failed ({error})") from None
+        if isinstance(error, OSError) and not isinstance(error, requests.RequestException):
+            raise SourceError(f"docker-daemon:{name}: cannot write the saved image to {temp} "
+                              f"({error.strerror or error}): set TMPDIR to a disk with room for "
+                              "the image") from None
+        if isinstance(error, (docker.errors.DockerException, requests.RequestException)):
+            raise SourceError(f"docker-daemon:{name}: docker save failed "
+                              f"({str(error).splitlines()[0][:160]})") from None
+        raise
     source = DockerArchiveSource(ImageRef("docker-archive", path=temp), cleanup=Path(temp))
     source.description = f"docker-daemon:{name}"
     return source

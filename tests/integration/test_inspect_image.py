@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from envcheck.image import reference
 from scripts import cuda_image
 from tests.integration.conftest import require_binary, run_as_nobody, skopeo, start_registry
 
@@ -284,10 +285,14 @@ def test_registry_basic_auth_with_docker_config(auth_registry, tmp_path, cuda_la
     assert json.loads(done.stdout)["verdict"] == "ok"
 
 
-def test_docker_daemon_source(engine, cuda_layout):
+def test_docker_daemon_source(engine, cuda_layout, monkeypatch, tmp_path):
+    """Digests equal the daemon's; a missing image is one line; a disk that fills up during
+    the save (/dev/full) is one line naming TMPDIR, and the half-written file is gone."""
     import os
 
     import docker
+
+    from envcheck.image import sources
 
     layout, built = cuda_layout
     skopeo("copy", "--dest-daemon-host", engine, f"oci:{layout}:12.8.0-cudnn-devel",
@@ -303,6 +308,13 @@ def test_docker_daemon_source(engine, cuda_layout):
         missing = envcheck("docker-daemon:envcheck-test/none:x",
                            env={**os.environ, "DOCKER_HOST": engine})
         one_line_error(missing, 1, "no such image in the daemon")
+        half = tmp_path / "envcheck-save-full.tar"
+        monkeypatch.setattr(sources.tempfile, "mkstemp", lambda **_: (
+            os.open("/dev/full", os.O_WRONLY), str(half.touch() or half)))
+        monkeypatch.setenv("DOCKER_HOST", engine)
+        with pytest.raises(sources.SourceError, match="No space left on device.*TMPDIR"):
+            sources.daemon_source(reference.parse("docker-daemon:envcheck-test/cuda:daemon"))
+        assert not half.exists()
     finally:
         docker.DockerClient(base_url=engine).images.remove("envcheck-test/cuda:daemon",
                                                            force=True)

@@ -18,7 +18,8 @@ HUGE_BYTES = 64 << 20
 
 
 class Registry(http.server.BaseHTTPRequestHandler):
-    """Blobs: HUGE_BYTES of zeros, with Content-Length or (`chunked`) in chunks; manifests: one small manifest, whose first answer breaks off halfway."""
+    """Blobs: HUGE_BYTES of zeros, with Content-Length or (`chunked`) in chunks; manifests:
+    one small manifest, whose first answer breaks off halfway."""
 
     protocol_version = "HTTP/1.1"
     chunked = False
