@@ -21,7 +21,8 @@ ZERO_BLOCK = bytes(512)
 PAX_BYTES_MAX = 1024 * 1024  # a PAX or GNU long-name header larger than this is hostile
 KEEP_FILES = ("etc/ld.so.cache", "var/lib/dpkg/status", "etc/ld.so.conf")
 KEEP_PREFIXES = ("etc/ld.so.conf.d/", "var/lib/dpkg/status.d/")
-KEEP_BYTES_MAX = 64 * 1024 * 1024
+KEEP_BYTES_MAX = 64 * 1024 * 1024  # one kept file (a real ld.so.cache or dpkg status: 1-10 MB)
+KEEP_TOTAL_MAX = 128 * 1024 * 1024  # all of a layer's (status.d holds one file per package)
 UNCOMPRESSED_BYTES_MAX = 64 * 1024**3  # a tar bomb stops here, with an error
 WHITEOUT, OPAQUE = ".wh.", ".wh..wh..opq"
 
@@ -130,6 +131,9 @@ def _record(scan: LayerScan, member: tarfile.TarInfo, read: Callable[[], bytes])
     scan.files[path] = FileInfo(member.size, member.mode, _kind(member), link, scan.index)
     wanted = path in KEEP_FILES or path.startswith(KEEP_PREFIXES)
     if wanted and member.isreg() and member.size <= KEEP_BYTES_MAX:
+        if sum(map(len, scan.kept.values())) + member.size > KEEP_TOTAL_MAX:
+            raise LayerError(f"{path}: the layer's ld.so.cache, ld.so.conf and dpkg status files "
+                             f"come to over {KEEP_TOTAL_MAX} bytes, the most held in memory")
         scan.kept[path] = read()
 
 

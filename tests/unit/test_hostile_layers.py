@@ -15,7 +15,7 @@ import zlib
 
 import pytest
 
-from envcheck.image import blobstream
+from envcheck.image import blobstream, layers
 from envcheck.image.blobstream import OUT_BYTES, zstd_module
 from envcheck.image.layers import PAX_BYTES_MAX, LayerError, MergedView, scan_layer
 
@@ -158,3 +158,13 @@ def test_gzip_truncated_or_failing_its_checksum(gzip_inflater):
     crc = len(data) - 8
     with pytest.raises(LayerError, match="corrupt gzip stream"):
         scan(data[:crc] + bytes([data[crc] ^ 1]) + data[crc + 1:])
+
+
+def test_kept_files_over_the_layers_total_are_refused(monkeypatch):
+    """ld.so.cache, ld.so.conf* and dpkg status files are held in memory; a layer with too
+    many of them (dpkg/status.d has one per package) is refused, not read into memory."""
+    monkeypatch.setattr(layers, "KEEP_TOTAL_MAX", 2500)
+    files = [(entry(f"var/lib/dpkg/status.d/pkg{i}"), b"Package: x\n" * 100) for i in range(3)]
+    assert len(scan(tar_of(*files[:2])).kept) == 2
+    with pytest.raises(LayerError, match="status.d/pkg2: .* over 2500 bytes"):
+        scan(tar_of(*files))
