@@ -140,16 +140,17 @@ class RegistryClient:
         """(body, response) of a manifest or config, read in pieces and refused as soon as it
         passes MANIFEST_BYTES_MAX (a wrong digest can name a GB layer, which must not be read
         whole into memory first); a connection that breaks mid-body is retried."""
+        broke = ""
         for attempt in range(ATTEMPTS_MAX):
+            if attempt:
+                _pause(BACKOFF_S * 2 ** (attempt - 1), None)
             response = self.request(url, what, headers, stream=True)
             try:
                 return _bounded_body(response, what, kind), response
             except requests.RequestException as error:
-                if attempt + 1 == ATTEMPTS_MAX:
-                    raise RegistryError(f"{what}: the connection broke while reading the "
-                                        f"{kind} ({type(error).__name__})") from None
-                _pause(BACKOFF_S * 2**attempt, None)
-        raise AssertionError("unreachable")
+                broke = type(error).__name__
+        raise RegistryError(f"{what}: the connection broke while reading the {kind} ({broke}), "
+                            f"{ATTEMPTS_MAX} times")
 
     def _renew(self, response, what: str, sent: str | None) -> None:
         """After a 401: the first thread to get here fetches a token; layers that were refused

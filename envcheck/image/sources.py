@@ -316,8 +316,8 @@ def daemon_source(ref: ImageRef, timeout_s: float = 60.0) -> DockerArchiveSource
                               f"({error.strerror or error}): set TMPDIR to a disk with room for "
                               "the image") from None
         if isinstance(error, (docker.errors.DockerException, requests.RequestException)):
-            raise SourceError(f"docker-daemon:{name}: docker save failed "
-                              f"({str(error).splitlines()[0][:160]})") from None
+            why = (str(error).splitlines() or [type(error).__name__])[0][:160]
+            raise SourceError(f"docker-daemon:{name}: docker save failed ({why})") from None
         raise
     source = DockerArchiveSource(ImageRef("docker-archive", path=temp), cleanup=Path(temp))
     source.description = f"docker-daemon:{name}"
