@@ -184,19 +184,33 @@ def scan_all(source: ImageSource, resolved: Resolved,
     return [future.result() for future in futures]
 
 
-def diff_id_check(scans: list[LayerScan], config: dict) -> Check:
+ZSTD_CHUNKED_ANNOTATION = "io.containers.zstd-chunked.manifest-checksum"
+ZSTD_CHUNKED_FIX = (
+    "layer {index} is zstd:chunked: containers/image's zstd:chunked writer (podman, buildah, "
+    "skopeo) has recorded the digest of the tar it was given while writing a different one "
+    "(containers/storage#1771, container-libs#391); pulls that check DiffIDs refuse it (\"does "
+    "not match config's DiffID\"): push it again with --compression-format gzip or zstd")
+
+
+def diff_id_check(scans: list[LayerScan], config: dict, layers: list[dict]) -> Check:
+    """The diff_ids computed while streaming against the config's rootfs.diff_ids; `layers`
+    (the manifest's descriptors) tell a zstd:chunked layer, whose mismatch has a known cause."""
     expected = (config.get("rootfs") or {}).get("diff_ids") or []
     got = [s.diff_id for s in scans]
     if got == expected:
         return Check("image.diff-ids", "pass",
                      f"{len(got)} layer diff_ids computed while streaming equal rootfs.diff_ids")
+    fix = "the image is corrupted or was tampered with: re-pull or rebuild it"
     if len(got) != len(expected):
         detail = f"{len(got)} layers but the config lists {len(expected)} diff_ids"
     else:
         bad = next(i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b)
         detail = f"layer {bad}: uncompressed sha256 {got[bad]} ≠ config {expected[bad]}"
+        annotations = (layers[bad] if bad < len(layers) else {}).get("annotations") or {}
+        if ZSTD_CHUNKED_ANNOTATION in annotations:
+            fix = ZSTD_CHUNKED_FIX.format(index=bad)
     return Check("image.diff-ids", "fail", f"layer contents do not match the config: {detail}",
-                 fix="the image is corrupted or was tampered with: re-pull or rebuild it")
+                 fix=fix)
 
 
 def env_dict(config: dict) -> dict[str, str]:
@@ -352,7 +366,7 @@ def build_report(ref, source, resolved: Resolved, scans: list[LayerScan],
     cuda_version = env.get("CUDA_VERSION")
     compat: list[str] = []
     if layers:
-        checks.append(diff_id_check(scans, resolved.config))
+        checks.append(diff_id_check(scans, resolved.config, resolved.manifest.get("layers") or []))
         cache, cache_check = read_ldcache(view)
         checks.append(cache_check)
         libraries = [explain_library(s, view, cache, env, arch) for s in LIBRARIES]

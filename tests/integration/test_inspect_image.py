@@ -160,6 +160,27 @@ def test_zstd_layers_through_the_registry(registry, tmp_path):
     assert [layer["diff_id"] for layer in report["layers"]] == built["diff_ids"]
 
 
+def test_zstd_chunked_layers_whose_diff_ids_do_not_match(tmp_path):
+    """skopeo's zstd:chunked writer re-writes each layer's tar but keeps the config's diff_ids
+    (containers/storage#1771): envcheck reports the digests `zstd -dc | sha256sum` gives, fails
+    the diff-ids check, and names zstd:chunked as the cause."""
+    require_binary("zstd")
+    source, chunked = tmp_path / "source", tmp_path / "chunked"
+    cuda_image.build_layout(source, tag="t")
+    skopeo("copy", "--dest-compress", "--dest-compress-format", "zstd:chunked",
+           f"oci:{source}:t", f"oci:{chunked}:t")
+    done = envcheck(f"oci:{chunked}:t", "--json")
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    for layer in report["layers"]:
+        blob = chunked / "blobs" / "sha256" / layer["digest"].split(":")[1]
+        oracle = subprocess.run(["bash", "-o", "pipefail", "-c", f"zstd -dc {blob} | sha256sum"],
+                                capture_output=True, text=True, check=True).stdout.split()[0]
+        assert layer["compression"] == "zstd" and layer["diff_id"] == f"sha256:{oracle}"
+    check = next(c for c in report["checks"] if c["id"] == "image.diff-ids")
+    assert check["status"] == "fail" and "zstd:chunked" in check["fix"]
+
+
 def test_multi_arch_index_and_platform_choice(registry, tmp_path):
     layout = tmp_path / "multi"
     built = cuda_image.build_multiarch(layout)
