@@ -23,7 +23,10 @@ from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 CHUNK_BYTES = 256 << 10
-OUT_BYTES = 256 << 10
+# Twice a read: a chunk of a typical layer (1.5:1) inflates in one call, leaving no input for
+# the inflater to copy aside. Against 256 KiB on a 1.2 GB CUDA layer: peak RSS 53 MB instead of
+# 61-69, time the same (8 interleaved rounds).
+OUT_BYTES = 512 << 10
 QUEUE_CHUNKS = 16
 HELPER_NICE = 10
 GZIP_MAGIC, ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
