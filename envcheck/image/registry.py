@@ -354,17 +354,19 @@ def _is_connection_error(error: Exception) -> bool:
 
 def _bounded_body(response, what: str, kind: str) -> bytes:
     """The body of a streamed response, up to MANIFEST_BYTES_MAX (else a RegistryError)."""
-    over = f"{what}: {kind} is over the {MANIFEST_BYTES_MAX}-byte limit: not a manifest " \
-        "or config (a wrong digest?)"
+    def over(size: str = "") -> RegistryError:
+        return RegistryError(f"{what}: {kind}{size} is over the {MANIFEST_BYTES_MAX}-byte limit: "
+                             "not a manifest or config (a wrong digest?)")
+
     try:
         length = response.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > MANIFEST_BYTES_MAX:
-            raise RegistryError(over.replace(" is over", f" of {length} bytes is over"))
+            raise over(f" of {length} bytes")
         body = bytearray()
         for piece in response.iter_content(64 << 10):
             body += piece
             if len(body) > MANIFEST_BYTES_MAX:
-                raise RegistryError(over)
+                raise over()
         return bytes(body)
     finally:
         response.close()
