@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable
 
 # CUDA Toolkit Release Notes, Table 3 (Linux x86_64, GA releases): toolkit -> minimum driver.
 CUDA_MIN_DRIVER = {
@@ -203,10 +204,12 @@ def package_versions(installed: dict[str, str]) -> dict[str, dict[str, str]]:
     return found
 
 
-def library_versions(paths: list[str]) -> dict[str, str]:
+def library_versions(paths: Iterable[str]) -> dict[str, str]:
     """Versions read from library file names (e.g. libcudart.so.12.8.57 -> 12.8.57)."""
     found: dict[str, str] = {}
     for path in paths:
+        if ".so." not in path:  # what every LIBRARY_FILES name has; most paths are not libraries
+            continue
         for fact, pattern in LIBRARY_FILES.items():
             match = pattern.search(path)
             if match and len(match.group(1)) > len(found.get(fact, "")):

@@ -14,7 +14,8 @@ from pathlib import Path
 from envcheck.host.driver import parse_driver_version
 from envcheck.image import cuda, ldcache, reference
 from envcheck.image.blobstream import Cancelled, Halt, tune_allocator
-from envcheck.image.layers import LayerError, LayerScan, MergedView, scan_layer
+from envcheck.image.filetree import MergedView
+from envcheck.image.layers import FileBudget, LayerError, LayerScan, scan_layer
 from envcheck.image.registry import RegistryError
 from envcheck.image.sources import INDEX_TYPES, ImageSource, SourceError, open_source
 from envcheck.report import Check, Report, redact_env, redact_text
@@ -156,7 +157,7 @@ def scan_all(source: ImageSource, resolved: Resolved,
     chunk, in a retry back-off, or in a read from a hung connection); the lowest failing
     layer is raised."""
     descriptors = resolved.manifest.get("layers") or []
-    stop = Halt()
+    stop, budget = Halt(), FileBudget()
 
     def scan(index: int, descriptor: dict) -> LayerScan:
         if stop.is_set():
@@ -164,7 +165,8 @@ def scan_all(source: ImageSource, resolved: Resolved,
         report = progress(index, descriptor.get("size") or 0) if progress else None
         with source.open_layer(descriptor, stop) as blob, stop.watch(blob):
             return scan_layer(blob, index, expected_digest=descriptor.get("digest"),
-                              expected_size=descriptor.get("size"), progress=report, stop=stop)
+                              expected_size=descriptor.get("size"), progress=report, stop=stop,
+                              budget=budget)
 
     workers = min(jobs, len(descriptors))
     if workers <= 1:
@@ -444,7 +446,7 @@ def cuda_facts(view: MergedView, env: dict, extra: dict) -> dict:
     status = view.kept.get("var/lib/dpkg/status", b"").decode("utf-8", "replace")
     packages = cuda.package_versions(cuda.parse_dpkg_status(status))
     return {"cuda_version": env.get("CUDA_VERSION"), "packages": packages,
-            "libraries": cuda.library_versions(list(view.files)), **extra}
+            "libraries": cuda.library_versions(view.files), **extra}
 
 
 def file_row(path: str, info) -> dict:

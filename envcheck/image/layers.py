@@ -1,6 +1,6 @@
 """Stream a layer blob — compressed bytes -> digest check -> gzip/zstd/plain -> diff_id -> tar
-headers — without holding more than a few buffers of it, and fold the layers into a merged view
-(whiteouts and opaque directories applied).
+headers — without holding more than a few buffers of it, into the layer's file table
+(filetree.py folds the layers into the merged view).
 
 Only small files the facts need (ld.so.cache, dpkg status, ld.so.conf*) are kept, up to a size
 limit; everything else is a header in the file table.
@@ -12,10 +12,12 @@ import dataclasses
 import posixpath
 import tarfile
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from envcheck.image.blobstream import BlobStream, StreamError
+from envcheck.image.filetree import FileInfo, FileTree
 
 ZERO_BLOCK = bytes(512)
 PAX_BYTES_MAX = 1024 * 1024  # a PAX or GNU long-name header larger than this is hostile
@@ -24,20 +26,33 @@ KEEP_PREFIXES = ("etc/ld.so.conf.d/", "var/lib/dpkg/status.d/")
 KEEP_BYTES_MAX = 64 * 1024 * 1024  # one kept file (a real ld.so.cache or dpkg status: 1-10 MB)
 KEEP_TOTAL_MAX = 128 * 1024 * 1024  # all of a layer's (status.d holds one file per package)
 UNCOMPRESSED_BYTES_MAX = 64 * 1024**3  # a tar bomb stops here, with an error
+FILES_MAX = 4_000_000  # file-table nodes of one image (a big ML image has under a million)
 WHITEOUT, OPAQUE = ".wh.", ".wh..wh..opq"
+_MODES: dict[int, int] = {}  # one int object per distinct mode, not one per file
+_MODES_MAX = 0o200000  # modes above this (none in practice) are not shared
 
 
 class LayerError(ValueError):
     """A layer that cannot be read or does not match its digest; the message names it."""
 
 
-@dataclasses.dataclass(frozen=True)
-class FileInfo:
-    size: int
-    mode: int
-    kind: str  # file | dir | symlink | hardlink | other
-    link: str | None
-    layer: int
+class FileBudget:
+    """How many file-table nodes the layers of one image may make between them: the table is
+    the one part of inspect-image that grows with the image (about 170 bytes a node)."""
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = FILES_MAX if limit is None else limit
+        self.used = 0
+        self._lock = threading.Lock()  # layers are scanned in several threads
+
+    def take(self, nodes: int) -> None:
+        with self._lock:
+            self.used += nodes
+            over = self.used > self.limit
+        if over:
+            raise LayerError(f"more than {self.limit:,} files and directories in the image: "
+                             "envcheck keeps their table in memory and stops here; "
+                             "--no-layers reports all but the layer contents")
 
 
 @dataclasses.dataclass
@@ -50,14 +65,11 @@ class LayerScan:
     compressed_bytes: int = 0
     uncompressed_bytes: int = 0
     compression: str = ""
-    files: dict[str, FileInfo] = dataclasses.field(default_factory=dict)
+    files: FileTree = dataclasses.field(default_factory=FileTree)  # moves to the merged view
+    file_count: int = 0
     whiteouts: list[str] = dataclasses.field(default_factory=list)
     opaque_dirs: list[str] = dataclasses.field(default_factory=list)
     kept: dict[str, bytes] = dataclasses.field(default_factory=dict)
-
-    @property
-    def file_count(self) -> int:
-        return len(self.files)
 
 
 def clean_path(name: str, layer: int) -> str:
@@ -76,7 +88,7 @@ def clean_path(name: str, layer: int) -> str:
     return "/".join(parts)
 
 
-def _kind(member: tarfile.TarInfo) -> str:
+def _kind(member: Header) -> str:
     if member.isreg():
         return "file"
     if member.isdir():
@@ -91,20 +103,22 @@ def _kind(member: tarfile.TarInfo) -> str:
 def scan_layer(blob: BinaryIO, index: int, *, expected_digest: str | None = None,
                expected_size: int | None = None,
                progress: Callable[[int], None] | None = None,
-               stop: threading.Event | None = None) -> LayerScan:
+               stop: threading.Event | None = None,
+               budget: FileBudget | None = None) -> LayerScan:
     """Stream one layer blob; raise LayerError on a digest/size mismatch or a broken stream
     (blobstream.Cancelled when `stop` is set meanwhile)."""
     stream = BlobStream(blob, limit_bytes=expected_size, uncompressed_max=UNCOMPRESSED_BYTES_MAX,
                         progress=progress, stop=stop)
     scan = LayerScan(index)
     name = f"layer {index}" + (f" ({expected_digest})" if expected_digest else "")
+    budget = budget or FileBudget()
     try:
         chunks = iter(stream)
-        walk_tar(_Chunks(chunks), lambda info, read: _record(scan, info, read))
+        walk_tar(_Chunks(chunks), lambda info, read: _record(scan, info, read, budget))
         stream.drain(chunks)  # padding after the end-of-archive blocks counts in the diff_id
     except (LayerError, StreamError) as error:
         raise LayerError(f"{name}: {error}") from None
-    scan.compression = stream.compression
+    scan.compression, scan.file_count = stream.compression, len(scan.files)
     scan.digest, scan.compressed_bytes = stream.digest, stream.compressed_bytes
     scan.diff_id, scan.uncompressed_bytes = stream.diff_id, stream.uncompressed_bytes
     if expected_size is not None and stream.compressed_bytes != expected_size:
@@ -116,21 +130,26 @@ def scan_layer(blob: BinaryIO, index: int, *, expected_digest: str | None = None
     return scan
 
 
-def _record(scan: LayerScan, member: tarfile.TarInfo, read: Callable[[], bytes]) -> None:
+def _record(scan: LayerScan, member: Header, read: Callable[[], bytes],
+            budget: FileBudget) -> None:
     path = clean_path(member.name, scan.index)
     if not path:
         return
     directory, base = posixpath.split(path)
     if base == OPAQUE:
+        budget.take(1)
         scan.opaque_dirs.append(directory)
         return
     if base.startswith(WHITEOUT):
+        budget.take(1)
         scan.whiteouts.append(posixpath.join(directory, base[len(WHITEOUT):]))
         return
     link = member.linkname if (member.issym() or member.islnk()) else None
-    scan.files[path] = FileInfo(member.size, member.mode, _kind(member), link, scan.index)
+    mode = _MODES.setdefault(member.mode, member.mode) if member.mode < _MODES_MAX else member.mode
+    info = FileInfo(member.file_size(), mode, _kind(member), link, scan.index)
+    budget.take(scan.files.add(path, info))
     wanted = path in KEEP_FILES or path.startswith(KEEP_PREFIXES)
-    if wanted and member.isreg() and member.size <= KEEP_BYTES_MAX:
+    if wanted and member.isreg() and member.real_size < 0 and member.size <= KEEP_BYTES_MAX:
         if sum(map(len, scan.kept.values())) + member.size > KEEP_TOTAL_MAX:
             raise LayerError(f"{path}: the layer's ld.so.cache, ld.so.conf and dpkg status files "
                              f"come to over {KEEP_TOTAL_MAX} bytes, the most held in memory")
@@ -200,18 +219,107 @@ def _data(chunks: _Chunks, size: int, what: str) -> bytes:
     return raw[:size]
 
 
-def _header(block: bytes) -> tarfile.TarInfo:
+@dataclasses.dataclass(slots=True)
+class Header:
+    """The fields of a tar header that the scan uses (tarfile.TarInfo costs 3x more to make)."""
+
+    name: str
+    linkname: str
+    size: int  # bytes of data stored in the archive after the header
+    mode: int
+    type: bytes
+    real_size: int = -1  # a sparse file's size (holes included); else -1, meaning `size`
+
+    def isreg(self) -> bool:
+        return self.type in tarfile.REGULAR_TYPES
+
+    def isdir(self) -> bool:
+        return self.type == tarfile.DIRTYPE
+
+    def issym(self) -> bool:
+        return self.type == tarfile.SYMTYPE
+
+    def islnk(self) -> bool:
+        return self.type == tarfile.LNKTYPE
+
+    def file_size(self) -> int:
+        return self.size if self.real_size < 0 else self.real_size
+
+
+def _text(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _number(field: bytes) -> int:
+    """An octal field, or GNU base-256 (first byte 0o200 or 0o377)."""
+    if field[0] in (0o200, 0o377):
+        return tarfile.nti(field)
+    try:
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise LayerError("bad tar header (invalid number)") from None
+
+
+def _checksum_ok(block: bytes) -> bool:
+    """The header checksum: the byte sum with the checksum field as spaces. adler32's low half
+    is that sum mod 65521, 30x cheaper than summing in Python; a header that fails it gets the
+    exact test, signed sums included (some old tars sign their bytes)."""
+    stored = _number(block[148:156])
+    spaces_for_field = 256 - sum(block[148:156])
+    if (stored - spaces_for_field) % 65521 == ((zlib.adler32(block) & 0xFFFF) - 1) % 65521:
+        return True
+    return stored in tarfile.calc_chksums(block)
+
+
+def _header(block: bytes) -> Header:
     if len(block) < 512:
         raise LayerError("truncated tar stream")
-    try:
-        return tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
-    except tarfile.HeaderError as error:
-        raise LayerError(f"bad tar header ({error})") from None
+    if not _checksum_ok(block):
+        raise LayerError("bad tar header (bad checksum)")
+    name, kind = _text(block[0:100]), block[156:157]
+    if kind == tarfile.AREGTYPE and name.endswith("/"):
+        kind = tarfile.DIRTYPE  # the old V7 way to store a directory
+    prefix = _text(block[345:500]) if kind not in tarfile.GNU_TYPES else ""
+    if prefix:  # ustar splits long names in two
+        name = prefix + "/" + name
+    header = Header(name, _text(block[157:257]), _number(block[124:136]),
+                    _number(block[100:108]), kind)
+    if kind == tarfile.GNUTYPE_SPARSE:
+        header.real_size = _number(block[483:495])
+    return header
+
+
+def _sparse_extensions(chunks: _Chunks, block: bytes) -> None:
+    """Skip the extension headers of an old GNU sparse file (more than 4 data runs)."""
+    extended = block[482]
+    while extended:
+        extension = chunks.read(512)
+        if len(extension) < 512:
+            raise LayerError("truncated tar stream")
+        extended = extension[504]
+
+
+def _extended(info: Header, pax: dict[str, str], long_names: dict[bytes, str]) -> None:
+    """Apply what PAX records and GNU long-name entries say about the entry after them."""
+    info.name = (pax.get("GNU.sparse.name") or pax.get("path")
+                 or long_names.get(tarfile.GNUTYPE_LONGNAME) or info.name)
+    info.linkname = (pax.get("linkpath") or long_names.get(tarfile.GNUTYPE_LONGLINK)
+                     or info.linkname)
+    for key, field in (("size", "size"), ("GNU.sparse.realsize", "real_size"),
+                       ("GNU.sparse.size", "real_size")):
+        if key in pax:
+            try:
+                setattr(info, field, int(pax[key]))
+            except ValueError:
+                raise LayerError(f"PAX {key} {pax[key][:40]!r} is not a number") from None
+    if info.size < 0 or (info.real_size < 0 and info.real_size != -1):
+        raise LayerError(f"tar entry {info.name[:80]!r} has a negative size")
 
 
 def walk_tar(chunks: _Chunks, on_member: Callable) -> None:
-    """Walk tar headers (ustar, GNU long names, PAX), skipping file data without copying it.
-    on_member(info, read) is called per entry; `read()` returns that entry's content."""
+    """Walk tar headers (ustar, GNU long names and sparse files, PAX), skipping file data
+    without copying it. on_member(info, read) is called per entry with its Header; `read()`
+    returns that entry's content."""
     pax: dict[str, str] = {}
     long_names: dict[bytes, str] = {}
     while True:
@@ -229,21 +337,14 @@ def walk_tar(chunks: _Chunks, on_member: Callable) -> None:
             raw = _data(chunks, info.size, "GNU long name").split(b"\0", 1)[0]
             long_names[info.type] = raw.decode("utf-8", "surrogateescape")
             continue
-        info.name = pax.get("path") or long_names.get(tarfile.GNUTYPE_LONGNAME) or info.name
-        info.linkname = (pax.get("linkpath") or long_names.get(tarfile.GNUTYPE_LONGLINK)
-                         or info.linkname)
-        if "size" in pax:
-            try:
-                info.size = int(pax["size"])
-            except ValueError:
-                raise LayerError(f"PAX size {pax['size'][:40]!r} is not a number") from None
-        if info.size < 0:
-            raise LayerError(f"tar entry {info.name[:80]!r} has a negative size")
+        if info.type == tarfile.GNUTYPE_SPARSE:
+            _sparse_extensions(chunks, block)
+        _extended(info, pax, long_names)
         pax, long_names = {}, {}
         _member(chunks, info, on_member)
 
 
-def _member(chunks: _Chunks, info: tarfile.TarInfo, on_member: Callable) -> None:
+def _member(chunks: _Chunks, info: Header, on_member: Callable) -> None:
     """Hand one entry to on_member, then skip whatever of its data it did not read."""
     has_data = info.isreg() or info.type not in tarfile.SUPPORTED_TYPES
     size = info.size if has_data else 0
@@ -260,77 +361,3 @@ def _member(chunks: _Chunks, info: tarfile.TarInfo, on_member: Callable) -> None
     remaining = _padded(size) - taken[0]
     if chunks.skip(remaining) < remaining:
         raise LayerError("truncated tar stream")
-
-
-class MergedView:
-    """The image's filesystem as a container sees it: each layer over the ones below."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, FileInfo] = {}
-        self.kept: dict[str, bytes] = {}
-        self._implicit_dirs: set[str] | None = None
-
-    def _is_dir(self, path: str) -> bool:
-        """A directory that only exists as the parent of entries (tars may omit dir entries)."""
-        if self._implicit_dirs is None:
-            self._implicit_dirs = {parent for p in self.files
-                                   for parent in _parents(p)}
-        return path in self._implicit_dirs
-
-    def apply(self, scan: LayerScan) -> None:
-        # Whiteouts hide only what lower layers wrote, so apply them before this layer's files.
-        doomed = [*scan.whiteouts, *scan.opaque_dirs]
-        if doomed:
-            for table in (self.files, self.kept):
-                for path in [p for p in table if _hidden(p, scan)]:
-                    del table[path]
-        self.files.update(scan.files)
-        self.kept.update(scan.kept)
-        self._implicit_dirs = None
-
-    def resolve(self, path: str, hops_max: int = 40) -> str | None:
-        """Follow symlinks (inside the image) to a path that exists, or None."""
-        parts = [p for p in path.strip("/").split("/") if p]
-        current = ""
-        hops = 0
-        while parts:
-            part = parts.pop(0)
-            candidate = posixpath.join(current, part) if current else part
-            info = self.files.get(candidate)
-            if info is None:
-                if parts and self._is_dir(candidate):
-                    current = candidate
-                    continue
-                return None
-            if info.kind == "symlink" and info.link is not None:
-                hops += 1
-                if hops > hops_max:
-                    return None
-                base = "" if info.link.startswith("/") else current
-                target = posixpath.normpath(posixpath.join("/" + base, info.link)).strip("/")
-                parts = [p for p in target.split("/") if p] + parts
-                current = ""
-                continue
-            current = candidate
-        return current
-
-    def glob(self, pattern: str) -> Iterator[tuple[str, FileInfo]]:
-        import fnmatch
-
-        pattern = pattern.lstrip("/")
-        for path in sorted(self.files):
-            if fnmatch.fnmatchcase(path, pattern):
-                yield path, self.files[path]
-
-
-def _parents(path: str) -> list[str]:
-    parts = path.split("/")[:-1]
-    return ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
-
-
-def _hidden(path: str, scan: LayerScan) -> bool:
-    for gone in scan.whiteouts:
-        if path == gone or path.startswith(gone + "/"):
-            return True
-    return any(path.startswith(directory + "/") if directory else True
-               for directory in scan.opaque_dirs)

@@ -17,7 +17,8 @@ import pytest
 
 from envcheck.image import blobstream, layers
 from envcheck.image.blobstream import OUT_BYTES, zstd_module
-from envcheck.image.layers import PAX_BYTES_MAX, LayerError, MergedView, scan_layer
+from envcheck.image.filetree import MergedView
+from envcheck.image.layers import PAX_BYTES_MAX, LayerError, scan_layer
 
 
 def tar_of(*members: tuple[tarfile.TarInfo, bytes], fmt=tarfile.PAX_FORMAT) -> bytes:
@@ -168,3 +169,16 @@ def test_kept_files_over_the_layers_total_are_refused(monkeypatch):
     assert len(scan(tar_of(*files[:2])).kept) == 2
     with pytest.raises(LayerError, match="status.d/pkg2: .* over 2500 bytes"):
         scan(tar_of(*files))
+
+
+def test_a_header_checksummed_with_signed_bytes_is_read():
+    """Old Sun and NeXT tars summed header bytes as signed chars; GNU tar and tarfile accept
+    that, and so must the adler32 shortcut's fallback."""
+    data = bytearray(tar_of((entry("bibliothèque/über.so"), b"x"), fmt=tarfile.USTAR_FORMAT))
+    signed = 256 + sum(b - 256 if b > 127 else b for b in data[:148] + data[156:512])
+    assert signed != tarfile.calc_chksums(bytes(data[:512]))[0]  # the name has high bytes
+    data[148:156] = b"%06o\0 " % signed
+    assert sorted(scan(bytes(data)).files) == ["bibliothèque/über.so"]
+    data[148:156] = b"%06o\0 " % (signed + 1)
+    with pytest.raises(LayerError, match="bad checksum"):
+        scan(bytes(data))

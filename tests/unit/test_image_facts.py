@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from envcheck.image import cuda, layers, reference
+from envcheck.image import cuda, filetree, layers, reference
 from envcheck.image.blobstream import zstd_module
 from scripts.cuda_image import REQUIRE
 
@@ -109,7 +109,7 @@ def test_whiteouts_hide_only_lower_layers():
     lower = tar_of([("etc/a", b"1"), ("etc/b", b"2"), ("opt/d/x", b"3"), ("opt/d/y", b"4")])
     upper = tar_of([("etc/.wh.a", b""), ("opt/d/.wh..wh..opq", b""), ("opt/d/z", b"5"),
                     ("etc/b", b"22")])
-    view = layers.MergedView()
+    view = filetree.MergedView()
     for index, data in enumerate((lower, upper)):
         view.apply(layers.scan_layer(io.BytesIO(gzip.compress(data)), index))
     assert sorted(view.files) == ["etc/b", "opt/d/z"]
@@ -149,7 +149,7 @@ def test_uncompressed_size_limit_stops_a_tar_bomb(monkeypatch):
 
 
 def test_symlinks_resolve_inside_the_image():
-    view = layers.MergedView()
+    view = filetree.MergedView()
     data = tar_of([("usr/local/cuda-12.8/lib/libx.so.1", b"elf")])
     view.apply(layers.scan_layer(io.BytesIO(data), 0))
     link = tarfile.TarInfo("usr/local/cuda")
@@ -164,8 +164,9 @@ def test_symlinks_resolve_inside_the_image():
 
 @pytest.mark.parametrize("fmt", ["gnu", "posix", "ustar"])
 def test_file_list_equals_gnu_tar(tmp_path, fmt):
-    """Long names (GNU 'L' records, PAX path records), symlinks, hard links: the streamed
-    listing equals `tar -t` on the same archive."""
+    """Long names (GNU 'L' records, PAX path records), symlinks, hard links, sparse files (old
+    GNU with extension headers, PAX GNU.sparse.*): the streamed listing equals `tar -t` on the
+    same archive."""
     import shutil
     import subprocess
 
@@ -178,16 +179,24 @@ def test_file_list_equals_gnu_tar(tmp_path, fmt):
     (root / "link").symlink_to("plain")
     (root / "plain").write_text("p")
     (root / "hard").hardlink_to(root / "plain")
+    with (root / "sparse").open("wb") as handle:  # 6 data runs: GNU needs extension headers
+        for run in range(6):
+            handle.seek(run << 20)
+            handle.write(b"data")
+        handle.truncate(8 << 20)
     archive = tmp_path / "t.tar"
     names = ["plain", "hard", "link", "d" * 60] if fmt == "ustar" else ["."]
-    subprocess.run(["tar", f"--format={fmt}", "-cf", str(archive), "-C", str(root), *names],
-                   check=True, capture_output=True)
+    sparse = [] if fmt == "ustar" else ["--sparse"]
+    subprocess.run(["tar", f"--format={fmt}", *sparse, "-cf", str(archive), "-C", str(root),
+                    *names], check=True, capture_output=True)
     listed = subprocess.run(["tar", "-tf", str(archive)], check=True, capture_output=True,
                             text=True).stdout.split()
     scan = layers.scan_layer(io.BytesIO(archive.read_bytes()), 0)
     expected = {p.rstrip("/").removeprefix("./") for p in listed} - {"", "."}
     assert set(scan.files) == expected
     assert scan.files["link"].kind == "symlink"
+    if fmt != "ustar":  # a sparse file's size counts its holes
+        assert scan.files["sparse"].size == 8 << 20 and scan.files["sparse"].kind == "file"
     kinds = {scan.files["hard"].kind, scan.files["plain"].kind}
     assert kinds == {"file", "hardlink"}  # whichever tar stored second links to the first
 

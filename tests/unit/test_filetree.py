@@ -1,0 +1,153 @@
+"""The merged file table (filetree.py): generated layer stacks against a flat model of what
+unpacking them does; whiteouts, replaced directories and implied directories by name; what
+the table costs in memory per file; and the per-image limit on its size."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import tracemalloc
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from envcheck.image.filetree import FileInfo, MergedView
+from envcheck.image.layers import FileBudget, LayerError, LayerScan, scan_layer
+
+
+def layer(index: int, entries=(), whiteouts=(), opaque=()) -> LayerScan:
+    scan = LayerScan(index, whiteouts=list(whiteouts), opaque_dirs=list(opaque))
+    for path, kind in entries:
+        scan.files.add(path, FileInfo(len(path), 0o644, kind, None, index))
+    return scan
+
+
+def below(path: str, top: str) -> bool:
+    return top == "" or path == top or path.startswith(top + "/")
+
+
+def flat_apply(model: dict[str, FileInfo], scan: LayerScan, entries) -> None:
+    """Unpack one layer onto a flat path -> FileInfo table, entry by entry."""
+    for gone in scan.whiteouts:
+        for path in [p for p in model if below(p, gone)]:
+            del model[path]
+    for directory in scan.opaque_dirs:
+        for path in [p for p in model if below(p, directory) and p != directory]:
+            del model[path]
+    for path, kind in entries:
+        parts = path.split("/")
+        for parent in ("/".join(parts[:i]) for i in range(1, len(parts))):
+            if parent in model and model[parent].kind != "dir":
+                del model[parent]  # a file on the way becomes the directory the entry needs
+        old = model.get(path)
+        a_directory = old.kind == "dir" if old else any(below(p, path) for p in model)
+        if not (a_directory and kind == "dir"):
+            for gone in [p for p in model if below(p, path)]:
+                del model[gone]
+        model[path] = FileInfo(len(path), 0o644, kind, None, scan.index)
+
+
+NAMES = st.sampled_from(["a", "b", "c"])
+PATHS = st.lists(NAMES, min_size=1, max_size=3).map("/".join)
+
+
+def valid(entries: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """One path once, and nothing below a non-directory: a state a filesystem can be in."""
+    kinds = dict(entries)
+    return [(p, k) for p, k in kinds.items()
+            if all(kinds.get(p[:i], "dir") == "dir" for i, c in enumerate(p) if c == "/")]
+
+
+LAYERS = st.lists(st.tuples(
+    st.lists(st.tuples(PATHS, st.sampled_from(["file", "dir", "symlink"])), max_size=8).map(valid),
+    st.lists(PATHS, max_size=2), st.lists(st.one_of(st.just(""), PATHS), max_size=1)),
+    min_size=1, max_size=4)
+
+
+@settings(max_examples=1500, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(LAYERS)
+def test_layer_stacks_merge_as_unpacking_them_would(stack):
+    view, model = MergedView(), {}
+    for index, (entries, whiteouts, opaque) in enumerate(stack):
+        scan = layer(index, entries, whiteouts, opaque)
+        assert len(scan.files) == len(entries)
+        flat_apply(model, scan, entries)
+        view.apply(scan)
+        assert dict(view.files.items()) == model
+        assert len(view.files) == len(model) and len(scan.files) == 0  # the nodes moved
+
+
+def test_a_file_over_a_directory_takes_the_directory_with_it():
+    view = MergedView()
+    view.apply(layer(0, [("opt/d/x", "file"), ("opt/d/y/z", "file")]))
+    view.apply(layer(1, [("opt/d", "file")]))
+    assert sorted(view.files) == ["opt/d"] and view.files["opt/d"].layer == 1
+
+
+def test_a_directory_entry_after_its_contents_keeps_them():
+    scan = layer(0, [("usr/lib/x", "file"), ("usr/lib", "dir"), ("usr", "dir")])
+    assert sorted(scan.files) == ["usr", "usr/lib", "usr/lib/x"] and len(scan.files) == 3
+
+
+def test_directories_only_implied_by_their_entries_resolve():
+    view = MergedView()
+    view.apply(layer(0, [("usr/local/cuda-12.8/compat/libcuda.so.1", "file")]))
+    assert view.resolve("/usr/local/cuda-12.8/compat") == "usr/local/cuda-12.8/compat"
+    assert "usr/local/cuda-12.8/compat" not in view.files  # not an entry of its own
+    assert view.resolve("/usr/local/cuda-12.8/compat/libcuda.so.1/x") is None
+
+
+def test_whiteouts_and_an_opaque_root():
+    view = MergedView()
+    view.apply(layer(0, [("etc/a", "file"), ("etc/b", "file"), ("var/x/y", "file")]))
+    view.apply(layer(1, [("etc/a", "file")], whiteouts=["etc/a", "var/x", "missing/z"]))
+    assert sorted(view.files) == ["etc/a", "etc/b"] and view.files["etc/a"].layer == 1
+    view.apply(layer(2, [("new", "file")], opaque=[""]))
+    assert sorted(view.files) == ["new"]
+
+
+def many_files_tar(count: int) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for i in range(count):
+            info = tarfile.TarInfo(f"usr/lib/python3/dist-packages/pkg{i // 500:04d}/"
+                                   f"mod{(i // 50) % 10}/file_{i:07d}.py")
+            info.size, info.mode = 0, 0o644
+            tar.addfile(info)
+    return raw.getvalue()
+
+
+def test_the_file_table_costs_under_200_bytes_a_file():
+    """A big ML image has hundreds of thousands of files; a flat table of full paths cost
+    about 380 bytes each (a 500k-file image: 190 MB)."""
+    data = many_files_tar(50_000)
+    tracemalloc.start()
+    try:
+        scan = scan_layer(io.BytesIO(data), 0)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert scan.file_count == 50_000
+    assert held / 50_000 < 200, f"{held / 50_000:.0f} bytes a file"
+
+
+def test_the_table_has_one_limit_for_all_layers_of_an_image():
+    budget = FileBudget(limit=1000)
+    data = many_files_tar(400)  # 400 files and 12 directories
+    scan_layer(io.BytesIO(data), 0, budget=budget)
+    scan_layer(io.BytesIO(data), 1, budget=budget)
+    with pytest.raises(LayerError, match=r"layer 2: more than 1,000 files and directories in "
+                                         r"the image: .* --no-layers"):
+        scan_layer(io.BytesIO(data), 2, budget=budget)
+
+
+def test_one_deep_path_counts_each_directory_it_makes():
+    deep = "/".join(["d"] * 2000) + "/x"
+    info = tarfile.TarInfo(deep)
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info)
+    with pytest.raises(LayerError, match="more than 1,000"):
+        scan_layer(io.BytesIO(raw.getvalue()), 0, budget=FileBudget(limit=1000))
