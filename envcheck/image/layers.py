@@ -75,6 +75,8 @@ class LayerScan:
 def clean_path(name: str, layer: int) -> str:
     """A tar member name as a root-relative path; `..` that climbs out of the root is an error
     (nothing is ever written to disk, but such a layer is malformed)."""
+    if "\\" not in name and "//" not in name and "/." not in "/" + name:
+        return name.strip("/")  # no empty, `.` or `..` parts (most names): nothing to fold
     parts: list[str] = []
     for part in name.replace("\\", "/").split("/"):
         if part in ("", "."):
@@ -135,7 +137,7 @@ def _record(scan: LayerScan, member: Header, read: Callable[[], bytes],
     path = clean_path(member.name, scan.index)
     if not path:
         return
-    directory, base = posixpath.split(path)
+    directory, _, base = path.rpartition("/")
     if base == OPAQUE:
         budget.take(1)
         scan.opaque_dirs.append(directory)
@@ -339,8 +341,11 @@ def walk_tar(chunks: _Chunks, on_member: Callable) -> None:
             continue
         if info.type == tarfile.GNUTYPE_SPARSE:
             _sparse_extensions(chunks, block)
-        _extended(info, pax, long_names)
-        pax, long_names = {}, {}
+        if pax or long_names:
+            _extended(info, pax, long_names)
+            pax, long_names = {}, {}
+        elif info.size < 0:
+            raise LayerError(f"tar entry {info.name[:80]!r} has a negative size")
         _member(chunks, info, on_member)
 
 

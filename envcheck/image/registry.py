@@ -35,6 +35,8 @@ ATTEMPTS_MAX = 5
 BACKOFF_S = 0.5
 RETRY_AFTER_MAX_S = 30.0
 MANIFEST_BYTES_MAX = 4 * 1024 * 1024
+TOKEN_BYTES_MAX = 1024 * 1024  # Docker Hub's token replies are 2-5 KB
+ERROR_BYTES_MAX = 64 * 1024  # what an error reply's JSON `errors` is read from
 HUB_CONFIG_KEY = "https://index.docker.io/v1/"
 CHALLENGE_RE = re.compile(r'(\w+)="([^"]*)"')
 
@@ -106,17 +108,17 @@ class RegistryClient:
         return f"{self.registry}/{self.repository}@{reference}" if reference.startswith(
             "sha256:") else f"{self.registry}/{self.repository}:{reference}"
 
-    def request(self, url: str, what: str, headers: dict | None = None, stream: bool = False,
+    def request(self, url: str, what: str, headers: dict | None = None,
                 stop: threading.Event | None = None):
-        """GET with auth, retries and backoff; returns a 2xx response or raises RegistryError
-        (blobstream.Cancelled where `stop` is set during a back-off)."""
+        """GET with auth, retries and backoff; returns a 2xx response, its body not yet read,
+        or raises RegistryError (blobstream.Cancelled where `stop` is set during a back-off)."""
         authenticated = False
         for attempt in range(ATTEMPTS_MAX):
             send = dict(headers or {})
             if self._authorization:
                 send["Authorization"] = self._authorization
             try:
-                response = self._session.get(url, headers=send, stream=stream,
+                response = self._session.get(url, headers=send, stream=True,
                                              timeout=self.timeout_s, allow_redirects=True)
             except requests.RequestException as error:
                 if attempt + 1 == ATTEMPTS_MAX:
@@ -125,10 +127,12 @@ class RegistryClient:
                 _pause(BACKOFF_S * 2**attempt, stop)
                 continue
             if response.status_code == 401 and not authenticated:
+                response.close()  # its body is not read: the connection goes, not the pool
                 self._renew(response, what, send.get("Authorization"))
                 authenticated = True
                 continue
             if response.status_code in RETRY_STATUSES and attempt + 1 < ATTEMPTS_MAX:
+                response.close()
                 _pause(_retry_after_s(response, attempt), stop)
                 continue
             if response.ok:
@@ -144,7 +148,7 @@ class RegistryClient:
         for attempt in range(ATTEMPTS_MAX):
             if attempt:
                 _pause(BACKOFF_S * 2 ** (attempt - 1), None)
-            response = self.request(url, what, headers, stream=True)
+            response = self.request(url, what, headers)
             try:
                 return _bounded_body(response, what, kind), response
             except requests.RequestException as error:
@@ -182,18 +186,22 @@ class RegistryClient:
             query["service"] = params["service"]
         auth = self._credentials if self._credentials else None
         try:
-            reply = self._session.get(realm, params=query, auth=auth, timeout=self.timeout_s)
+            reply = self._session.get(realm, params=query, auth=auth, timeout=self.timeout_s,
+                                      stream=True)
+            if not reply.ok:
+                hint = "" if self._credentials else f"; if the image is private run `docker " \
+                    f"login {self.registry}`"
+                raise RegistryError(f"{what}: token request refused ({_status_text(reply)})"
+                                    f"{hint}")
+            raw = _bounded_body(reply, what, "token reply", TOKEN_BYTES_MAX,
+                                "not a token service's answer")
         except requests.RequestException as error:
             raise RegistryError(f"{what}: token service unreachable ({type(error).__name__})") \
                 from None
-        if not reply.ok:
-            hint = "" if self._credentials else f"; if the image is private run `docker login " \
-                f"{self.registry}`"
-            raise RegistryError(f"{what}: token request refused ({_status_text(reply)}){hint}")
         try:
-            body = reply.json()
+            body = json.loads(raw)
             token = body.get("token") or body.get("access_token")
-        except ValueError:
+        except (ValueError, AttributeError):
             token = None
         if not token:
             raise RegistryError(f"{what}: the token service answered without a token")
@@ -261,8 +269,7 @@ class ResumingBlob(io.RawIOBase):
 
     def _open(self) -> None:
         headers = {"Range": f"bytes={self._position}-"} if self._position else {}
-        self._response = self._client.request(self._url, self._what, headers, stream=True,
-                                              stop=self._stop)
+        self._response = self._client.request(self._url, self._what, headers, stop=self._stop)
         if self._position and self._response.status_code != 206:
             raise RegistryError(f"{self._what}: connection dropped at byte {self._position} and "
                                 "the registry does not support Range to resume")
@@ -352,22 +359,32 @@ def _is_connection_error(error: Exception) -> bool:
                          "TimeoutError", "BrokenPipeError"})
 
 
-def _bounded_body(response, what: str, kind: str) -> bytes:
-    """The body of a streamed response, up to MANIFEST_BYTES_MAX (else a RegistryError)."""
+def _bounded_body(response, what: str, kind: str, limit: int = MANIFEST_BYTES_MAX,
+                  hint: str = "not a manifest or config (a wrong digest?)") -> bytes:
+    """The body of a streamed response, up to `limit` bytes (else a RegistryError)."""
     def over(size: str = "") -> RegistryError:
-        return RegistryError(f"{what}: {kind}{size} is over the {MANIFEST_BYTES_MAX}-byte limit: "
-                             "not a manifest or config (a wrong digest?)")
+        return RegistryError(f"{what}: {kind}{size} is over the {limit}-byte limit: {hint}")
 
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > limit:
+        response.close()
+        raise over(f" of {length} bytes")
+    body = _read_at_most(response, limit)
+    if len(body) > limit:
+        raise over()
+    return body
+
+
+def _read_at_most(response, limit: int) -> bytes:
+    """Up to limit + 1 bytes of a streamed body (one more tells the caller it is over); the
+    response is closed after, whatever is left of it unread."""
+    body = bytearray()
     try:
-        length = response.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > MANIFEST_BYTES_MAX:
-            raise over(f" of {length} bytes")
-        body = bytearray()
         for piece in response.iter_content(64 << 10):
             body += piece
-            if len(body) > MANIFEST_BYTES_MAX:
-                raise over()
-        return bytes(body)
+            if len(body) > limit:
+                break
+        return bytes(body[:limit + 1])
     finally:
         response.close()
 
@@ -393,8 +410,8 @@ def _status_text(response) -> str:
                429: "429 too many requests (rate limited)"}
     text = reasons.get(response.status_code, f"HTTP {response.status_code}")
     try:
-        errors = response.json().get("errors") or []
+        errors = json.loads(_read_at_most(response, ERROR_BYTES_MAX)).get("errors") or []
         detail = "; ".join(str(e.get("message", "")) for e in errors if isinstance(e, dict))
-    except (ValueError, AttributeError):
-        detail = ""
+    except (ValueError, AttributeError, requests.RequestException):
+        detail = ""  # not JSON, cut off at ERROR_BYTES_MAX, or the connection broke
     return f"{text} ({detail})" if detail else text

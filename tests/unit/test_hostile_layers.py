@@ -9,11 +9,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import posixpath
 import tarfile
 import tracemalloc
 import zlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from envcheck.image import blobstream, layers
 from envcheck.image.blobstream import OUT_BYTES, zstd_module
@@ -45,6 +48,19 @@ def scan(data: bytes):
 def test_absolute_paths_stay_inside_the_image_root():
     layer = scan(tar_of((entry("/etc/passwd"), b"root:x:0:0\n")))
     assert list(layer.files) == ["etc/passwd"]
+
+
+@settings(max_examples=3000, deadline=None, database=None)
+@given(st.lists(st.sampled_from(["a", "b.so", ".", "..", ".wh.x", "", "\\"]), max_size=7)
+       .map("/".join))
+def test_member_names_fold_as_normpath_folds_them(name):
+    """clean_path (with its fast path for names that need no folding) against posixpath."""
+    folded = posixpath.normpath(name.replace("\\", "/").lstrip("/"))
+    if folded == ".." or folded.startswith("../"):
+        with pytest.raises(LayerError, match="escapes the image root"):
+            layers.clean_path(name, 0)
+    else:
+        assert layers.clean_path(name, 0) == ("" if folded == "." else folded)
 
 
 @pytest.mark.parametrize("name", ["../../etc/evil", "a/../../b", "..", "/../x"])

@@ -1,5 +1,6 @@
-"""Manifests and configs from a local HTTP server: a body over the limit (a wrong digest naming a
-GB layer) is refused while it streams, never read whole into memory; a connection that breaks
+"""Manifests, configs, token replies and error replies from a local HTTP server: a body over
+its limit (a wrong digest naming a GB layer, a token realm or an error page that never ends) is
+refused or cut off while it streams, never read whole into memory; a connection that breaks
 mid-manifest is retried."""
 
 from __future__ import annotations
@@ -11,7 +12,12 @@ import threading
 
 import pytest
 
-from envcheck.image.registry import MANIFEST_BYTES_MAX, RegistryClient, RegistryError
+from envcheck.image.registry import (
+    MANIFEST_BYTES_MAX,
+    TOKEN_BYTES_MAX,
+    RegistryClient,
+    RegistryError,
+)
 
 PIECE = 1 << 20
 HUGE_BYTES = 64 << 20
@@ -32,7 +38,15 @@ class Registry(http.server.BaseHTTPRequestHandler):
         if "/manifests/" in self.path:
             self.answer_manifest()
             return
-        self.send_response(200)
+        if "/private/" in self.path:  # a Bearer challenge whose realm is the huge body below
+            self.send_response(401)
+            realm = f"http://127.0.0.1:{self.server.server_address[1]}/token"
+            self.send_header("WWW-Authenticate", f'Bearer realm="{realm}",service="test"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        status = 404 if "/missing/" in self.path else 200
+        self.send_response(status)
         if Registry.chunked:
             self.send_header("Transfer-Encoding", "chunked")
         else:
@@ -90,3 +104,21 @@ def test_a_manifest_cut_off_mid_body_is_fetched_again(client):
     assert body == Registry.manifest and Registry.manifest_answers == 2
     assert media_type == "application/vnd.oci.image.manifest.v1+json"
     assert digest == "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def test_a_token_reply_that_never_ends_is_refused_while_it_streams(client, monkeypatch):
+    monkeypatch.setattr(Registry, "chunked", True)
+    private = RegistryClient(client.registry, "private/image")
+    with pytest.raises(RegistryError, match=f"token reply is over the {TOKEN_BYTES_MAX}-byte "
+                                            "limit: not a token service's answer"):
+        private.blob_bytes("sha256:" + "0" * 64)
+    assert Registry.sent < HUGE_BYTES // 2
+
+
+def test_an_error_reply_is_read_only_as_far_as_its_message(client, monkeypatch):
+    """A 404 whose body is 64 MiB: one line, after reading at most 64 KiB of it."""
+    monkeypatch.setattr(Registry, "chunked", True)
+    missing = RegistryClient(client.registry, "missing/image")
+    with pytest.raises(RegistryError, match=r"missing/image@sha256:0+: 404 not found$"):
+        missing.blob_bytes("sha256:" + "0" * 64)
+    assert Registry.sent < HUGE_BYTES // 2
