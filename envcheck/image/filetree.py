@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import posixpath
+import re
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -124,10 +125,47 @@ class FileTree(Mapping[str, FileInfo]):
             self._count -= sum(_entries(child) for child in directory.children.values())
             directory.children = {}
 
+    def glob(self, pattern: str) -> list[tuple[str, FileInfo]]:
+        """Entries matching a shell pattern, sorted by path: `*`, `?` and `[...]` match within
+        one name (dot names too), and a `**` name any number of directories, none included; a
+        final `**` matches the directory and all below it. Symlinks are not followed."""
+        names = [name for name in pattern.split("/") if name]
+        found: dict[str, FileInfo] = {}
+        stack: list[tuple[str, Node, int]] = [("", self.root, 0)] if names else []
+        while stack:
+            path, node, index = stack.pop()
+            if index == len(names):
+                info = node.info if isinstance(node, Dir) else node
+                if info is not None and path:
+                    found[path] = info
+            elif isinstance(node, Dir):
+                stack += _steps(path, node, names[index], index, index + 1 == len(names))
+        return sorted(found.items(), key=lambda match: match[0])
+
     def overlay(self, upper: FileTree) -> None:
         """Put `upper`'s entries over these. The nodes move: `upper` is left empty."""
         self._count += len(upper) - _merge(self.root, upper.root)
         upper.root, upper._count = Dir(None), 0
+
+
+def _steps(path: str, directory: Dir, name: str, index: int,
+           last: bool) -> list[tuple[str, Node, int]]:
+    """Where matching pattern name `index` against `directory`'s children leads."""
+    prefix = path + "/" if path else ""
+    if name == "**":  # the next name matches here, or in a subdirectory; a final ** matches all
+        deeper = [(prefix + child_name, child, index if isinstance(child, Dir) else index + 1)
+                  for child_name, child in directory.children.items()
+                  if last or isinstance(child, Dir)]
+        return [(path, directory, index + 1), *deeper]
+    if not _MAGIC.search(name):
+        child = directory.children.get(name)
+        return [] if child is None else [(prefix + name, child, index + 1)]
+    return [(prefix + child_name, child, index + 1)
+            for child_name, child in directory.children.items()
+            if fnmatch.fnmatchcase(child_name, name)]
+
+
+_MAGIC = re.compile(r"[*?\[]")
 
 
 def _merge(lower: Dir, upper: Dir) -> int:
@@ -192,10 +230,8 @@ class MergedView:
             done.append(part)
         return "/".join(done)
 
-    def glob(self, pattern: str) -> Iterator[tuple[str, FileInfo]]:
-        pattern = pattern.lstrip("/")
-        matches = [(p, info) for p, info in self.files.items() if fnmatch.fnmatchcase(p, pattern)]
-        yield from sorted(matches, key=lambda match: match[0])
+    def glob(self, pattern: str) -> list[tuple[str, FileInfo]]:
+        return self.files.glob(pattern)
 
 
 def _hidden(path: str, scan: LayerScan) -> bool:

@@ -253,7 +253,7 @@ def explain_library(soname: str, view: MergedView, cache: ldcache.LdCache | None
 
 
 def stub_and_compat(view: MergedView, env: dict[str, str]) -> dict:
-    stubs = sorted("/" + p for p, _ in view.glob("*stubs/libcuda.so*"))
+    stubs = sorted("/" + p for p, _ in view.glob("**/stubs/libcuda.so*"))
     compat = sorted("/" + p for p, info in view.glob("usr/local/cuda*/compat/libcuda.so.*.*")
                     if info.kind == "file")
     on_path = [d for d in env.get("LD_LIBRARY_PATH", "").split(":") if "stubs" in d]

@@ -4,8 +4,11 @@ the table costs in memory per file; and the per-image limit on its size."""
 
 from __future__ import annotations
 
+import glob
 import io
+import os
 import tarfile
+import tempfile
 import tracemalloc
 
 import pytest
@@ -106,6 +109,53 @@ def test_whiteouts_and_an_opaque_root():
     assert sorted(view.files) == ["etc/a", "etc/b"] and view.files["etc/a"].layer == 1
     view.apply(layer(2, [("new", "file")], opaque=[""]))
     assert sorted(view.files) == ["new"]
+
+
+TREE_NAMES = st.sampled_from(["a", "b", "ab", ".h", "x.so.1"])
+TREES = st.lists(st.tuples(st.lists(TREE_NAMES, min_size=1, max_size=3).map("/".join),
+                           st.sampled_from(["file", "dir"])), max_size=10).map(valid)
+PATTERNS = st.lists(st.sampled_from(["a", "b", ".h", "*", "?", "**", "a*", "*b", "[ab]", "x.so.*",
+                                     "[!a]*", "nothere"]), min_size=1, max_size=4).map("/".join)
+
+
+def on_disk(root: str, entries: list[tuple[str, str]]) -> None:
+    for path, kind in entries:
+        os.makedirs(os.path.join(root, os.path.dirname(path)), exist_ok=True)
+        if kind == "dir":
+            os.makedirs(os.path.join(root, path), exist_ok=True)
+        else:
+            open(os.path.join(root, path), "w").close()
+
+
+@settings(max_examples=1500, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(TREES, PATTERNS)
+def test_globs_match_what_python_glob_finds_on_disk(entries, pattern):
+    """`*` stays within one name and `**` spans directories, as in a shell with globstar: the
+    oracle is glob.glob on the same tree unpacked to disk (without the directories that are
+    only implied, which --files does not list)."""
+    view = MergedView()
+    view.apply(layer(0, entries))
+    with tempfile.TemporaryDirectory() as root:
+        on_disk(root, entries)
+        expected = {found.rstrip("/") for found in glob.glob(pattern, root_dir=root,
+                                                              recursive=True, include_hidden=True)}
+    expected &= set(view.files)
+    assert [path for path, _ in view.glob(pattern)] == sorted(expected)
+    assert view.glob("/" + pattern) == view.glob(pattern)
+
+
+def test_a_star_stays_within_one_name():
+    view = MergedView()
+    view.apply(layer(0, [("usr/local/cuda-12.8/compat/libcuda.so.1", "file"),
+                         ("usr/local/cuda-12.8/targets/x86_64-linux/lib/stubs/libcuda.so", "file"),
+                         ("usr/lib/nostubs/libcuda.so", "file")]))
+    assert [p for p, _ in view.glob("usr/local/cuda*/compat/*")] == [
+        "usr/local/cuda-12.8/compat/libcuda.so.1"]
+    assert view.glob("usr/*") == [] and view.glob("*") == []  # only implied directories
+    assert [p for p, _ in view.glob("**/stubs/libcuda.so*")] == [
+        "usr/local/cuda-12.8/targets/x86_64-linux/lib/stubs/libcuda.so"]
+    assert len(view.glob("usr/**")) == 3 and view.glob("") == []
 
 
 def many_files_tar(count: int) -> bytes:
