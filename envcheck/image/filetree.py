@@ -125,10 +125,36 @@ class FileTree(Mapping[str, FileInfo]):
             self._count -= sum(_entries(child) for child in directory.children.values())
             directory.children = {}
 
+    def resolve(self, path: str, hops_max: int = 40) -> str | None:
+        """Follow symlinks (inside the image) to a path that exists, or None."""
+        parts = [p for p in reversed(path.split("/")) if p]  # a stack: the next name is last
+        directory, done, hops = self.root, [], 0
+        while parts:
+            part = parts.pop()
+            node = directory.children.get(part)
+            if node is None:
+                return None
+            if isinstance(node, Dir):
+                directory = node
+            elif node.kind == "symlink":
+                hops += 1
+                if hops > hops_max or not node.link:
+                    return None
+                base = "" if node.link.startswith("/") else "/".join(done)
+                target = posixpath.normpath(posixpath.join("/" + base, node.link)).strip("/")
+                parts += [p for p in reversed(target.split("/")) if p]
+                directory, done = self.root, []
+                continue
+            elif parts:
+                return None  # a file where a directory should be
+            done.append(part)
+        return "/".join(done)
+
     def glob(self, pattern: str) -> list[tuple[str, FileInfo]]:
         """Entries matching a shell pattern, sorted by path: `*`, `?` and `[...]` match within
         one name (dot names too), and a `**` name any number of directories, none included; a
-        final `**` matches the directory and all below it. Symlinks are not followed."""
+        final `**` matches the directory and all below it. A symlink a name matches leads on to
+        its target; `**` matches real directories only, never a symlink to one."""
         names = [name for name in pattern.split("/") if name]
         found: dict[str, FileInfo] = {}
         stack: list[tuple[str, Node, int]] = [("", self.root, 0)] if names else []
@@ -137,7 +163,13 @@ class FileTree(Mapping[str, FileInfo]):
             if index == len(names):
                 info = node.info if isinstance(node, Dir) else node
                 if info is not None and path:
-                    found[path] = info
+                    found.setdefault(path, info)
+            elif isinstance(node, FileInfo) and node.kind == "symlink":  # a name before the last:
+                target = self.resolve(path)  # go on in the directory it leads to, as a shell does
+                if target is not None and isinstance(directory := self.node(target), Dir):
+                    if names[index:] == ["**"]:  # "link/**" lists the link too, as its directory
+                        found[path] = node
+                    stack.append((path, directory, index))
             elif isinstance(node, Dir):
                 stack += _steps(path, node, names[index], index, index + 1 == len(names))
         return sorted(found.items(), key=lambda match: match[0])
@@ -152,7 +184,7 @@ def _steps(path: str, directory: Dir, name: str, index: int,
            last: bool) -> list[tuple[str, Node, int]]:
     """Where matching pattern name `index` against `directory`'s children leads."""
     prefix = path + "/" if path else ""
-    if name == "**":  # the next name matches here, or in a subdirectory; a final ** matches all
+    if name == "**":  # the next name matches here or in a subdirectory; a final ** matches all
         deeper = [(prefix + child_name, child, index if isinstance(child, Dir) else index + 1)
                   for child_name, child in directory.children.items()
                   if last or isinstance(child, Dir)]
@@ -205,30 +237,8 @@ class MergedView:
         self.files.overlay(scan.files)
         self.kept.update(scan.kept)
 
-    def resolve(self, path: str, hops_max: int = 40) -> str | None:
-        """Follow symlinks (inside the image) to a path that exists, or None."""
-        parts = [p for p in reversed(path.split("/")) if p]  # a stack: the next name is last
-        directory, done, hops = self.files.root, [], 0
-        while parts:
-            part = parts.pop()
-            node = directory.children.get(part)
-            if node is None:
-                return None
-            if isinstance(node, Dir):
-                directory = node
-            elif node.kind == "symlink":
-                hops += 1
-                if hops > hops_max or not node.link:
-                    return None
-                base = "" if node.link.startswith("/") else "/".join(done)
-                target = posixpath.normpath(posixpath.join("/" + base, node.link)).strip("/")
-                parts += [p for p in reversed(target.split("/")) if p]
-                directory, done = self.files.root, []
-                continue
-            elif parts:
-                return None  # a file where a directory should be
-            done.append(part)
-        return "/".join(done)
+    def resolve(self, path: str) -> str | None:
+        return self.files.resolve(path)
 
     def glob(self, pattern: str) -> list[tuple[str, FileInfo]]:
         return self.files.glob(pattern)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import glob
 import io
 import os
+import shutil
+import subprocess
 import tarfile
 import tempfile
 import tracemalloc
@@ -138,11 +140,54 @@ def test_globs_match_what_python_glob_finds_on_disk(entries, pattern):
     view.apply(layer(0, entries))
     with tempfile.TemporaryDirectory() as root:
         on_disk(root, entries)
-        expected = {found.rstrip("/") for found in glob.glob(pattern, root_dir=root,
-                                                              recursive=True, include_hidden=True)}
+        found = glob.glob(pattern, root_dir=root, recursive=True, include_hidden=True)
+        # glob.glob answers "a/**" with "a/" where a is a file; a shell finds nothing there
+        expected = {p.rstrip("/") for p in found
+                    if not p.endswith("/") or os.path.isdir(os.path.join(root, p))}
     expected &= set(view.files)
     assert [path for path, _ in view.glob(pattern)] == sorted(expected)
     assert view.glob("/" + pattern) == view.glob(pattern)
+
+
+LINKED_TREES = st.lists(st.tuples(
+    st.lists(TREE_NAMES, min_size=1, max_size=3).map("/".join),
+    st.sampled_from(["file", "dir", "symlink"]),
+    st.sampled_from(["a", "a/b", "b", "ab/a", "x.so.1", "nowhere", "."])), max_size=10)
+
+
+@settings(max_examples=1500, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(LINKED_TREES, PATTERNS.filter(lambda pattern: any(c in pattern for c in "*?[")
+                                     and "**" not in pattern.split("/")[:-1]))
+def test_globs_through_symlinks_match_bash_globstar(raw, pattern):
+    """A name before the last follows a symlink to its directory; a final `**` lists symlinks
+    but does not descend into them. The oracle is bash (globstar, dotglob, nullglob) on the
+    tree unpacked to disk, symlinks as relative links to paths of the tree (or to nothing).
+    (A `**` before the last name is left out: bash then goes one level through a symlink when
+    it follows a literal name, "l/**/x", but not at the top, "**/x".)"""
+    if shutil.which("bash") is None:
+        pytest.skip("bash is the oracle here")
+    targets = {path: target for path, _, target in raw}
+    entries = valid([(path, kind) for path, kind, _ in raw])
+    named = {path for path, _ in entries}
+    parents = {path[:i] for path in named for i, c in enumerate(path) if c == "/"}
+    entries += [(parent, "dir") for parent in sorted(parents - named)]  # no implied directories
+    view, links = MergedView(), {}
+    for path, kind in entries:
+        link = None
+        if kind == "symlink":
+            link = links[path] = os.path.relpath(targets[path], os.path.dirname(path) or ".")
+        view.files.add(path, FileInfo(0, 0o777, kind, link, 0))
+    with tempfile.TemporaryDirectory() as root:
+        on_disk(root, [(p, k) for p, k in entries if k != "symlink"])
+        for path, link in links.items():
+            os.makedirs(os.path.join(root, os.path.dirname(path)), exist_ok=True)
+            os.symlink(link, os.path.join(root, path))
+        listed = subprocess.run(["bash", "-O", "globstar", "-O", "dotglob", "-O", "nullglob",
+                                 "-c", 'printf "%s\\n" $PATTERN'], cwd=root, check=True,
+                                env={"PATTERN": pattern}, capture_output=True, text=True).stdout
+    expected = {found.rstrip("/") for found in listed.splitlines()} - {""}
+    assert [path for path, _ in view.glob(pattern)] == sorted(expected)
 
 
 def test_a_star_stays_within_one_name():
@@ -156,6 +201,14 @@ def test_a_star_stays_within_one_name():
     assert [p for p, _ in view.glob("**/stubs/libcuda.so*")] == [
         "usr/local/cuda-12.8/targets/x86_64-linux/lib/stubs/libcuda.so"]
     assert len(view.glob("usr/**")) == 3 and view.glob("") == []
+    view.apply(layer(1, [("usr/local/cuda", "symlink")]))
+    view.files.add("usr/local/cuda", FileInfo(0, 0o777, "symlink", "cuda-12.8", 1))
+    assert [p for p, _ in view.glob("usr/local/cuda/compat/*")] == [
+        "usr/local/cuda/compat/libcuda.so.1"]  # a symlink on the way is followed
+    assert [p for p, _ in view.glob("**/compat/libcuda.so.1")] == [
+        "usr/local/cuda-12.8/compat/libcuda.so.1"]  # ** does not go through it
+    assert [p for p, info in view.glob("usr/local/cuda/**") if info.kind == "symlink"] == [
+        "usr/local/cuda"]
 
 
 def many_files_tar(count: int) -> bytes:
