@@ -157,21 +157,19 @@ class FileTree(Mapping[str, FileInfo]):
         its target; `**` matches real directories only, never a symlink to one."""
         names = [name for name in pattern.split("/") if name]
         found: dict[str, FileInfo] = {}
-        stack: list[tuple[str, Node, int]] = [("", self.root, 0)] if names else []
+        # (path as matched so far, where matching goes on, the entry at that path, next name)
+        stack: list[Step] = [("", self.root, None, 0)] if names else []
         while stack:
-            path, node, index = stack.pop()
+            path, node, info, index = stack.pop()
             if index == len(names):
-                info = node.info if isinstance(node, Dir) else node
-                if info is not None and path:
-                    found.setdefault(path, info)
-            elif isinstance(node, FileInfo) and node.kind == "symlink":  # a name before the last:
-                target = self.resolve(path)  # go on in the directory it leads to, as a shell does
-                if target is not None and isinstance(directory := self.node(target), Dir):
-                    if names[index:] == ["**"]:  # "link/**" lists the link too, as its directory
-                        found[path] = node
-                    stack.append((path, directory, index))
+                if info is not None:
+                    found[path] = info
             elif isinstance(node, Dir):
-                stack += _steps(path, node, names[index], index, index + 1 == len(names))
+                stack += _steps(path, node, info, names[index], index, index + 1 == len(names))
+            elif node.kind == "symlink":  # a name before the last: go on in the directory it
+                target = self.resolve(path)  # leads to, as a shell does
+                if target is not None and isinstance(directory := self.node(target), Dir):
+                    stack.append((path, directory, info, index))
         return sorted(found.items(), key=lambda match: match[0])
 
     def overlay(self, upper: FileTree) -> None:
@@ -180,19 +178,27 @@ class FileTree(Mapping[str, FileInfo]):
         upper.root, upper._count = Dir(None), 0
 
 
-def _steps(path: str, directory: Dir, name: str, index: int,
-           last: bool) -> list[tuple[str, Node, int]]:
+def _info(node: Node) -> FileInfo | None:
+    return node.info if isinstance(node, Dir) else node
+
+
+Step = tuple[str, Node, FileInfo | None, int]
+
+
+def _steps(path: str, directory: Dir, info: FileInfo | None, name: str, index: int,
+           last: bool) -> list[Step]:
     """Where matching pattern name `index` against `directory`'s children leads."""
     prefix = path + "/" if path else ""
     if name == "**":  # the next name matches here or in a subdirectory; a final ** matches all
-        deeper = [(prefix + child_name, child, index if isinstance(child, Dir) else index + 1)
+        deeper = [(prefix + child_name, child, _info(child),
+                   index if isinstance(child, Dir) else index + 1)
                   for child_name, child in directory.children.items()
                   if last or isinstance(child, Dir)]
-        return [(path, directory, index + 1), *deeper]
+        return [(path, directory, info, index + 1), *deeper]
     if not _MAGIC.search(name):
         child = directory.children.get(name)
-        return [] if child is None else [(prefix + name, child, index + 1)]
-    return [(prefix + child_name, child, index + 1)
+        return [] if child is None else [(prefix + name, child, _info(child), index + 1)]
+    return [(prefix + child_name, child, _info(child), index + 1)
             for child_name, child in directory.children.items()
             if fnmatch.fnmatchcase(child_name, name)]
 
