@@ -1,10 +1,11 @@
 """`envcheck fleet slurm`: gpu-smoke on every node through Slurm itself — `sinfo` for the nodes
 and their states, one allocation of the available ones (`salloc --no-shell --no-kill`; one per
-partition, each node in its default-first partition, and at most MaxNodes nodes each), one
-`srun --ntasks-per-node=1` step in it (each task runs `envcheck gpu-smoke --json`: in the
-container where the node has Docker, on the host otherwise), one output file per node (`%n`),
-then the aggregation; the allocation is released at the end. Drained or down nodes, nodes whose task
-never reported and a step that timed out are rows with that status, never silence.
+partition, each node in its default-first partition, and at most MaxNodes nodes each; up to
+BATCHES_AT_ONCE of them at the same time), one `srun --ntasks-per-node=1` step in it (each
+task runs `envcheck gpu-smoke --json`: in the container where the node has Docker, on the host
+otherwise), one output file per node (`%n`), then the aggregation; the allocation is released
+at the end. Drained or down nodes, nodes whose task never reported and a step that timed
+out are rows with that status, never silence.
 
 A node that cannot be launched on (its slurmd died, and slurmctld has not noticed yet) makes
 srun abort the whole step, killing the tasks on healthy nodes too. Those nodes run once more in
@@ -14,6 +15,7 @@ wait for the dead node to time out), so one dead node does not hide the others.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import re
@@ -40,6 +42,7 @@ STEP_SLACK_S = 60.0
 IMMEDIATE_S = 30  # how long salloc may wait for the nodes
 RERUN_MARGIN_S = 120.0
 PARTITION_LIMIT = "Requested partition configuration not available now"
+BATCHES_AT_ONCE = 8  # allocations in flight together (each thread only waits on salloc/srun)
 
 
 # Slurm settings of the user's own; every other SLURM_* variable is the context of a job this
@@ -186,7 +189,7 @@ def run_fleet(*, partition: str | None = None, nodes: str | None = None,
     for node in listed:
         if not status[node.name] and node.name not in full:
             groups.setdefault(node.partition, []).append(node.name)
-    smoke = smoke_argv(envcheck, image, timeout_s, no_container)
+    batches: list[tuple[list[str], Placement]] = []
     for home, ready in groups.items():
         if not home.up:  # salloc would wait out IMMEDIATE_S and say only "timed out"
             results += [NodeResult(name, "down", detail=f"partition {home.name} is "
@@ -195,10 +198,29 @@ def run_fleet(*, partition: str | None = None, nodes: str | None = None,
             continue
         placement = Placement(home.name, gres, home.max_time_s)
         size = home.max_nodes or len(ready)  # over MaxNodes Slurm would queue it for ever
-        for start in range(0, len(ready), size):
-            results += run_steps(ready[start:start + size], mixed, placement, smoke,
-                                 timeout_s + STEP_SLACK_S, run)
-    return results
+        batches += [(ready[start:start + size], placement)
+                    for start in range(0, len(ready), size)]
+    smoke = smoke_argv(envcheck, image, timeout_s, no_container)
+    return results + run_batches(batches, mixed, smoke, timeout_s + STEP_SLACK_S, run)
+
+
+def run_batches(batches: list[tuple[list[str], Placement]], mixed: set[str],
+                smoke: list[str], limit_s: float, run: Runner) -> list[NodeResult]:
+    """Each batch (a partition's nodes, MaxNodes at most) in an allocation of its own, up to
+    BATCHES_AT_ONCE at the same time: the run takes as long as the slowest batch, not all of
+    them in turn. A batch refused after waiting while others held theirs may have met a limit
+    on the user's jobs (MaxJobsPerUser; salloc does not say which) rather than busy nodes:
+    it is tried again alone once the others are done, as a lone batch always is."""
+    if len(batches) <= 1:
+        return [row for ready, placement in batches
+                for row in run_steps(ready, mixed, placement, smoke, limit_s, run)]
+    with concurrent.futures.ThreadPoolExecutor(min(len(batches), BATCHES_AT_ONCE)) as pool:
+        together = list(pool.map(lambda batch: run_steps(
+            batch[0], mixed, batch[1], smoke, limit_s, run, alone=False), batches))
+    rows = []
+    for (ready, placement), got in zip(batches, together, strict=True):
+        rows += run_steps(ready, mixed, placement, smoke, limit_s, run) if got is None else got
+    return rows
 
 
 def mix_without_room(mixed: list[str], gres: str | None, run: Runner) -> dict[str, str]:
@@ -257,13 +279,17 @@ class Placement:
 
 
 def run_steps(ready: list[str], mixed: set[str], placement: Placement, smoke: list[str],
-              limit_s: float, run: Runner) -> list[NodeResult]:
+              limit_s: float, run: Runner, alone: bool = True) -> list[NodeResult] | None:
     """Allocate `ready`, run the step, re-run once the nodes a launch failure took down with
     it, release the allocation. When the allocation is refused and some nodes are partly in
-    use (mix), those are the likely cause: they become busy rows and the rest is tried alone."""
+    use (mix), those are the likely cause: they become busy rows and the rest is tried alone.
+    Not `alone` (other batches allocating meanwhile), a refusal after waiting is None: the
+    wait may be for the user's other jobs, so nothing is concluded about these nodes."""
     # A re-run follows an aborted step, which ends within seconds: a margin is enough for it
     # (and a long --time would trip partitions' MaxTime).
     job, why, waited = allocate(ready, placement, limit_s + RERUN_MARGIN_S, run)
+    if job is None and waited and not alone:
+        return None
     if job is None and waited and mixed & set(ready):
         rest = [name for name in ready if name not in mixed]
         rows = {row.node: row for row in (

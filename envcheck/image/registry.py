@@ -45,6 +45,30 @@ class RegistryError(Exception):
     """A registry failure, one line: the reference and the cause (never a secret)."""
 
 
+class Attempts:
+    """One fetch's budget of failed attempts, whatever failed: no answer, a 429/5xx, a body
+    that broke off (a manifest fetched again, a blob resumed). ATTEMPTS_MAX in all, not per
+    request, so a failing registry costs at most ATTEMPTS_MAX - 1 back-offs per fetch."""
+
+    def __init__(self, stop: threading.Event | None = None):
+        self.failed = 0
+        self.stop = stop
+
+    def more(self) -> bool:
+        """Whether the failure at hand may be retried."""
+        return self.failed + 1 < ATTEMPTS_MAX
+
+    def back_off(self, seconds: float | None = None) -> None:
+        """Count the failure and wait (doubling, or as the registry asked) before the next
+        try; another layer's failure cuts the wait short with Cancelled."""
+        wait_s = BACKOFF_S * 2**self.failed if seconds is None else seconds
+        self.failed += 1
+        if self.stop is None:
+            time.sleep(wait_s)
+        elif self.stop.wait(wait_s):
+            raise Cancelled()
+
+
 def base_url(registry: str) -> str:
     host = registry.split(":")[0] if not registry.startswith("[") else registry.split("]")[0] + "]"
     scheme = "http" if host in LOOPBACK_HOSTS else "https"
@@ -109,11 +133,13 @@ class RegistryClient:
             "sha256:") else f"{self.registry}/{self.repository}:{reference}"
 
     def request(self, url: str, what: str, headers: dict | None = None,
-                stop: threading.Event | None = None):
+                attempts: Attempts | None = None):
         """GET with auth, retries and backoff; returns a 2xx response, its body not yet read,
-        or raises RegistryError (blobstream.Cancelled where `stop` is set during a back-off)."""
+        or raises RegistryError (blobstream.Cancelled where the attempts' `stop` is set during
+        a back-off). Failures count against `attempts`, the budget of the whole fetch."""
+        attempts = attempts or Attempts()
         authenticated = False
-        for attempt in range(ATTEMPTS_MAX):
+        while True:
             send = dict(headers or {})
             if self._authorization:
                 send["Authorization"] = self._authorization
@@ -121,40 +147,40 @@ class RegistryClient:
                 response = self._session.get(url, headers=send, stream=True,
                                              timeout=self.timeout_s, allow_redirects=True)
             except requests.RequestException as error:
-                if attempt + 1 == ATTEMPTS_MAX:
+                if not attempts.more():
                     raise RegistryError(f"{what}: cannot reach {self.base} "
                                         f"({type(error).__name__})") from None
-                _pause(BACKOFF_S * 2**attempt, stop)
+                attempts.back_off()
                 continue
             if response.status_code == 401 and not authenticated:
                 response.close()  # its body is not read: the connection goes, not the pool
                 self._renew(response, what, send.get("Authorization"))
                 authenticated = True
                 continue
-            if response.status_code in RETRY_STATUSES and attempt + 1 < ATTEMPTS_MAX:
+            if response.status_code in RETRY_STATUSES and attempts.more():
                 response.close()
-                _pause(_retry_after_s(response, attempt), stop)
+                attempts.back_off(_retry_after_s(response))
                 continue
             if response.ok:
                 return response
             raise RegistryError(f"{what}: {_status_text(response)}")
-        raise RegistryError(f"{what}: gave up after {ATTEMPTS_MAX} attempts")
 
     def small(self, url: str, what: str, kind: str, headers: dict | None = None):
         """(body, response) of a manifest or config, read in pieces and refused as soon as it
         passes MANIFEST_BYTES_MAX (a wrong digest can name a GB layer, which must not be read
-        whole into memory first); a connection that breaks mid-body is retried."""
-        broke = ""
-        for attempt in range(ATTEMPTS_MAX):
-            if attempt:
-                _pause(BACKOFF_S * 2 ** (attempt - 1), None)
-            response = self.request(url, what, headers)
+        whole into memory first); a connection that breaks mid-body is fetched again, within
+        the same budget of attempts as the requests' own retries."""
+        attempts = Attempts()
+        while True:
+            response = self.request(url, what, headers, attempts)
             try:
                 return _bounded_body(response, what, kind), response
             except requests.RequestException as error:
-                broke = type(error).__name__
-        raise RegistryError(f"{what}: the connection broke while reading the {kind} ({broke}), "
-                            f"{ATTEMPTS_MAX} times")
+                if not attempts.more():
+                    raise RegistryError(f"{what}: the connection broke while reading the "
+                                        f"{kind} ({type(error).__name__}); gave up after "
+                                        f"{ATTEMPTS_MAX} attempts") from None
+                attempts.back_off()
 
     def _renew(self, response, what: str, sent: str | None) -> None:
         """After a 401: the first thread to get here fetches a token; layers that were refused
@@ -260,7 +286,7 @@ class ResumingBlob(io.RawIOBase):
         self._what = client._where(digest)
         self._position = 0
         self._end: int | None = None
-        self._resumes = 0
+        self._attempts = Attempts(stop)  # opening and resuming share one budget
         self._response = None
         self._reader = None
 
@@ -269,7 +295,7 @@ class ResumingBlob(io.RawIOBase):
 
     def _open(self) -> None:
         headers = {"Range": f"bytes={self._position}-"} if self._position else {}
-        self._response = self._client.request(self._url, self._what, headers, stop=self._stop)
+        self._response = self._client.request(self._url, self._what, headers, self._attempts)
         if self._position and self._response.status_code != 206:
             raise RegistryError(f"{self._what}: connection dropped at byte {self._position} and "
                                 "the registry does not support Range to resume")
@@ -281,12 +307,12 @@ class ResumingBlob(io.RawIOBase):
 
     def _dropped(self, cause: str) -> None:
         """Close the broken response so the next read resumes, or give up after the budget."""
-        if self._resumes >= ATTEMPTS_MAX:
-            raise RegistryError(f"{self._what}: download failed at byte {self._position} "
-                                f"({cause})")
-        self._resumes += 1
         self._response.close()
         self._response = None
+        if not self._attempts.more():
+            raise RegistryError(f"{self._what}: download failed at byte {self._position} "
+                                f"({cause}); gave up after {ATTEMPTS_MAX} attempts")
+        self._attempts.back_off()
 
     def _stopped(self) -> bool:
         return self._stop is not None and self._stop.is_set()
@@ -389,20 +415,12 @@ def _read_at_most(response, limit: int) -> bytes:
         response.close()
 
 
-def _pause(seconds: float, stop: threading.Event | None) -> None:
-    """A retry back-off that another layer's failure cuts short."""
-    if stop is None:
-        time.sleep(seconds)
-    elif stop.wait(seconds):
-        raise Cancelled()
-
-
-def _retry_after_s(response, attempt: int) -> float:
-    header = response.headers.get("Retry-After", "")
+def _retry_after_s(response) -> float | None:
+    """The registry's Retry-After in seconds (capped), or None to back off as usual."""
     try:
-        return min(float(header), RETRY_AFTER_MAX_S)
+        return min(float(response.headers.get("Retry-After", "")), RETRY_AFTER_MAX_S)
     except ValueError:
-        return BACKOFF_S * 2**attempt
+        return None
 
 
 def _status_text(response) -> str:

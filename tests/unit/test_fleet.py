@@ -6,7 +6,9 @@ Kubernetes schema offline."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
+import threading
 from pathlib import Path
 
 import jsonschema
@@ -16,6 +18,7 @@ from click.testing import CliRunner
 
 from envcheck.cli import cli
 from envcheck.fleet import k8s
+from envcheck.fleet import slurm as slurm_module
 from envcheck.fleet.aggregate import NodeResult, from_report, hostlist, render, summarize
 from envcheck.fleet.slurm import (
     _gres_count,
@@ -116,11 +119,13 @@ class FakeSlurm:
     %l); `salloc(nodelist)` may refuse an allocation (a RunResult) or grant it (None); each
     srun step is `step(nodes, files)`, which returns a RunResult after writing the per-node
     output files it likes. `sinfo`, where given, is sinfo's whole node list instead (other
-    partitions, other limits)."""
+    partitions, other limits). `max_jobs` is a limit on the user's jobs (a QOS's
+    MaxJobsPerUser): salloc waits, then gives up, while that many allocations are held
+    (`turned_away` counts those). Calls may come from several threads at once."""
 
     def __init__(self, states: str, step=None, salloc=None, max_time: str = "infinite",
                  room: dict | None = None, job_size: str = "1-infinite",
-                 sinfo: str | None = None):
+                 sinfo: str | None = None, max_jobs: int | None = None):
         self.states = [item.split(":") for item in states.split(",")]
         self.sinfo = sinfo
         self.step, self.salloc = step, salloc or (lambda nodelist: None)
@@ -130,6 +135,9 @@ class FakeSlurm:
         self.allocations: list[str] = []
         self.partitions: list[str] = []
         self.calls: list[str] = []
+        self.max_jobs, self.held, self.most_held = max_jobs, set(), 0
+        self.job_ids, self.lock = itertools.count(8), threading.Lock()
+        self.turned_away = threading.Semaphore(0)  # released by each wait for max_jobs
 
     def __call__(self, argv, timeout_s, **_):
         self.calls.append(argv[0])
@@ -144,18 +152,35 @@ class FakeSlurm:
                 f"{n}|{state}|debug*|up|{self.max_time}|{self.job_size}|none\n"
                 for n, state in self.states), "")
         if argv[0] == "salloc":
-            self.allocations.append(options["nodelist"])
-            self.partitions.append(options["partition"])
-            self.times.append(int(options["time"]))
-            return self.salloc(options["nodelist"]) or RunResult(
-                0, "", "salloc: Granted job allocation 8\n")
+            return self.allocate(options)
         if argv[0] == "scancel":
-            assert argv[1:] == ["8"]
+            with self.lock:
+                self.held.remove(argv[1])
             return RunResult(0, "", "")
-        assert options["jobid"] == "8"
+        assert options["jobid"] in self.held
         nodes = options["nodelist"].split(",")
         self.steps.append(nodes)
         return self.step(nodes, lambda i: Path(options["output"].replace("%n", str(i))))
+
+    def allocate(self, options: dict) -> RunResult:
+        self.allocations.append(options["nodelist"])
+        self.partitions.append(options["partition"])
+        self.times.append(int(options["time"]))
+        refused = self.salloc(options["nodelist"])
+        with self.lock:
+            if refused is None and self.max_jobs is not None and len(self.held) >= self.max_jobs:
+                job = next(self.job_ids)
+                refused = RunResult(1, "", f"salloc: Pending job allocation {job}\nsalloc: job "
+                                           f"{job} queued and waiting for resources\nsalloc: "
+                                           "error: Unable to allocate resources: Connection "
+                                           "timed out\n")
+                self.turned_away.release()
+            if refused is not None:
+                return refused
+            job = str(next(self.job_ids))
+            self.held.add(job)
+            self.most_held = max(self.most_held, len(self.held))
+        return RunResult(0, "", f"salloc: Granted job allocation {job}\n")
 
 
 def reports(cpu_report):
@@ -272,14 +297,50 @@ def test_the_allocation_fits_the_partitions_max_time(cpu_report):
 
 
 def test_over_max_nodes_the_nodes_go_in_groups_of_max_nodes(cpu_report):
-    """MaxNodes=2 (sinfo's job size `1-2`): five nodes in three allocations, one after the
-    other (one of five would be queued for ever); every node reports."""
-    slurm = FakeSlurm(",".join(f"n{i}:idle" for i in range(1, 6)), reports(cpu_report),
-                      job_size="1-2")
+    """MaxNodes=2 (sinfo's job size `1-2`): five nodes in three allocations (one of five would
+    be queued for ever), held at the same time: the three steps run together (each waits
+    until all three have started; one after another, the first would wait in vain). Every
+    node reports; every allocation is released."""
+    together = threading.Barrier(3, timeout=10)
+
+    def step(nodes, output):
+        together.wait()
+        return reports(cpu_report)(nodes, output)
+
+    slurm = FakeSlurm(",".join(f"n{i}:idle" for i in range(1, 6)), step, job_size="1-2")
     rows = run_fleet(envcheck=["envcheck"], run=slurm)
-    assert slurm.allocations == ["n1,n2", "n3,n4", "n5"]
-    assert slurm.calls == ["sinfo"] + ["salloc", "srun", "scancel"] * 3
+    assert sorted(slurm.allocations) == ["n1,n2", "n3,n4", "n5"]
+    assert sorted(slurm.calls) == sorted(["sinfo"] + ["salloc", "srun", "scancel"] * 3)
+    assert slurm.most_held == 3 and not slurm.held
     assert [(r.node, r.status) for r in rows] == [(f"n{i}", "reported") for i in range(1, 6)]
+
+
+def test_under_a_limit_on_the_users_jobs_the_batches_run_in_turn(cpu_report):
+    """MaxJobsPerUser=1: of three allocations asked for together, two wait and give up, with
+    nothing in salloc's words to tell a job limit from busy nodes. Those batches are asked
+    for again alone once the first is released: every node reports, n2 (mix) is not blamed
+    for the wait, and no allocation is left behind."""
+    def step(nodes, output):  # the batch that got the one job holds it until both waits end
+        if not slurm.steps[1:]:
+            assert all(slurm.turned_away.acquire(timeout=10) for _ in range(2))
+        return reports(cpu_report)(nodes, output)
+
+    slurm = FakeSlurm("n1:idle,n2:mix,n3:idle,n4:idle,n5:idle", step, job_size="1-2",
+                      max_jobs=1)
+    rows = run_fleet(envcheck=["envcheck"], run=slurm)
+    assert sorted(slurm.allocations[:3]) == ["n1,n2", "n3,n4", "n5"]
+    assert len(slurm.allocations) == 5 and slurm.most_held == 1 and not slurm.held
+    assert [(r.node, r.status) for r in rows] == [(f"n{i}", "reported") for i in range(1, 6)]
+
+
+def test_more_batches_than_run_at_once(cpu_report, monkeypatch):
+    """Twelve batches of one node, at most four allocations held at a time."""
+    monkeypatch.setattr(slurm_module, "BATCHES_AT_ONCE", 4)
+    slurm = FakeSlurm(",".join(f"n{i}:idle" for i in range(12)), reports(cpu_report),
+                      job_size="1")
+    rows = run_fleet(envcheck=["envcheck"], run=slurm)
+    assert len(slurm.allocations) == 12 and slurm.most_held <= 4 and not slurm.held
+    assert [(r.node, r.status) for r in rows] == [(f"n{i}", "reported") for i in range(12)]
 
 
 @pytest.mark.parametrize("text, most", [("1-infinite", None), ("1-4", 4), ("2", 2),
@@ -308,7 +369,7 @@ def test_each_node_runs_in_a_partition_of_its_own(cpu_report):
     partition is down is a row that says so, without asking salloc to wait for it."""
     slurm = FakeSlurm("", reports(cpu_report), sinfo=PARTITIONED)
     rows = run_fleet(envcheck=["envcheck"], run=slurm)
-    assert list(zip(slurm.partitions, slurm.allocations, slurm.times, strict=True)) == [
+    assert sorted(zip(slurm.partitions, slurm.allocations, slurm.times, strict=True)) == [
         ("cpu", "n1,n2", 14), ("gpu", "n3,n4", 5)]
     status = {r.node: r.status for r in rows}
     assert status == {"n1": "reported", "n2": "reported", "n3": "reported",

@@ -1,18 +1,22 @@
 """Manifests, configs, token replies and error replies from a local HTTP server: a body over
 its limit (a wrong digest naming a GB layer, a token realm or an error page that never ends) is
 refused or cut off while it streams, never read whole into memory; a connection that breaks
-mid-manifest is retried."""
+mid-manifest is retried, and every failure of one fetch counts against one budget of
+attempts."""
 
 from __future__ import annotations
 
 import hashlib
 import http.server
 import json
+import re
 import threading
 
 import pytest
 
+from envcheck.image import registry as registry_module
 from envcheck.image.registry import (
+    ATTEMPTS_MAX,
     MANIFEST_BYTES_MAX,
     TOKEN_BYTES_MAX,
     RegistryClient,
@@ -33,8 +37,12 @@ class Registry(http.server.BaseHTTPRequestHandler):
     manifest = json.dumps({"schemaVersion": 2, "mediaType":
                            "application/vnd.oci.image.manifest.v1+json"}).encode()
     manifest_answers = 0
+    flaky_answers = 0
 
     def do_GET(self):
+        if "/flaky/" in self.path:
+            self.answer_flaky()
+            return
         if "/manifests/" in self.path:
             self.answer_manifest()
             return
@@ -74,6 +82,24 @@ class Registry(http.server.BaseHTTPRequestHandler):
             return
         self.wfile.write(body)
 
+    def answer_flaky(self):
+        """Odd answers send half of what is left of the manifest's bytes (from the Range asked
+        for, 206) and break off; even answers are 503s."""
+        Registry.flaky_answers += 1
+        if Registry.flaky_answers % 2 == 0:
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        start = int(self.headers.get("Range", "bytes=0-")[6:-1])
+        rest = Registry.manifest[start:]
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+        self.send_header("Content-Length", str(len(rest)))
+        self.end_headers()
+        self.wfile.write(rest[: len(rest) // 2])
+        self.close_connection = True
+
     def log_message(self, *args):
         pass
 
@@ -82,6 +108,7 @@ class Registry(http.server.BaseHTTPRequestHandler):
 def client(monkeypatch):
     monkeypatch.setattr(Registry, "sent", 0)
     monkeypatch.setattr(Registry, "manifest_answers", 0)
+    monkeypatch.setattr(Registry, "flaky_answers", 0)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Registry)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield RegistryClient(f"127.0.0.1:{server.server_address[1]}", "some/image")
@@ -122,3 +149,37 @@ def test_an_error_reply_is_read_only_as_far_as_its_message(client, monkeypatch):
     with pytest.raises(RegistryError, match=r"missing/image@sha256:0+: 404 not found$"):
         missing.blob_bytes("sha256:" + "0" * 64)
     assert Registry.sent < HUGE_BYTES // 2
+
+
+@pytest.fixture
+def flaky(client, monkeypatch):
+    """A client of a repository whose every answer fails, in turn by breaking off mid-body and
+    by a 503; the back-offs are shortened (their lengths are not under test)."""
+    monkeypatch.setattr(registry_module, "BACKOFF_S", 0.001)
+    return RegistryClient(client.registry, "flaky/image")
+
+
+def test_a_manifest_that_keeps_failing_takes_one_budget_of_attempts(flaky):
+    """Broken bodies and 503s together: ATTEMPTS_MAX requests in all (a budget for each
+    request, inside one for fetching the body again, would let 9 through here)."""
+    with pytest.raises(RegistryError) as caught:
+        flaky.manifest("latest")
+    assert Registry.flaky_answers == ATTEMPTS_MAX
+    assert re.search(f"flaky/image:latest: the connection broke while reading the manifest "
+                     f"\\(ChunkedEncodingError\\); gave up after {ATTEMPTS_MAX} attempts$",
+                     str(caught.value))
+
+
+def test_a_blob_that_keeps_failing_takes_one_budget_of_attempts(flaky):
+    """A blob resumed after each drop, 503s on the way: ATTEMPTS_MAX requests in all (a budget
+    for each request, inside one for resuming, would let 11 through here); every byte before
+    the last break reached the reader."""
+    blob = flaky.open_blob("sha256:" + "0" * 64)
+    received = bytearray()
+    with pytest.raises(RegistryError) as caught:
+        while piece := blob.read(1 << 16):
+            received += piece
+    assert Registry.flaky_answers == ATTEMPTS_MAX
+    assert re.search(f"download failed at byte {len(received)} \\(connection closed early\\); "
+                     f"gave up after {ATTEMPTS_MAX} attempts$", str(caught.value))
+    assert bytes(received) == Registry.manifest[: len(received)] and received
