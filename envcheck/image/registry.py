@@ -416,11 +416,13 @@ def _read_at_most(response, limit: int) -> bytes:
 
 
 def _retry_after_s(response) -> float | None:
-    """The registry's Retry-After in seconds (capped), or None to back off as usual."""
+    """The registry's Retry-After in seconds (at most RETRY_AFTER_MAX_S), or None to back off
+    as usual (absent, an HTTP date, negative, NaN)."""
     try:
-        return min(float(response.headers.get("Retry-After", "")), RETRY_AFTER_MAX_S)
+        seconds = float(response.headers.get("Retry-After", ""))
     except ValueError:
         return None
+    return min(seconds, RETRY_AFTER_MAX_S) if seconds >= 0 else None
 
 
 def _status_text(response) -> str:

@@ -13,14 +13,17 @@ import re
 import threading
 
 import pytest
+import requests
 
 from envcheck.image import registry as registry_module
 from envcheck.image.registry import (
     ATTEMPTS_MAX,
     MANIFEST_BYTES_MAX,
+    RETRY_AFTER_MAX_S,
     TOKEN_BYTES_MAX,
     RegistryClient,
     RegistryError,
+    _retry_after_s,
 )
 
 PIECE = 1 << 20
@@ -183,3 +186,15 @@ def test_a_blob_that_keeps_failing_takes_one_budget_of_attempts(flaky):
     assert re.search(f"download failed at byte {len(received)} \\(connection closed early\\); "
                      f"gave up after {ATTEMPTS_MAX} attempts$", str(caught.value))
     assert bytes(received) == Registry.manifest[: len(received)] and received
+
+
+@pytest.mark.parametrize("header, seconds", [
+    ("2", 2.0), ("0", 0.0), ("1e9", RETRY_AFTER_MAX_S), ("inf", RETRY_AFTER_MAX_S),
+    ("-5", None), ("nan", None), ("Wed, 21 Oct 2026 07:28:00 GMT", None), (None, None)])
+def test_retry_after_is_a_wait_that_can_be_slept(header, seconds):
+    """What a registry sends as Retry-After becomes a wait in [0, RETRY_AFTER_MAX_S] or the
+    usual back-off; time.sleep refuses a negative or NaN wait with ValueError."""
+    response = requests.Response()
+    if header is not None:
+        response.headers["Retry-After"] = header
+    assert _retry_after_s(response) == seconds
