@@ -289,7 +289,7 @@ def _fail(message: str, code: int):
 @contextlib.contextmanager
 def _layer_progress():
     """Per-layer progress bars (bytes, rate, ETA) on stderr, only on a terminal; yields
-    start(index, size) -> advance(n)."""
+    start(index, size) -> advance(n), where index is a layer's number or a step's label."""
     if not sys.stderr.isatty():
         yield None
         return
@@ -301,11 +301,12 @@ def _layer_progress():
         TransferSpeedColumn,
     )
 
-    columns = ("layer {task.fields[index]}", BarColumn(), DownloadColumn(),
+    columns = ("{task.fields[label]}", BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        def start(index: int, size: int):
-            task = progress.add_task("", total=size or None, index=index)
+        def start(index: int | str, size: int):
+            label = f"layer {index}" if isinstance(index, int) else index
+            task = progress.add_task("", total=size or None, label=label)
             return lambda n: progress.advance(task, n)
 
         yield start

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import queue
 import sys
@@ -202,18 +203,8 @@ class BlobStream:
             hasher.join()
 
     def _decompress(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
-        first = next(chunks, b"")
-        if first.startswith(GZIP_MAGIC):
-            self.compression = "gzip"
-            yield from _inflate(first, chunks, *_gzip_inflater(), "gzip")
-        elif first.startswith(ZSTD_MAGIC):
-            self.compression = "zstd"
-            yield from _inflate(first, chunks, *_zstd_inflater(), "zstd")
-        else:
-            self.compression = "none"
-            if first:
-                yield first
-            yield from chunks
+        self.compression, plain = decompress(chunks)
+        yield from plain
 
     @property
     def digest(self) -> str:
@@ -226,6 +217,17 @@ class BlobStream:
     def drain(self, iterator: Iterator[bytes]) -> None:
         for _ in iterator:
             pass
+
+
+def decompress(chunks: Iterator[bytes]) -> tuple[str, Iterator[bytes]]:
+    """("gzip" | "zstd" | "none", the plain chunks) of a stream, told by its first bytes; the
+    chunks raise StreamError where the compressed data is corrupt or cut short."""
+    first = next(chunks, b"")
+    if first.startswith(GZIP_MAGIC):
+        return "gzip", _inflate(first, chunks, *_gzip_inflater(), "gzip")
+    if first.startswith(ZSTD_MAGIC):
+        return "zstd", _inflate(first, chunks, *_zstd_inflater(), "zstd")
+    return "none", itertools.chain([first] if first else [], chunks)
 
 
 def _gzip_inflater() -> tuple[Callable, tuple[type[Exception], ...]]:
@@ -300,7 +302,7 @@ def _inflate(first: bytes, chunks: Iterator[bytes], new: Callable,
             elif inflater.needs_input:
                 data = next(chunks, b"")
                 if not data:
-                    raise StreamError(f"truncated {name} stream: the compressed layer ends early")
+                    raise StreamError(f"truncated {name} stream: the compressed data ends early")
             else:
                 data = b""
     except errors as error:

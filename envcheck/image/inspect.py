@@ -340,7 +340,7 @@ def inspect_image(text: str, *, platform: str | None = None, file_globs: tuple[s
     ref = reference.parse(text)
     if layers:
         tune_allocator()
-    source = open_source(ref, timeout_s)
+    source = open_source(ref, timeout_s, progress)
     try:
         resolved = resolve(source, platform)
         scans = scan_all(source, resolved, progress, jobs or default_jobs()) if layers else []

@@ -14,10 +14,11 @@ import posixpath
 import tarfile
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from envcheck.image.blobstream import GZIP_MAGIC, ZSTD_MAGIC
+from envcheck.image.blobstream import CHUNK_BYTES, GZIP_MAGIC, ZSTD_MAGIC, StreamError, decompress
 from envcheck.image.reference import ImageRef
 from envcheck.image.registry import RegistryClient, RegistryError, docker_credentials
 
@@ -163,29 +164,30 @@ class DockerArchiveSource:
     """A `docker save` tar: manifest.json names the config and layers, as `<id>/layer.tar` +
     `<hex>.json` (legacy) or `blobs/sha256/<hex>` (Docker ≥ 25, OCI-style). Members are read in
     place through the tar index; nothing is extracted. Each layer gets its own file handle on
-    the archive, so layers can be read concurrently."""
+    the archive, so layers can be read concurrently. `temp`: the archive as this run wrote it
+    (saved from the daemon, or decompressed), read instead of `ref.path` and deleted on close,
+    also when it turns out unreadable."""
 
-    def __init__(self, ref: ImageRef, cleanup: Path | None = None):
-        self.path = Path(ref.path)
+    def __init__(self, ref: ImageRef, temp: Path | None = None):
+        self.path = temp or Path(ref.path)
         self.description = str(ref)
-        self._cleanup = cleanup
+        self._cleanup, self.tar = temp, None
+        try:
+            self._open(ref.path or self.description)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, shown: str) -> None:
         try:
             self.tar = tarfile.open(self.path, "r:")
             self.members = {posixpath.normpath(m.name): m for m in self.tar.getmembers()}
         except FileNotFoundError:
-            raise UnreadableInput(f"{ref.path}: no such file; make one with "
+            raise UnreadableInput(f"{shown}: no such file; make one with "
                                   "`docker save IMAGE -o FILE`") from None
         except (tarfile.TarError, OSError) as error:
-            if cleanup is not None:
-                cleanup.unlink(missing_ok=True)
-            packed = _compression_of(self.path)
-            if packed:
-                raise UnreadableInput(f"{ref.path}: a {packed}-compressed file; docker-archive: "
-                                      "reads the tar `docker save` writes: decompress it "
-                                      f"first (`{packed} -dk {ref.path}`)") from None
             cut = " (cut short? save it again)" if "end of data" in str(error) else ""
-            raise UnreadableInput(f"{ref.path}: not a docker save archive "
-                                  f"({error}){cut}") from None
+            raise UnreadableInput(f"{shown}: not a docker save archive ({error}){cut}") from None
         entries = self._json("manifest.json")
         if not isinstance(entries, list) or not entries:
             raise SourceError(f"{self.description}: manifest.json lists no images")
@@ -245,9 +247,45 @@ class DockerArchiveSource:
         return MemberReader(self.path, member.offset_data, member.size)
 
     def close(self) -> None:
-        self.tar.close()
+        if self.tar is not None:
+            self.tar.close()
         if self._cleanup is not None:
             self._cleanup.unlink(missing_ok=True)
+
+
+def archive_source(ref: ImageRef, progress=None) -> DockerArchiveSource:
+    """A `docker save` archive. One compressed whole (`docker save IMAGE | gzip`, or zstd) is
+    decompressed into a temp file first, as `docker load` and skopeo do: its members are read
+    in place, which a compressed stream does not allow. `progress(label, size)` -> advance(n)
+    shows the compressed bytes read."""
+    path = Path(ref.path)
+    if not _compression_of(path):
+        return DockerArchiveSource(ref)
+    handle, temp = tempfile.mkstemp(prefix="envcheck-archive-", suffix=".tar")
+    try:
+        with os.fdopen(handle, "wb") as out, path.open("rb") as packed:
+            advance = progress(f"decompressing {path.name}", path.stat().st_size) if (
+                progress) else None
+            _, plain = decompress(_pieces(packed, advance))
+            for piece in plain:
+                out.write(piece)
+    except BaseException as error:  # never leave a half-written archive behind
+        Path(temp).unlink(missing_ok=True)
+        if isinstance(error, StreamError):
+            raise UnreadableInput(f"{ref.path}: {error}; save it again") from None
+        if isinstance(error, OSError):
+            raise SourceError(f"{ref.path}: cannot decompress it into {temp} "
+                              f"({error.strerror or error}): set TMPDIR to a disk with room for "
+                              "the uncompressed archive") from None
+        raise
+    return DockerArchiveSource(ref, temp=Path(temp))
+
+
+def _pieces(handle: BinaryIO, advance=None) -> Iterator[bytes]:
+    while piece := handle.read(CHUNK_BYTES):
+        if advance is not None:
+            advance(len(piece))
+        yield piece
 
 
 def _compression_of(path: Path) -> str:
@@ -319,18 +357,16 @@ def daemon_source(ref: ImageRef, timeout_s: float = 60.0) -> DockerArchiveSource
             why = (str(error).splitlines() or [type(error).__name__])[0][:160]
             raise SourceError(f"docker-daemon:{name}: docker save failed ({why})") from None
         raise
-    source = DockerArchiveSource(ImageRef("docker-archive", path=temp), cleanup=Path(temp))
-    source.description = f"docker-daemon:{name}"
-    return source
+    return DockerArchiveSource(ref, temp=Path(temp))
 
 
-def open_source(ref: ImageRef, timeout_s: float = 30.0) -> ImageSource:
+def open_source(ref: ImageRef, timeout_s: float = 30.0, progress=None) -> ImageSource:
     if ref.transport == "docker":
         return RegistrySource(ref, timeout_s)
     if ref.transport == "oci":
         return OciLayoutSource(ref)
     if ref.transport == "docker-archive":
-        return DockerArchiveSource(ref)
+        return archive_source(ref, progress)
     if ref.transport == "docker-daemon":
         return daemon_source(ref, timeout_s)
     raise AssertionError(ref.transport)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
+import pty
 import shutil
 import subprocess
 import sys
@@ -212,10 +214,96 @@ def test_missing_image_in_the_registry(registry):
 def test_missing_local_inputs(tmp_path):
     one_line_error(envcheck(f"oci:{tmp_path}"), 2, "not an OCI image layout")
     one_line_error(envcheck(f"docker-archive:{tmp_path}/none.tar"), 2, "no such file")
-    packed = tmp_path / "image.tar.gz"  # `docker save IMAGE | gzip`
-    packed.write_bytes(gzip.compress(bytes(10240)))
-    one_line_error(envcheck(f"docker-archive:{packed}"), 2, "a gzip-compressed file",
-                   f"gzip -dk {packed}")
+
+
+@pytest.fixture
+def saved(cuda_layout, tmp_path):
+    """A `docker save` archive of the CUDA-like image (skopeo writes it) and its report."""
+    layout, _ = cuda_layout
+    archive = tmp_path / "cuda.tar"
+    skopeo("copy", f"oci:{layout}:12.8.0-cudnn-devel", f"docker-archive:{archive}:cuda:test")
+    return archive, inspect_json(f"docker-archive:{archive}", "--driver-version", "570.124.06")
+
+
+def with_tmpdir(tmp_path):
+    temp = tmp_path / "tmpdir"
+    temp.mkdir(exist_ok=True)
+    return temp, {**os.environ, "TMPDIR": str(temp)}
+
+
+@pytest.mark.parametrize("tool, suffix", [("gzip", "gz"), ("zstd", "zst")])
+def test_compressed_docker_archive(saved, tmp_path, tool, suffix):
+    """`docker save IMAGE | gzip` (or zstd), as CI pipelines keep images: decompressed into
+    a temp file under TMPDIR (as docker load and skopeo do), then read like the plain archive:
+    the same report, and the temp file is gone afterwards."""
+    archive, plain = saved
+    packed = tmp_path / f"cuda.tar.{suffix}"
+    subprocess.run(f"{tool} -c {archive} > {packed}", shell=True, check=True)
+    temp, env = with_tmpdir(tmp_path)
+    done = envcheck(f"docker-archive:{packed}", "--json", "--driver-version", "570.124.06",
+                    env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.replace(str(packed), str(archive))) == plain
+    assert list(temp.iterdir()) == []
+
+
+def test_compressed_docker_archive_that_is_cut_short_or_no_archive(saved, tmp_path):
+    """A .tar.gz copied only in part, and a gzip of something that is no tar: one line, exit
+    2, and nothing left in TMPDIR."""
+    archive, _ = saved
+    packed = tmp_path / "cut.tar.gz"
+    whole = gzip.compress(archive.read_bytes(), compresslevel=1)
+    packed.write_bytes(whole[: len(whole) // 2])
+    temp, env = with_tmpdir(tmp_path)
+    one_line_error(envcheck(f"docker-archive:{packed}", env=env), 2,
+                   f"{packed}: truncated gzip stream", "save it again")
+    other = tmp_path / "notes.txt.gz"
+    other.write_bytes(gzip.compress(b"not a tar at all\n" * 1000))
+    one_line_error(envcheck(f"docker-archive:{other}", env=env), 2,
+                   f"{other}: not a docker save archive")
+    assert list(temp.iterdir()) == []
+
+
+def test_compressed_docker_archive_on_a_full_disk(saved, monkeypatch, tmp_path):
+    """TMPDIR fills up while the archive is decompressed (/dev/full): one line naming TMPDIR,
+    and the half-written file is gone."""
+    from envcheck.image import sources
+
+    archive, _ = saved
+    packed = tmp_path / "cuda.tar.gz"
+    packed.write_bytes(gzip.compress(archive.read_bytes(), compresslevel=1))
+    half = tmp_path / "envcheck-archive-full.tar"
+    monkeypatch.setattr(sources.tempfile, "mkstemp", lambda **_: (
+        os.open("/dev/full", os.O_WRONLY), str(half.touch() or half)))
+    with pytest.raises(sources.SourceError, match="No space left on device.*TMPDIR"):
+        sources.archive_source(reference.parse(f"docker-archive:{packed}"))
+    assert not half.exists()
+
+
+def test_progress_on_a_terminal(saved, tmp_path):
+    """On a terminal (stderr a pty) the decompression and each layer get a progress bar; the
+    report itself (stdout) is the same as without one."""
+    archive, _ = saved
+    packed = tmp_path / "cuda.tar.gz"
+    packed.write_bytes(gzip.compress(archive.read_bytes(), compresslevel=1))
+    master, slave = pty.openpty()
+    with subprocess.Popen([sys.executable, "-m", "envcheck", "inspect-image",
+                           f"docker-archive:{packed}"], stdout=subprocess.DEVNULL,
+                          stderr=slave, env={**os.environ, "TERM": "xterm"}) as child:
+        os.close(slave)
+        shown = b""
+        while True:
+            try:
+                piece = os.read(master, 1 << 16)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not piece:
+                break
+            shown += piece
+        os.close(master)
+    text = shown.decode(errors="replace")
+    assert child.returncode == 0, text
+    assert "decompressing cuda.tar.gz" in text and "layer 0" in text, text
 
 
 def test_corrupted_blob_is_never_reported(cuda_layout, tmp_path):
