@@ -281,12 +281,12 @@ class ResumingBlob(io.RawIOBase):
 
     def __init__(self, client: RegistryClient, digest: str,
                  stop: threading.Event | None = None):
-        self._client, self._stop = client, stop
+        self._client = client
         self._url = client._url("blobs", digest)
         self._what = client._where(digest)
         self._position = 0
         self._end: int | None = None
-        self._attempts = Attempts(stop)  # opening and resuming share one budget
+        self._attempts = Attempts(stop)  # opening and resuming share one budget (and stop)
         self._response = None
         self._reader = None
 
@@ -315,7 +315,8 @@ class ResumingBlob(io.RawIOBase):
         self._attempts.back_off()
 
     def _stopped(self) -> bool:
-        return self._stop is not None and self._stop.is_set()
+        stop = self._attempts.stop
+        return stop is not None and stop.is_set()
 
     def abort(self) -> None:
         """From another thread: wake a read blocked on a hung connection (it then ends with
