@@ -34,6 +34,11 @@ RETRY_STATUSES = (429, 500, 502, 503, 504)
 ATTEMPTS_MAX = 5
 BACKOFF_S = 0.5
 RETRY_AFTER_MAX_S = 30.0
+# A blob that got this far since its last drop has its budget of attempts refilled: a long
+# download over a flaky link resumes as often as it keeps making progress (skopeo's body
+# reader retries on the same condition, 1 MiB), while a link that drops every few bytes still
+# gives up after ATTEMPTS_MAX.
+RESUME_PROGRESS_BYTES = 1 << 20
 MANIFEST_BYTES_MAX = 4 * 1024 * 1024
 TOKEN_BYTES_MAX = 1024 * 1024  # Docker Hub's token replies are 2-5 KB
 ERROR_BYTES_MAX = 64 * 1024  # what an error reply's JSON `errors` is read from
@@ -53,6 +58,10 @@ class Attempts:
     def __init__(self, stop: threading.Event | None = None):
         self.failed = 0
         self.stop = stop
+
+    def refill(self) -> None:
+        """Forget the failures so far (the fetch made progress since), back-offs included."""
+        self.failed = 0
 
     def more(self) -> bool:
         """Whether the failure at hand may be retried."""
@@ -284,7 +293,7 @@ class ResumingBlob(io.RawIOBase):
         self._client = client
         self._url = client._url("blobs", digest)
         self._what = client._where(digest)
-        self._position = 0
+        self._position = self._last_drop = 0
         self._end: int | None = None
         self._attempts = Attempts(stop)  # opening and resuming share one budget (and stop)
         self._response = None
@@ -306,9 +315,13 @@ class ResumingBlob(io.RawIOBase):
         self._reader = raw._fp if hasattr(getattr(raw, "_fp", None), "readinto") else raw
 
     def _dropped(self, cause: str) -> None:
-        """Close the broken response so the next read resumes, or give up after the budget."""
+        """Close the broken response so the next read resumes, or give up after the budget
+        (refilled when the blob made RESUME_PROGRESS_BYTES of progress since its last drop)."""
         self._response.close()
         self._response = None
+        if self._position - self._last_drop >= RESUME_PROGRESS_BYTES:
+            self._attempts.refill()
+        self._last_drop = self._position
         if not self._attempts.more():
             raise RegistryError(f"{self._what}: download failed at byte {self._position} "
                                 f"({cause}); gave up after {ATTEMPTS_MAX} attempts")

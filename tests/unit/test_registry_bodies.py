@@ -2,7 +2,7 @@
 its limit (a wrong digest naming a GB layer, a token realm or an error page that never ends) is
 refused or cut off while it streams, never read whole into memory; a connection that breaks
 mid-manifest is retried, and every failure of one fetch counts against one budget of
-attempts."""
+attempts, which a blob gets back each time it makes progress."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from envcheck.image import registry as registry_module
 from envcheck.image.registry import (
     ATTEMPTS_MAX,
     MANIFEST_BYTES_MAX,
+    RESUME_PROGRESS_BYTES,
     RETRY_AFTER_MAX_S,
     TOKEN_BYTES_MAX,
     RegistryClient,
@@ -28,6 +29,11 @@ from envcheck.image.registry import (
 
 PIECE = 1 << 20
 HUGE_BYTES = 64 << 20
+DROPPING_BYTES = 12 << 20
+
+
+def dropping_blob() -> bytes:
+    return bytes(range(251)) * (DROPPING_BYTES // 251) + bytes(range(DROPPING_BYTES % 251))
 
 
 class Registry(http.server.BaseHTTPRequestHandler):
@@ -41,8 +47,12 @@ class Registry(http.server.BaseHTTPRequestHandler):
                            "application/vnd.oci.image.manifest.v1+json"}).encode()
     manifest_answers = 0
     flaky_answers = 0
+    drop_every = 0
 
     def do_GET(self):
+        if "/dropping/" in self.path:
+            self.answer_dropping()
+            return
         if "/flaky/" in self.path:
             self.answer_flaky()
             return
@@ -101,6 +111,17 @@ class Registry(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(rest)))
         self.end_headers()
         self.wfile.write(rest[: len(rest) // 2])
+        self.close_connection = True
+
+    def answer_dropping(self):
+        """A blob of DROPPING_BYTES (byte i is i % 251) from the Range asked for (206); each
+        answer breaks off after `drop_every` bytes."""
+        Registry.flaky_answers += 1
+        start = int(self.headers.get("Range", "bytes=0-")[6:-1])
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(DROPPING_BYTES - start))
+        self.end_headers()
+        self.wfile.write(dropping_blob()[start:start + Registry.drop_every])
         self.close_connection = True
 
     def log_message(self, *args):
@@ -186,6 +207,35 @@ def test_a_blob_that_keeps_failing_takes_one_budget_of_attempts(flaky):
     assert re.search(f"download failed at byte {len(received)} \\(connection closed early\\); "
                      f"gave up after {ATTEMPTS_MAX} attempts$", str(caught.value))
     assert bytes(received) == Registry.manifest[: len(received)] and received
+
+
+def read_all(blob) -> bytes:
+    received = bytearray()
+    while piece := blob.read(1 << 16):
+        received += piece
+    return bytes(received)
+
+
+def test_a_blob_that_keeps_making_progress_resumes_as_often_as_it_drops(flaky, monkeypatch):
+    """A drop after every 1.5 MiB: 8 answers for 12 MiB, more than ATTEMPTS_MAX; each resume
+    made RESUME_PROGRESS_BYTES of progress, so the budget is refilled and the blob arrives
+    whole (it failed after 5 answers before)."""
+    monkeypatch.setattr(Registry, "drop_every", 3 * RESUME_PROGRESS_BYTES // 2)
+    blob = RegistryClient(flaky.registry, "dropping/image").open_blob("sha256:" + "0" * 64)
+    assert read_all(blob) == dropping_blob()
+    assert Registry.flaky_answers == 8 > ATTEMPTS_MAX
+
+
+def test_a_blob_that_drops_before_making_progress_still_gives_up(flaky, monkeypatch):
+    """A drop after every 64 KiB: less than RESUME_PROGRESS_BYTES between drops, so the
+    budget is not refilled: ATTEMPTS_MAX answers, then one line."""
+    monkeypatch.setattr(Registry, "drop_every", 64 << 10)
+    blob = RegistryClient(flaky.registry, "dropping/image").open_blob("sha256:" + "0" * 64)
+    with pytest.raises(RegistryError, match=f"download failed at byte {ATTEMPTS_MAX * 64 << 10} "
+                                            f"\\(connection closed early\\); gave up after "
+                                            f"{ATTEMPTS_MAX} attempts$"):
+        read_all(blob)
+    assert Registry.flaky_answers == ATTEMPTS_MAX
 
 
 @pytest.mark.parametrize("header, seconds", [
