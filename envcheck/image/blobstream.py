@@ -3,7 +3,8 @@
 Three stages overlap on separate threads so a layer streams at close to download speed:
   reader thread   blob.readinto(256 KiB) -> sha256 of the compressed bytes (the blob digest)
   caller          gzip (ISA-L when installed, else zlib) / zstd / plain -> chunks out
-  hasher thread   sha256 of the uncompressed bytes (the diff_id)
+  hasher thread   sha256 of the uncompressed bytes (the diff_id; none for a plain blob, whose
+                  digest is its diff_id: a `docker save` layer is hashed once, not twice)
 hashlib, ISA-L, zlib and socket reads release the GIL, so the stages really run in parallel.
 Queues are bounded (a few MiB in flight), so memory stays flat whatever the layer size.
 Inflating is the longest stage and cannot be split, so the two helper threads run at a lower
@@ -12,6 +13,7 @@ priority (nice +10): when threads outnumber cores, the inflating one keeps its c
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import itertools
@@ -109,31 +111,36 @@ class Halt(threading.Event):
 
 
 class _Pump(threading.Thread):
-    """Runs `produce(put)` on a thread; the consumer iterates; errors cross over."""
+    """Runs `produce(put)` on a thread; the consumer iterates; errors cross over. A helper
+    yields its core to the inflating thread; an inflating pump (helper=False) does not."""
 
-    def __init__(self, produce: Callable[[Callable[[bytes], None]], None]):
+    def __init__(self, produce: Callable[[Callable[[bytes], None]], None], helper: bool = True):
         super().__init__(daemon=True)
-        self._produce = produce
+        self._produce, self._helper = produce, helper
         self._queue: queue.Queue = queue.Queue(QUEUE_CHUNKS)
         self._error: BaseException | None = None
-        self._stop = threading.Event()
+        self._gone = threading.Event()
 
     def put(self, item) -> None:
-        while not self._stop.is_set():
+        """Hand one item over; Cancelled once the consumer has gone (stop producing)."""
+        while not self._gone.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
                 return
             except queue.Full:
                 continue
+        raise Cancelled()
 
     def run(self) -> None:
-        yield_to_inflater()
+        if self._helper:
+            yield_to_inflater()
         try:
             self._produce(self.put)
         except BaseException as error:  # handed to the consumer, re-raised there
             self._error = error
         finally:
-            self.put(_DONE)
+            with contextlib.suppress(Cancelled):
+                self.put(_DONE)
 
     def __iter__(self) -> Iterator[bytes]:
         while True:
@@ -145,7 +152,20 @@ class _Pump(threading.Thread):
             yield item
 
     def cancel(self) -> None:
-        self._stop.set()
+        self._gone.set()
+
+
+@contextlib.contextmanager
+def on_a_thread(chunks: Iterator[bytes]) -> Iterator[Iterator[bytes]]:
+    """`chunks` made on a thread of their own (one that inflates: it keeps its priority), for
+    the iterator yielded; the thread stops with the block. A `docker save` stream inflates
+    there while its layers are hashed and walked on others."""
+    pump = _Pump(lambda put: collections.deque(map(put, chunks), maxlen=0), helper=False)
+    pump.start()
+    try:
+        yield iter(pump)
+    finally:
+        pump.cancel()
 
 
 class BlobStream:
@@ -195,7 +215,8 @@ class BlobStream:
                 if self.uncompressed_bytes > self._uncompressed_max:
                     raise StreamError(f"more than {self._uncompressed_max} bytes uncompressed: "
                                       "refusing to read further (a tar bomb?)")
-                plain.put(chunk)
+                if self.compression != "none":  # plain: the blob digest is the diff_id
+                    plain.put(chunk)
                 yield chunk
         finally:
             reader.cancel()
@@ -212,7 +233,9 @@ class BlobStream:
 
     @property
     def diff_id(self) -> str:
-        return "sha256:" + self._plain_hash.hexdigest()
+        """The uncompressed bytes' sha256: a plain blob's are its own, hashed once."""
+        return self.digest if self.compression == "none" else (
+            "sha256:" + self._plain_hash.hexdigest())
 
     def drain(self, iterator: Iterator[bytes]) -> None:
         for _ in iterator:

@@ -91,6 +91,25 @@ class FileTree(Mapping[str, FileInfo]):
                 if isinstance(child, Dir):
                     stack.append((path + "/", child))
 
+    def relabeled(self, layer: int) -> FileTree:
+        """A copy whose entries say `layer` wrote them: for a layer read before its place in
+        the image was known (a `docker save` stream), or used at two places."""
+        def moved(info: FileInfo | None) -> FileInfo | None:
+            return info and FileInfo(info.size, info.mode, info.kind, info.link, layer)
+
+        copy = FileTree()
+        copy.root, copy._count = Dir(moved(self.root.info)), self._count
+        stack = [(self.root, copy.root)]
+        while stack:
+            old, new = stack.pop()
+            for name, child in old.children.items():
+                if isinstance(child, Dir):
+                    new.children[name] = twin = Dir(moved(child.info))
+                    stack.append((child, twin))
+                else:
+                    new.children[name] = moved(child)
+        return copy
+
     def add(self, path: str, info: FileInfo) -> int:
         """Record one entry; returns how many nodes that made (its implied parents included)."""
         *parents, name = path.split("/")

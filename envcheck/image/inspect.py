@@ -17,7 +17,13 @@ from envcheck.image.blobstream import Cancelled, Halt, tune_allocator
 from envcheck.image.filetree import MergedView
 from envcheck.image.layers import FileBudget, LayerError, LayerScan, scan_layer
 from envcheck.image.registry import RegistryError
-from envcheck.image.sources import INDEX_TYPES, ImageSource, SourceError, open_source
+from envcheck.image.sources import (
+    INDEX_TYPES,
+    ImageSource,
+    SavedStreamSource,
+    SourceError,
+    open_source,
+)
 from envcheck.report import Check, Report, redact_env, redact_text
 
 LIBRARIES = ("libcuda.so.1", "libcudart.so.12", "libcudnn.so.9", "libnvidia-ml.so.1")
@@ -157,6 +163,8 @@ def scan_all(source: ImageSource, resolved: Resolved,
     chunk, in a retry back-off, or in a read from a hung connection); the lowest failing
     layer is raised."""
     descriptors = resolved.manifest.get("layers") or []
+    if isinstance(source, SavedStreamSource):  # its one pass has scanned them already
+        return source.scans(descriptors)
     stop, budget = Halt(), FileBudget()
 
     def scan(index: int, descriptor: dict) -> LayerScan:
@@ -340,7 +348,7 @@ def inspect_image(text: str, *, platform: str | None = None, file_globs: tuple[s
     ref = reference.parse(text)
     if layers:
         tune_allocator()
-    source = open_source(ref, timeout_s, progress)
+    source = open_source(ref, timeout_s, progress, scan_layers=layers)
     try:
         resolved = resolve(source, platform)
         scans = scan_all(source, resolved, progress, jobs or default_jobs()) if layers else []

@@ -9,6 +9,7 @@ limit; everything else is a header in the file table.
 from __future__ import annotations
 
 import dataclasses
+import io
 import posixpath
 import tarfile
 import threading
@@ -16,7 +17,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from envcheck.image.blobstream import BlobStream, StreamError
+from envcheck.image.blobstream import GZIP_MAGIC, ZSTD_MAGIC, BlobStream, StreamError
 from envcheck.image.filetree import FileInfo, FileTree
 
 ZERO_BLOCK = bytes(512)
@@ -34,6 +35,11 @@ _MODES_MAX = 0o200000  # modes above this (none in practice) are not shared
 
 class LayerError(ValueError):
     """A layer that cannot be read or does not match its digest; the message names it."""
+
+
+class StreamCut(Exception):
+    """The tar stream a member is read from broke (cut short, or its compression corrupt): a
+    fault of the archive around a layer, not of the layer itself."""
 
 
 class FileBudget:
@@ -106,17 +112,17 @@ def scan_layer(blob: BinaryIO, index: int, *, expected_digest: str | None = None
                expected_size: int | None = None,
                progress: Callable[[int], None] | None = None,
                stop: threading.Event | None = None,
-               budget: FileBudget | None = None) -> LayerScan:
+               budget: FileBudget | None = None, name: str | None = None) -> LayerScan:
     """Stream one layer blob; raise LayerError on a digest/size mismatch or a broken stream
-    (blobstream.Cancelled when `stop` is set meanwhile)."""
+    (blobstream.Cancelled when `stop` is set meanwhile). `name`: the layer's in messages."""
     stream = BlobStream(blob, limit_bytes=expected_size, uncompressed_max=UNCOMPRESSED_BYTES_MAX,
                         progress=progress, stop=stop)
     scan = LayerScan(index)
-    name = f"layer {index}" + (f" ({expected_digest})" if expected_digest else "")
+    name = (name or f"layer {index}") + (f" ({expected_digest})" if expected_digest else "")
     budget = budget or FileBudget()
     try:
         chunks = iter(stream)
-        walk_tar(_Chunks(chunks), lambda info, read: _record(scan, info, read, budget))
+        walk_tar(_Chunks(chunks), lambda info, data: _record(scan, info, data, budget))
         stream.drain(chunks)  # padding after the end-of-archive blocks counts in the diff_id
     except (LayerError, StreamError) as error:
         raise LayerError(f"{name}: {error}") from None
@@ -132,8 +138,7 @@ def scan_layer(blob: BinaryIO, index: int, *, expected_digest: str | None = None
     return scan
 
 
-def _record(scan: LayerScan, member: Header, read: Callable[[], bytes],
-            budget: FileBudget) -> None:
+def _record(scan: LayerScan, member: Header, data: MemberData, budget: FileBudget) -> None:
     path = clean_path(member.name, scan.index)
     if not path:
         return
@@ -155,7 +160,7 @@ def _record(scan: LayerScan, member: Header, read: Callable[[], bytes],
         if sum(map(len, scan.kept.values())) + member.size > KEEP_TOTAL_MAX:
             raise LayerError(f"{path}: the layer's ld.so.cache, ld.so.conf and dpkg status files "
                              f"come to over {KEEP_TOTAL_MAX} bytes, the most held in memory")
-        scan.kept[path] = read()
+        scan.kept[path] = data.all()
 
 
 class _Chunks:
@@ -181,6 +186,15 @@ class _Chunks:
             parts.append(bytes(part))
             n -= len(part)
         return b"".join(parts)
+
+    def readinto(self, buffer) -> int:
+        """Up to len(buffer) bytes, copied once; 0 at the end."""
+        if not self._fill():
+            return 0
+        n = min(len(buffer), len(self._chunk))
+        buffer[:n] = self._chunk[:n]
+        self._chunk = self._chunk[n:]
+        return n
 
     def skip(self, n: int) -> int:
         skipped = 0
@@ -235,6 +249,8 @@ class Header:
     def isreg(self) -> bool:
         return self.type in tarfile.REGULAR_TYPES
 
+    isfile = isreg  # tarfile.TarInfo's name for it
+
     def isdir(self) -> bool:
         return self.type == tarfile.DIRTYPE
 
@@ -253,12 +269,13 @@ def _text(field: bytes) -> str:
 
 
 def _number(field: bytes) -> int:
-    """An octal field, or GNU base-256 (first byte 0o200 or 0o377)."""
+    """An octal field, or GNU base-256 (first byte 0o200 or 0o377). Read as tarfile reads it:
+    ASCII, and str.strip's whitespace (bytes.strip keeps \\x1c-\\x1f, which str.strip drops)."""
     if field[0] in (0o200, 0o377):
         return tarfile.nti(field)
     try:
-        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
-    except ValueError:
+        return int(field.split(b"\0", 1)[0].decode("ascii").strip() or "0", 8)
+    except ValueError:  # UnicodeDecodeError included
         raise LayerError("bad tar header (invalid number)") from None
 
 
@@ -318,10 +335,26 @@ def _extended(info: Header, pax: dict[str, str], long_names: dict[bytes, str]) -
         raise LayerError(f"tar entry {info.name[:80]!r} has a negative size")
 
 
+def starts_a_layer(head: bytes) -> bool:
+    """Whether an archive member's first 512 bytes start a layer blob: gzip or zstd, or a tar
+    header (or the end-of-archive block of an empty tar)."""
+    if head.startswith((GZIP_MAGIC, ZSTD_MAGIC)):
+        return True
+    try:
+        return len(head) == 512 and (head == ZERO_BLOCK or _checksum_ok(head))
+    except LayerError:  # a checksum field that is no number
+        return False
+
+
+def walk_chunks(chunks: Iterator[bytes], on_member: Callable) -> None:
+    """walk_tar over an iterator of chunks."""
+    walk_tar(_Chunks(chunks), on_member)
+
+
 def walk_tar(chunks: _Chunks, on_member: Callable) -> None:
     """Walk tar headers (ustar, GNU long names and sparse files, PAX), skipping file data
-    without copying it. on_member(info, read) is called per entry with its Header; `read()`
-    returns that entry's content."""
+    without copying it. on_member(info, data) is called per entry with its Header and its
+    MemberData (the content, whole or as a stream); what it leaves unread is skipped."""
     pax: dict[str, str] = {}
     long_names: dict[bytes, str] = {}
     while True:
@@ -352,17 +385,55 @@ def walk_tar(chunks: _Chunks, on_member: Callable) -> None:
 def _member(chunks: _Chunks, info: Header, on_member: Callable) -> None:
     """Hand one entry to on_member, then skip whatever of its data it did not read."""
     has_data = info.isreg() or info.type not in tarfile.SUPPORTED_TYPES
-    size = info.size if has_data else 0
-    taken = [0]
+    data = MemberData(chunks, info.size if has_data else 0)
+    on_member(info, data)
+    remaining = _padded(data.size) - data.taken
+    if chunks.skip(remaining) < remaining:
+        raise LayerError("truncated tar stream")
 
-    def read() -> bytes:
-        taken[0] = size
-        data = chunks.read(size)
-        if len(data) < size:
+
+class MemberData(io.RawIOBase):
+    """One tar entry's content: all() of it at once, or read as a stream (a layer inside a
+    `docker save` archive; another thread may read it, one read at a time). `taken`: bytes
+    consumed from the tar stream. A stream that ends early raises StreamCut."""
+
+    def __init__(self, chunks: _Chunks, size: int):
+        super().__init__()
+        self._chunks, self.size, self.taken = chunks, size, 0
+        self._head = b""  # taken but not yet read
+
+    def readable(self) -> bool:
+        return True
+
+    def head(self, n: int) -> bytes:
+        """The first n bytes (fewer if the entry is shorter); they are still there to read.
+        Only before the first read."""
+        want = min(n, self.size) - self.taken
+        if want > 0:
+            got = self._chunks.read(want)
+            self._head, self.taken = self._head + got, self.taken + len(got)
+        return self._head[:n]
+
+    def all(self) -> bytes:
+        data = self._head + self._chunks.read(self.size - self.taken)
+        self._head, self.taken = b"", self.size
+        if len(data) < self.size:
             raise LayerError("truncated tar stream")
         return data
 
-    on_member(info, read)
-    remaining = _padded(size) - taken[0]
-    if chunks.skip(remaining) < remaining:
-        raise LayerError("truncated tar stream")
+    def readinto(self, buffer) -> int:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n], self._head = self._head[:n], self._head[n:]
+            return n
+        left = self.size - self.taken
+        if left <= 0:
+            return 0
+        try:
+            n = self._chunks.readinto(memoryview(buffer)[:left])
+        except StreamError as error:
+            raise StreamCut(str(error)) from None
+        if not n:
+            raise StreamCut("truncated tar stream")
+        self.taken += n
+        return n

@@ -5,28 +5,47 @@ JSON blobs, and layer streams (which layers.scan_layer verifies while it reads t
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import io
 import json
-import os
 import posixpath
 import tarfile
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from envcheck.image.blobstream import CHUNK_BYTES, GZIP_MAGIC, ZSTD_MAGIC, StreamError, decompress
+from envcheck.image.blobstream import (
+    CHUNK_BYTES,
+    GZIP_MAGIC,
+    ZSTD_MAGIC,
+    StreamError,
+    decompress,
+    on_a_thread,
+)
+from envcheck.image.layers import (
+    FileBudget,
+    Header,
+    LayerError,
+    LayerScan,
+    MemberData,
+    StreamCut,
+    scan_layer,
+    starts_a_layer,
+    walk_chunks,
+)
 from envcheck.image.reference import ImageRef
 from envcheck.image.registry import RegistryClient, RegistryError, docker_credentials
 
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
                "application/vnd.docker.distribution.manifest.list.v2+json")
 JSON_BYTES_MAX = 4 * 1024 * 1024
+KEPT_BYTES_MAX = 64 * 1024 * 1024  # small non-layer members of a saved stream, kept in memory
 REF_NAME = "org.opencontainers.image.ref.name"
 LEGACY_LAYER_TYPE = "application/vnd.docker.image.rootfs.diff.tar"
+LINK_HOPS_MAX = 8  # links followed inside a docker save archive before giving up
 
 
 class SourceError(Exception):
@@ -164,16 +183,14 @@ class DockerArchiveSource:
     """A `docker save` tar: manifest.json names the config and layers, as `<id>/layer.tar` +
     `<hex>.json` (legacy) or `blobs/sha256/<hex>` (Docker ≥ 25, OCI-style). Members are read in
     place through the tar index; nothing is extracted. Each layer gets its own file handle on
-    the archive, so layers can be read concurrently. `temp`: the archive as this run wrote it
-    (saved from the daemon, or decompressed), read instead of `ref.path` and deleted on close,
-    also when it turns out unreadable."""
+    the archive, so layers can be read concurrently."""
 
-    def __init__(self, ref: ImageRef, temp: Path | None = None):
-        self.path = temp or Path(ref.path)
+    def __init__(self, ref: ImageRef):
+        self.path = Path(ref.path)
         self.description = str(ref)
-        self._cleanup, self.tar = temp, None
+        self.tar = None
         try:
-            self._open(ref.path or self.description)
+            self._open(ref.path)
         except BaseException:
             self.close()
             raise
@@ -188,13 +205,29 @@ class DockerArchiveSource:
         except (tarfile.TarError, OSError) as error:
             cut = " (cut short? save it again)" if "end of data" in str(error) else ""
             raise UnreadableInput(f"{shown}: not a docker save archive ({error}){cut}") from None
+        self._read_entry()
+
+    def _read_entry(self) -> None:
         entries = self._json("manifest.json")
         if not isinstance(entries, list) or not entries:
             raise SourceError(f"{self.description}: manifest.json lists no images")
         self.entry = entries[0]
 
+    def _member(self, name: str) -> tarfile.TarInfo | None:
+        """The member `name`, through links inside the archive: docker < 25 saves a layer it
+        has already written as a symlink to that first copy, and skopeo's `<id>/layer.tar`
+        are symlinks to `<digest>.tar`. None where it or a link's target is missing."""
+        key = posixpath.normpath(name)
+        for _ in range(LINK_HOPS_MAX):
+            member = self.members.get(key)
+            if member is None or not (member.issym() or member.islnk()):
+                return member
+            base = posixpath.dirname(key) if member.issym() else ""  # hardlinks: from the root
+            key = posixpath.normpath(posixpath.join(base, member.linkname))
+        return None
+
     def _member_bytes(self, name: str) -> bytes:
-        member = self.members.get(posixpath.normpath(name))
+        member = self._member(name)
         if member is None or not member.isfile():
             raise SourceError(f"{self.description}: {name} is missing from the archive")
         if member.size > JSON_BYTES_MAX:
@@ -219,7 +252,7 @@ class DockerArchiveSource:
     def top(self) -> Top:
         config_name = self.entry.get("Config", "")
         layers = [{"mediaType": LEGACY_LAYER_TYPE, "digest": self._digest_of(name),
-                   "size": self.members[posixpath.normpath(name)].size, "member": name}
+                   "size": self._member(name).size, "member": name}
                   for name in self.entry.get("Layers", []) if self._has(name)]
         missing = [n for n in self.entry.get("Layers", []) if not self._has(n)]
         if missing:
@@ -231,7 +264,8 @@ class DockerArchiveSource:
         return Top(body, "docker-archive", None)
 
     def _has(self, name: str) -> bool:
-        return posixpath.normpath(name) in self.members
+        member = self._member(name)
+        return member is not None and member.isfile()
 
     def manifest(self, digest: str) -> Top:
         raise SourceError(f"{self.description}: docker save archives hold no manifest {digest}")
@@ -241,7 +275,7 @@ class DockerArchiveSource:
         return _verified_json(self._member_bytes(name), digest, f"{self.description} config")
 
     def open_layer(self, descriptor: dict, stop: threading.Event | None = None) -> BinaryIO:
-        member = self.members[posixpath.normpath(descriptor["member"])]
+        member = self._member(descriptor["member"])
         if member.issparse():  # never in a docker save; tarfile maps the holes
             return self.tar.extractfile(member)
         return MemberReader(self.path, member.offset_data, member.size)
@@ -249,40 +283,126 @@ class DockerArchiveSource:
     def close(self) -> None:
         if self.tar is not None:
             self.tar.close()
-        if self._cleanup is not None:
-            self._cleanup.unlink(missing_ok=True)
 
 
-def archive_source(ref: ImageRef, progress=None) -> DockerArchiveSource:
-    """A `docker save` archive. One compressed whole (`docker save IMAGE | gzip`, or zstd) is
-    decompressed into a temp file first, as `docker load` and skopeo do: its members are read
-    in place, which a compressed stream does not allow. `progress(label, size)` -> advance(n)
-    shows the compressed bytes read."""
+class SavedStreamSource(DockerArchiveSource):
+    """A `docker save` archive read once, front to back, from a stream: a compressed archive
+    (`docker save IMAGE | gzip`, or zstd) or the daemon's `docker save`. Layers stream past
+    before manifest.json (which comes last) tells which they are and in what order, so every
+    member that is a tar (or a compressed one) is scanned as it passes and kept by name, the
+    small ones kept as bytes; nothing is written to disk. `scans()` then hands them out in the
+    manifest's order."""
+
+    def __init__(self, description: str, pieces: Iterator[bytes], *, scan_layers: bool,
+                 shown: str, hint: str):
+        self.description, self.entry = description, {}
+        self.members: dict[str, Header] = {}
+        self._kept: dict[str, bytes] = {}
+        self._scans: dict[str, LayerScan] = {}
+        self._budget, self._scan_layers = FileBudget(), scan_layers
+        try:
+            _, plain = decompress(pieces)
+            with on_a_thread(plain) as chunks:
+                walk_chunks(chunks, self._take)
+        except (StreamError, StreamCut) as error:
+            raise UnreadableInput(f"{shown}: {error}; {hint}") from None
+        except _LayerFailed as failed:
+            raise LayerError(f"{description}: {failed.error}") from None
+        except LayerError as error:  # the archive's own tar headers
+            raise UnreadableInput(f"{shown}: not a docker save archive ({error})") from None
+        self._read_entry()
+
+    def _take(self, info: Header, data: MemberData) -> None:
+        key = posixpath.normpath(info.name)
+        self.members[key] = info
+        if not info.isreg() or info.real_size >= 0:  # docker save writes no sparse files
+            return
+        if starts_a_layer(data.head(512)):
+            if self._scan_layers:
+                self._scans[key] = self._scan(key, data)
+        elif info.size <= JSON_BYTES_MAX:
+            if sum(map(len, self._kept.values())) + info.size > KEPT_BYTES_MAX:
+                raise StreamCut(f"over {KEPT_BYTES_MAX} bytes of small files that are no "
+                                "layers: not a docker save archive")
+            self._kept[key] = data.all()
+
+    def _scan(self, key: str, data: MemberData) -> LayerScan:
+        """Scan one member as a layer; its digest is checked where its name promises one."""
+        try:
+            return scan_layer(data, -1, expected_digest=self._digest_of(key),
+                              expected_size=data.size, budget=self._budget, name=key)
+        except LayerError as error:
+            raise _LayerFailed(error) from None
+        finally:
+            data.close()
+
+    def _member_bytes(self, name: str) -> bytes:
+        member = self._member(name)
+        if member is None or not member.isfile():
+            raise SourceError(f"{self.description}: {name} is missing from the archive")
+        kept = self._kept.get(posixpath.normpath(member.name))
+        if kept is None:
+            raise SourceError(f"{self.description}: {name} is not a small JSON file")
+        return kept
+
+    def open_layer(self, descriptor: dict, stop: threading.Event | None = None) -> BinaryIO:
+        raise SourceError(f"{self.description}: a docker save stream was read once; its "
+                          "layers were scanned as they passed")
+
+    def scans(self, descriptors: list[dict]) -> list[LayerScan]:
+        """The layers of the manifest in its order, each labelled with its place in it."""
+        keys = [posixpath.normpath(self._member(d["member"]).name) for d in descriptors]
+        uses = collections.Counter(keys)
+        placed = []
+        for index, (key, descriptor) in enumerate(zip(keys, descriptors, strict=True)):
+            scan = self._scans.get(key)
+            if scan is None:
+                raise LayerError(f"layer {index} ({descriptor['member']}): not a tar archive")
+            uses[key] -= 1
+            if not uses[key]:
+                del self._scans[key]  # the copy below replaces it: one file table at a time
+            placed.append(dataclasses.replace(
+                scan, index=index, files=scan.files.relabeled(index),
+                whiteouts=list(scan.whiteouts), opaque_dirs=list(scan.opaque_dirs),
+                kept=dict(scan.kept)))
+        return placed
+
+    def close(self) -> None:
+        self._scans.clear()
+
+
+class _LayerFailed(Exception):
+    """A layer of a saved stream failed its scan (carried past the archive's own errors)."""
+
+    def __init__(self, error: LayerError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def archive_source(ref: ImageRef, progress=None, scan_layers: bool = True) -> ImageSource:
+    """A `docker save` archive: read in place, or, compressed whole (`docker save IMAGE | gzip`,
+    or zstd), in one pass as it decompresses. `progress(label, size)` -> advance(n) shows
+    that pass over the compressed bytes."""
     path = Path(ref.path)
     if not _compression_of(path):
         return DockerArchiveSource(ref)
-    handle, temp = tempfile.mkstemp(prefix="envcheck-archive-", suffix=".tar")
     try:
-        with os.fdopen(handle, "wb") as out, path.open("rb") as packed:
-            advance = progress(f"decompressing {path.name}", path.stat().st_size) if (
+        with path.open("rb") as packed:
+            advance = progress(f"reading {path.name}", path.stat().st_size) if (
                 progress) else None
-            _, plain = decompress(_pieces(packed, advance))
-            for piece in plain:
-                out.write(piece)
-    except BaseException as error:  # never leave a half-written archive behind
-        Path(temp).unlink(missing_ok=True)
-        if isinstance(error, StreamError):
-            raise UnreadableInput(f"{ref.path}: {error}; save it again") from None
-        if isinstance(error, OSError):
-            raise SourceError(f"{ref.path}: cannot decompress it into {temp} "
-                              f"({error.strerror or error}): set TMPDIR to a disk with room for "
-                              "the uncompressed archive") from None
-        raise
-    return DockerArchiveSource(ref, temp=Path(temp))
+            return SavedStreamSource(str(ref), _pieces(packed, advance),
+                                     scan_layers=scan_layers, shown=ref.path,
+                                     hint="save it again")
+    except OSError as error:
+        raise UnreadableInput(f"{ref.path}: cannot read it ({error.strerror or error})") from None
 
 
 def _pieces(handle: BinaryIO, advance=None) -> Iterator[bytes]:
-    while piece := handle.read(CHUNK_BYTES):
+    yield from _counted(iter(lambda: handle.read(CHUNK_BYTES), b""), advance)
+
+
+def _counted(pieces: Iterator[bytes], advance=None) -> Iterator[bytes]:
+    for piece in pieces:
         if advance is not None:
             advance(len(piece))
         yield piece
@@ -322,9 +442,10 @@ class MemberReader(io.RawIOBase):
         super().close()
 
 
-def daemon_source(ref: ImageRef, timeout_s: float = 60.0) -> DockerArchiveSource:
-    """The daemon's image, streamed by `docker save` (SDK) into a temp file — layers go to disk in
-    chunks, never into memory — then read as a docker archive."""
+def daemon_source(ref: ImageRef, timeout_s: float = 60.0, progress=None,
+                  scan_layers: bool = True) -> SavedStreamSource:
+    """The daemon's image, read in one pass from its `docker save` stream (SDK): nothing goes
+    to disk, whatever the image's size."""
     import docker
     import requests
 
@@ -334,39 +455,29 @@ def daemon_source(ref: ImageRef, timeout_s: float = 60.0) -> DockerArchiveSource
         f"@{ref.digest}" if ref.digest else "")
     try:
         image = ping_client(timeout_s).images.get(name)
+        advance = progress(f"docker save {name}", image.attrs.get("Size") or 0) if (
+            progress) else None
+        return SavedStreamSource(f"docker-daemon:{name}", _counted(
+            image.save(chunk_size=1 << 20, named=False), advance), scan_layers=scan_layers,
+            shown=f"docker-daemon:{name}", hint="docker save broke off; try again")
     except Unreachable as error:
         raise SourceError(f"docker-daemon:{name}: {error}") from None
     except docker.errors.ImageNotFound:
         raise SourceError(f"docker-daemon:{name}: no such image in the daemon; "
                           "pull or build it first") from None
-    except docker.errors.DockerException as error:
-        raise SourceError(f"docker-daemon:{name}: the daemon refused the image "
-                          f"({str(error).splitlines()[0][:160]})") from None
-    handle, temp = tempfile.mkstemp(prefix="envcheck-save-", suffix=".tar")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            for chunk in image.save(chunk_size=1 << 20, named=False):
-                out.write(chunk)
-    except BaseException as error:  # never leave a GB-sized half-saved image behind
-        Path(temp).unlink(missing_ok=True)
-        if isinstance(error, OSError) and not isinstance(error, requests.RequestException):
-            raise SourceError(f"docker-daemon:{name}: cannot write the saved image to {temp} "
-                              f"({error.strerror or error}): set TMPDIR to a disk with room for "
-                              "the image") from None
-        if isinstance(error, (docker.errors.DockerException, requests.RequestException)):
-            why = (str(error).splitlines() or [type(error).__name__])[0][:160]
-            raise SourceError(f"docker-daemon:{name}: docker save failed ({why})") from None
-        raise
-    return DockerArchiveSource(ref, temp=Path(temp))
+    except (docker.errors.DockerException, requests.RequestException) as error:
+        why = (str(error).splitlines() or [type(error).__name__])[0][:160]
+        raise SourceError(f"docker-daemon:{name}: docker save failed ({why})") from None
 
 
-def open_source(ref: ImageRef, timeout_s: float = 30.0, progress=None) -> ImageSource:
+def open_source(ref: ImageRef, timeout_s: float = 30.0, progress=None,
+                scan_layers: bool = True) -> ImageSource:
     if ref.transport == "docker":
         return RegistrySource(ref, timeout_s)
     if ref.transport == "oci":
         return OciLayoutSource(ref)
     if ref.transport == "docker-archive":
-        return archive_source(ref, progress)
+        return archive_source(ref, progress, scan_layers)
     if ref.transport == "docker-daemon":
-        return daemon_source(ref, timeout_s)
+        return daemon_source(ref, timeout_s, progress, scan_layers)
     raise AssertionError(ref.transport)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
+import posixpath
 import pty
 import shutil
 import subprocess
@@ -16,13 +18,15 @@ import sys
 
 import pytest
 
-from envcheck.image import reference
 from scripts import cuda_image
 from tests.integration.conftest import require_binary, run_as_nobody, skopeo, start_registry
 
 
-def envcheck(*args: str, env=None):
-    done = subprocess.run([sys.executable, "-m", "envcheck", "inspect-image", *args],
+def envcheck(*args: str, env=None, no_files: bool = False):
+    """`envcheck inspect-image ARGS`; no_files: it may write no file at all (RLIMIT_FSIZE 0: a
+    write fails with EFBIG), so a report proves nothing went to disk."""
+    limit = ["bash", "-c", 'ulimit -f 0 && exec "$@"', "bash"] if no_files else []
+    done = subprocess.run([*limit, sys.executable, "-m", "envcheck", "inspect-image", *args],
                           capture_output=True, text=True, timeout=300, check=False, env=env)
     assert "Traceback" not in done.stderr, done.stderr
     return done
@@ -233,18 +237,19 @@ def with_tmpdir(tmp_path):
 
 @pytest.mark.parametrize("tool, suffix", [("gzip", "gz"), ("zstd", "zst")])
 def test_compressed_docker_archive(saved, tmp_path, tool, suffix):
-    """`docker save IMAGE | gzip` (or zstd), as CI pipelines keep images: decompressed into
-    a temp file under TMPDIR (as docker load and skopeo do), then read like the plain archive:
-    the same report, and the temp file is gone afterwards."""
+    """`docker save IMAGE | gzip` (or zstd), as CI pipelines keep images: read in one pass
+    as it decompresses, writing no file (docker load and skopeo need a temp copy; envcheck
+    did too): the plain archive's report, also with --no-layers."""
     archive, plain = saved
     packed = tmp_path / f"cuda.tar.{suffix}"
     subprocess.run(f"{tool} -c {archive} > {packed}", shell=True, check=True)
-    temp, env = with_tmpdir(tmp_path)
     done = envcheck(f"docker-archive:{packed}", "--json", "--driver-version", "570.124.06",
-                    env=env)
+                    no_files=True)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.replace(str(packed), str(archive))) == plain
-    assert list(temp.iterdir()) == []
+    brief = [envcheck(f"docker-archive:{path}", "--no-layers", no_files=True).stdout
+             for path in (archive, packed)]
+    assert brief[1].replace(str(packed), str(archive)) == brief[0] and "layers    " in brief[0]
 
 
 def test_compressed_docker_archive_that_is_cut_short_or_no_archive(saved, tmp_path):
@@ -264,25 +269,48 @@ def test_compressed_docker_archive_that_is_cut_short_or_no_archive(saved, tmp_pa
     assert list(temp.iterdir()) == []
 
 
-def test_compressed_docker_archive_on_a_full_disk(saved, monkeypatch, tmp_path):
-    """TMPDIR fills up while the archive is decompressed (/dev/full): one line naming TMPDIR,
-    and the half-written file is gone."""
-    from envcheck.image import sources
+def test_compressed_oci_style_archive_with_a_corrupted_layer(cuda_layout, tmp_path):
+    """Docker ≥ 25's archive (blobs/sha256/…), gzipped: each layer's digest, promised by its
+    name, is checked as it streams past; the report equals the plain archive's, and a
+    corrupted layer is one line naming that blob, exit 1, never a report."""
+    import tarfile
 
-    archive, _ = saved
-    packed = tmp_path / "cuda.tar.gz"
-    packed.write_bytes(gzip.compress(archive.read_bytes(), compresslevel=1))
-    half = tmp_path / "envcheck-archive-full.tar"
-    monkeypatch.setattr(sources.tempfile, "mkstemp", lambda **_: (
-        os.open("/dev/full", os.O_WRONLY), str(half.touch() or half)))
-    with pytest.raises(sources.SourceError, match="No space left on device.*TMPDIR"):
-        sources.archive_source(reference.parse(f"docker-archive:{packed}"))
-    assert not half.exists()
+    layout, built = cuda_layout
+    layers = ["blobs/sha256/" + layer["digest"].split(":")[1] for layer in built["layers"]]
+    manifest = json.dumps([{"Config": "blobs/sha256/" + built["config_digest"].split(":")[1],
+                            "RepoTags": ["cuda:oci-style"], "Layers": layers}]).encode()
+
+    def saved_as(name: str, spoil: str | None = None):
+        plain = tmp_path / f"{name}.tar"
+        with tarfile.open(plain, "w") as tar:
+            for blob in sorted((layout / "blobs" / "sha256").iterdir()):
+                data = bytearray(blob.read_bytes())
+                if f"blobs/sha256/{blob.name}" == spoil:
+                    data[4] ^= 0xFF  # the gzip header's mtime: it still inflates, to other bytes
+                info = tarfile.TarInfo(f"blobs/sha256/{blob.name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(bytes(data)))
+            info = tarfile.TarInfo("manifest.json")
+            info.size = len(manifest)
+            tar.addfile(info, io.BytesIO(manifest))
+        packed = tmp_path / f"{name}.tar.gz"
+        packed.write_bytes(gzip.compress(plain.read_bytes(), compresslevel=1))
+        return plain, packed
+
+    plain, packed = saved_as("oci-style")
+    report = inspect_json(f"docker-archive:{packed}")
+    assert report == json.loads(json.dumps(inspect_json(f"docker-archive:{plain}")).replace(
+        str(plain), str(packed)))
+    assert [layer["digest"] for layer in report["layers"]] == [
+        layer["digest"] for layer in built["layers"]]
+    _, spoilt = saved_as("spoilt", spoil=layers[2])
+    one_line_error(envcheck(f"docker-archive:{spoilt}"), 1, f"{layers[2]} (sha256:",
+                   "does not match")
 
 
 def test_progress_on_a_terminal(saved, tmp_path):
-    """On a terminal (stderr a pty) the decompression and each layer get a progress bar; the
-    report itself (stdout) is the same as without one."""
+    """On a terminal (stderr a pty) the pass through a compressed archive gets a progress bar;
+    the report itself (stdout) is the same as without one."""
     archive, _ = saved
     packed = tmp_path / "cuda.tar.gz"
     packed.write_bytes(gzip.compress(archive.read_bytes(), compresslevel=1))
@@ -303,7 +331,7 @@ def test_progress_on_a_terminal(saved, tmp_path):
         os.close(master)
     text = shown.decode(errors="replace")
     assert child.returncode == 0, text
-    assert "decompressing cuda.tar.gz" in text and "layer 0" in text, text
+    assert "reading cuda.tar.gz" in text, text
 
 
 def test_corrupted_blob_is_never_reported(cuda_layout, tmp_path):
@@ -395,20 +423,19 @@ def test_registry_basic_auth_with_docker_config(auth_registry, tmp_path, cuda_la
 
 
 def test_docker_daemon_source(engine, cuda_layout, monkeypatch, tmp_path):
-    """Digests equal the daemon's; a missing image is one line; a disk that fills up during
-    the save (/dev/full) is one line naming TMPDIR, and the half-written file is gone."""
+    """Digests equal the daemon's, read in one pass from `docker save` without writing a file
+    (it went to a temp file before); a missing image is one line."""
     import os
 
     import docker
 
-    from envcheck.image import sources
 
     layout, built = cuda_layout
     skopeo("copy", "--dest-daemon-host", engine, f"oci:{layout}:12.8.0-cudnn-devel",
            "docker-daemon:envcheck-test/cuda:daemon")
     try:
         done = envcheck("docker-daemon:envcheck-test/cuda:daemon", "--json",
-                        env={**os.environ, "DOCKER_HOST": engine})
+                        env={**os.environ, "DOCKER_HOST": engine}, no_files=True)
         assert done.returncode == 0, done.stderr
         report = json.loads(done.stdout)
         image = docker.DockerClient(base_url=engine).images.get("envcheck-test/cuda:daemon")
@@ -417,13 +444,6 @@ def test_docker_daemon_source(engine, cuda_layout, monkeypatch, tmp_path):
         missing = envcheck("docker-daemon:envcheck-test/none:x",
                            env={**os.environ, "DOCKER_HOST": engine})
         one_line_error(missing, 1, "no such image in the daemon")
-        half = tmp_path / "envcheck-save-full.tar"
-        monkeypatch.setattr(sources.tempfile, "mkstemp", lambda **_: (
-            os.open("/dev/full", os.O_WRONLY), str(half.touch() or half)))
-        monkeypatch.setenv("DOCKER_HOST", engine)
-        with pytest.raises(sources.SourceError, match="No space left on device.*TMPDIR"):
-            sources.daemon_source(reference.parse("docker-daemon:envcheck-test/cuda:daemon"))
-        assert not half.exists()
     finally:
         docker.DockerClient(base_url=engine).images.remove("envcheck-test/cuda:daemon",
                                                            force=True)
@@ -547,6 +567,38 @@ def test_oci_index_entry_pointing_nowhere(cuda_layout, tmp_path):
     done = envcheck(f"oci:{copy}")
     assert done.returncode in (1, 2)
     one_line_error(done, done.returncode, nowhere[:19])
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_docker_archive_whose_layers_are_links(saved, tmp_path, link):
+    """docker < 25 names every layer `<id>/layer.tar` in manifest.json and saves a layer it has
+    already written as a symlink to the first copy. skopeo's archive has such symlinks
+    (`<id>/layer.tar -> ../<digest>.tar`): naming them gives the report of the layers
+    themselves; it read an empty layer from the link before (a false diff-id FAIL)."""
+    import tarfile
+
+    archive, plain = saved
+    relinked = tmp_path / f"{link}.tar"
+    with tarfile.open(archive) as source, tarfile.open(relinked, "w") as tar:
+        links = {m.name: m for m in source.getmembers() if m.issym()}
+        manifest = json.loads(source.extractfile("manifest.json").read())
+        by_target = {posixpath.basename(m.linkname): name for name, m in links.items()}
+        manifest[0]["Layers"] = [by_target[name] for name in manifest[0]["Layers"]]
+        assert len(manifest[0]["Layers"]) == len(plain["layers"]) > 1
+        for member in source.getmembers():
+            if member.name == "manifest.json":
+                body = json.dumps(manifest).encode()
+                member.size = len(body)
+                tar.addfile(member, io.BytesIO(body))
+            elif member.issym() and link == "hardlink":
+                member.type, member.linkname = tarfile.LNKTYPE, posixpath.basename(
+                    member.linkname)
+                tar.addfile(member)
+            else:
+                tar.addfile(member, source.extractfile(member) if member.isfile() else None)
+    report = inspect_json(f"docker-archive:{relinked}", "--driver-version", "570.124.06")
+    assert json.loads(json.dumps(report).replace(str(relinked), str(archive))) == plain
+    assert report["verdict"] == "ok"
 
 
 def test_docker_archive_with_a_missing_layer(cuda_layout, tmp_path):

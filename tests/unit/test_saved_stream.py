@@ -1,0 +1,125 @@
+"""A `docker save` archive read in one pass from a stream (compressed whole, or the daemon's
+save): layers are scanned as they pass, before manifest.json says which they are, and handed
+out in the manifest's order with the same scans as the archive read in place."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+import threading
+
+import pytest
+
+from envcheck.image import sources
+from envcheck.image.inspect import Resolved, scan_all
+from envcheck.image.layers import LayerError
+from envcheck.image.reference import ImageRef
+from envcheck.image.sources import DockerArchiveSource, SavedStreamSource, UnreadableInput
+
+
+def layer(index: int) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name in (f"opt/l{index}/a", f"opt/l{index}/b", "etc/shared"):
+            body = f"{name} of layer {index}\n".encode() * 50
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
+    return raw.getvalue()
+
+
+def saved(entries: list, layers: list[str]) -> bytes:
+    """A tar of `entries` ((name, bytes) files, (name, "->target") symlinks) and, last, a
+    manifest.json naming `layers`."""
+    raw = io.BytesIO()
+    manifest = json.dumps([{"Config": "config.json", "Layers": layers}]).encode()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, data in [*entries, ("manifest.json", manifest)]:
+            info = tarfile.TarInfo(name)
+            if isinstance(data, str):
+                info.type, info.linkname = tarfile.SYMTYPE, data[2:]
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return raw.getvalue()
+
+
+def pieces(data: bytes, size: int = 64 << 10):
+    return (data[i:i + size] for i in range(0, len(data), size))
+
+
+def facts(scans) -> list:
+    return [(s.index, s.digest, s.diff_id, sorted((p, i.layer) for p, i in s.files.items()))
+            for s in scans]
+
+
+def blob_name(data: bytes) -> str:
+    return "blobs/sha256/" + hashlib.sha256(data).hexdigest()
+
+
+def test_layers_in_the_manifests_order_as_the_archive_read_in_place_gives_them(tmp_path):
+    """Layer 2 is layer 0 again (docker ≥ 25 stores one blob), the link of a legacy name comes
+    before its target: each scan says its own place in the image."""
+    a, b = layer(0), layer(1)
+    names = [blob_name(a), "legacy/layer.tar", blob_name(a)]
+    data = saved([("legacy/layer.tar", "->../" + blob_name(b)), (blob_name(a), a),
+                  (blob_name(b), b)], names)
+    (tmp_path / "saved.tar").write_bytes(data)
+    in_place = DockerArchiveSource(ImageRef("docker-archive", path=str(tmp_path / "saved.tar")))
+    streamed = SavedStreamSource("saved", pieces(gzip.compress(data)), scan_layers=True,
+                                 shown="saved.tar.gz", hint="save it again")
+    tops = [source.top().body for source in (in_place, streamed)]
+    assert tops[0] == tops[1]
+    resolved = Resolved(None, None, "", tops[0], None, {}, "linux/amd64")
+    got = [facts(scan_all(source, resolved, jobs=2)) for source in (in_place, streamed)]
+    assert got[0] == got[1]
+    assert [f[0] for f in got[1]] == [0, 1, 2] and got[1][0][1] == got[1][2][1]
+    assert {i for _, i in got[1][2][3]} == {2}
+    in_place.close()
+
+
+def test_a_member_named_as_a_layer_that_is_no_tar():
+    data = saved([("notes.txt", b"{}" * 10)], ["notes.txt"])
+    source = SavedStreamSource("saved", pieces(data), scan_layers=True, shown="x",
+                               hint="save it again")
+    with pytest.raises(LayerError, match=r"layer 0 \(notes.txt\): not a tar archive"):
+        source.scans(source.top().body["layers"])
+
+
+def test_small_members_that_are_no_layers_are_kept_up_to_a_limit(monkeypatch):
+    monkeypatch.setattr(sources, "KEPT_BYTES_MAX", 1000)
+    data = saved([(f"n{i}.json", b"{}" * 200) for i in range(5)], [])
+    with pytest.raises(UnreadableInput, match="over 1000 bytes of small files that are no "
+                                              "layers: not a docker save archive"):
+        SavedStreamSource("saved", pieces(data), scan_layers=True, shown="x", hint="")
+
+
+def test_a_failing_layer_stops_the_inflating_thread():
+    """A corrupted blob early in a long stream: one error naming it, and the thread that
+    inflates the stream stops there instead of reading the rest."""
+    bad = bytearray(layer(0))
+    name = blob_name(bytes(bad))
+    bad[600] ^= 1
+    filler = os.urandom(48 << 20)  # what comes after: 48 MiB that gzip cannot shrink
+    data = gzip.compress(saved([(name, bytes(bad)), ("filler", filler)], [name]),
+                         compresslevel=1)
+    read = [0]
+
+    def counted():
+        for piece in pieces(data):
+            read[0] += len(piece)
+            yield piece
+
+    before = threading.active_count()
+    with pytest.raises(LayerError, match=f"saved: {name} \\(sha256:.*does not match"):
+        SavedStreamSource("saved", counted(), scan_layers=True, shown="x", hint="")
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and thread.daemon:
+            thread.join(timeout=5)
+    assert threading.active_count() <= before
+    assert read[0] < len(data) // 2
