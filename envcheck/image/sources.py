@@ -298,6 +298,7 @@ class SavedStreamSource(DockerArchiveSource):
         self.description, self.entry = description, {}
         self.members: dict[str, Header] = {}
         self._kept: dict[str, bytes] = {}
+        self._kept_bytes = 0
         self._scans: dict[str, LayerScan] = {}
         self._budget, self._scan_layers = FileBudget(), scan_layers
         try:
@@ -321,7 +322,8 @@ class SavedStreamSource(DockerArchiveSource):
             if self._scan_layers:
                 self._scans[key] = self._scan(key, data)
         elif info.size <= JSON_BYTES_MAX:
-            if sum(map(len, self._kept.values())) + info.size > KEPT_BYTES_MAX:
+            self._kept_bytes += info.size
+            if self._kept_bytes > KEPT_BYTES_MAX:
                 raise StreamCut(f"over {KEPT_BYTES_MAX} bytes of small files that are no "
                                 "layers: not a docker save archive")
             self._kept[key] = data.all()
@@ -333,8 +335,6 @@ class SavedStreamSource(DockerArchiveSource):
                               expected_size=data.size, budget=self._budget, name=key)
         except LayerError as error:
             raise _LayerFailed(error) from None
-        finally:
-            data.close()
 
     def _member_bytes(self, name: str) -> bytes:
         member = self._member(name)
@@ -455,16 +455,20 @@ def daemon_source(ref: ImageRef, timeout_s: float = 60.0, progress=None,
         f"@{ref.digest}" if ref.digest else "")
     try:
         image = ping_client(timeout_s).images.get(name)
-        advance = progress(f"docker save {name}", image.attrs.get("Size") or 0) if (
-            progress) else None
-        return SavedStreamSource(f"docker-daemon:{name}", _counted(
-            image.save(chunk_size=1 << 20, named=False), advance), scan_layers=scan_layers,
-            shown=f"docker-daemon:{name}", hint="docker save broke off; try again")
     except Unreachable as error:
         raise SourceError(f"docker-daemon:{name}: {error}") from None
     except docker.errors.ImageNotFound:
         raise SourceError(f"docker-daemon:{name}: no such image in the daemon; "
                           "pull or build it first") from None
+    except docker.errors.DockerException as error:
+        raise SourceError(f"docker-daemon:{name}: the daemon refused the image "
+                          f"({str(error).splitlines()[0][:160]})") from None
+    advance = progress(f"docker save {name}", image.attrs.get("Size") or 0) if (
+        progress) else None
+    try:
+        return SavedStreamSource(f"docker-daemon:{name}", _counted(
+            image.save(chunk_size=1 << 20, named=False), advance), scan_layers=scan_layers,
+            shown=f"docker-daemon:{name}", hint="docker save broke off; try again")
     except (docker.errors.DockerException, requests.RequestException) as error:
         why = (str(error).splitlines() or [type(error).__name__])[0][:160]
         raise SourceError(f"docker-daemon:{name}: docker save failed ({why})") from None

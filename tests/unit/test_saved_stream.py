@@ -123,3 +123,34 @@ def test_a_failing_layer_stops_the_inflating_thread():
             thread.join(timeout=5)
     assert threading.active_count() <= before
     assert read[0] < len(data) // 2
+
+
+class _Image:
+    def __init__(self, data: bytes, break_at: int):
+        self.data, self.break_at, self.attrs = data, break_at, {"Size": len(data)}
+
+    def save(self, chunk_size: int, named: bool):
+        import requests
+
+        for start in range(0, self.break_at, chunk_size):
+            yield self.data[start:min(start + chunk_size, self.break_at)]
+        raise requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead")
+
+
+@pytest.mark.parametrize("where", ["inside a layer", "between members"])
+def test_a_daemon_save_that_breaks_off_is_one_line(monkeypatch, where):
+    """The daemon's save stream breaks (dockerd restarted): one error line, whether the break
+    reaches the thread reading a layer or the one walking the archive."""
+    from envcheck.host import daemon
+    from envcheck.image.reference import parse
+
+    big = layer(0) + os.urandom(2 << 20)  # a tar, then more bytes: the layer is 2 MiB long
+    data = saved([(blob_name(big), big), ("other.json", b"{}")], [blob_name(big)])
+    after_layer = 512 + -(-len(big) // 512) * 512  # its header, its data padded
+    break_at = (1 << 20) if where == "inside a layer" else after_layer + 100
+    image = _Image(data, break_at)
+    client = type("Client", (), {"images": type("Images", (), {"get": lambda _, n: image})()})()
+    monkeypatch.setattr(daemon, "ping_client", lambda timeout_s: client)
+    with pytest.raises(sources.SourceError, match=r"^docker-daemon:x:1: docker save failed "
+                                                  r"\(Connection broken: IncompleteRead\)$"):
+        sources.daemon_source(parse("docker-daemon:x:1"))
