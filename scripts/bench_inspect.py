@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from scripts import cuda_image
-from scripts.benchlib import print_goals, timed, timed_rounds
+from scripts.benchlib import failure, print_goals, timed, timed_rounds
 
 FILE_BYTES = 1 << 20
 
@@ -317,6 +317,10 @@ def summarize(rows: list[dict], big: dict) -> dict:
                  ratios["envcheck_over_floor_paired_median"] <= 1.1,
              "envcheck ≥ 2.5× faster than gzip|tar": ratios["gzip_tar_over_envcheck"] >= 2.5,
              "envcheck peak RSS ≤ 150 MB": mine["peak_rss_bytes"] <= 150e6}
+    broken = [row["name"] for row in (mine, floor, gz, by["inflate"], by["inflate+hash"])
+              if failure(row)]
+    if broken:  # a failed run's time is no result: no goal is met on it
+        goals = {f"{goal} ({', '.join(broken)} failed)": False for goal in goals}
     return {"layer": big, "rows": rows, "ratios": ratios, "bounds": bounds, "goals": goals}
 
 
@@ -332,8 +336,8 @@ def print_table(result: dict) -> None:
           f"{'× envcheck':>12}")
     mine = next(r for r in result["rows"] if r["name"] == "envcheck")
     for row in result["rows"]:
-        if "wall_s" not in row:
-            print(f"{row['name']:<13}{'n/a':>9}  {row.get('error', '')[:80]}")
+        if failure(row):
+            print(f"{row['name']:<13}  {failure(row)}")
             continue
         print(f"{row['name']:<13}{row['wall_s']:>9.2f}{row['cpu_s']:>8.2f}"
               f"{row['server_cpu_s']:>10.2f}{row['peak_rss_bytes'] / 1e6:>13.0f}"

@@ -8,7 +8,7 @@ installed, zstd -3) and loads it into a docker engine (test_engine: the one that
 its own). Then it times, rows taking turns, each its fastest of --repeat runs:
   envcheck .tar / .tar.gz / .tar.zst / daemon   inspect-image … --json (every layer, digests,
                                                   diff_ids, files)
-  gzip -dc, zstd -dc    decompressing alone, output dropped (skopeo 1.13 refuses a compressed
+  gzip -dc, zstd -dc    decompressing alone, output dropped (skopeo 1.9.3 refuses a compressed
                         docker-archive: "loading tar component manifest.json: invalid tar
                         header"; docker load unpacks into its store, no like-for-like row)
   docker save           docker save IMAGE > /dev/null (the stream envcheck reads for daemon)
@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scripts.benchlib import timed_rounds
+from scripts.benchlib import failure, timed_rounds
 
 IMAGE = "bench/saved:big"
 
@@ -77,12 +77,10 @@ def run(layout: Path, workdir: Path, repeat: int, envcheck: str) -> dict:
             test_engine.stop(started)
     by = {row["name"]: row for row in rows}
     sizes = {kind: path.stat().st_size for kind, path in paths.items()}
-    ratios = {"gzip -dc / envcheck .tar.gz":
-              by["gzip -dc"]["wall_s"] / by["envcheck .tar.gz"]["wall_s"],
-              "zstd -dc / envcheck .tar.zst":
-              by["zstd -dc"]["wall_s"] / by["envcheck .tar.zst"]["wall_s"],
-              "envcheck daemon / docker save":
-              by["envcheck daemon"]["wall_s"] / by["docker save"]["wall_s"]}
+    pairs = (("gzip -dc", "envcheck .tar.gz"), ("zstd -dc", "envcheck .tar.zst"),
+             ("envcheck daemon", "docker save"))
+    ratios = {f"{top} / {bottom}": by[top]["wall_s"] / by[bottom]["wall_s"]
+              for top, bottom in pairs if not failure(by[top]) and not failure(by[bottom])}
     return {"sizes": sizes, "rows": rows, "ratios": ratios, "envcheck": envcheck}
 
 
@@ -92,6 +90,9 @@ def print_table(result: dict) -> None:
           f"{sizes['tar.zst'] / 1e9:.3f} GB .tar.zst; envcheck: {result['envcheck']}")
     print(f"{'':22}{'wall s':>8}{'CPU s':>8}{'peak RSS MB':>13}")
     for row in result["rows"]:
+        if failure(row):
+            print(f"{row['name']:<22}{failure(row)}")
+            continue
         print(f"{row['name']:<22}{row['wall_s']:8.2f}{row['cpu_s'] + row['server_cpu_s']:8.2f}"
               f"{row['peak_rss_bytes'] / 1e6:13.0f}")
     for name, value in result["ratios"].items():

@@ -78,6 +78,15 @@ def timed_rounds(rows: list[tuple[str, str, int | None]], workdir: Path,
     return [best[name] for name, _, _ in rows]
 
 
+def failure(row: dict) -> str | None:
+    """How a timed row failed (its exit status and last error line), or None: a failed run's
+    time is no result, and a table must not show it as one."""
+    if "wall_s" not in row or row.get("rc"):
+        lines = (row.get("error") or "").strip().splitlines() or [""]
+        return f"FAILED (rc {row.get('rc', '?')}) {lines[-1][:70]}"
+    return None
+
+
 def timed(name: str, command: str, workdir: Path, server_pid: int | None,
           repeat: int) -> dict:
     """The fastest of `repeat` runs of one row."""

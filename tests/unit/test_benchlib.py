@@ -1,0 +1,30 @@
+"""The benchmark tables: a run that failed is never shown, or counted, as a time."""
+
+from __future__ import annotations
+
+from scripts import bench_inspect
+from scripts.benchlib import failure
+
+
+def row(name: str, wall_s: float, rc: int = 0, error: str = "") -> dict:
+    return {"name": name, "wall_s": wall_s, "runs_s": [wall_s], "cpu_s": wall_s,
+            "server_cpu_s": 0.0, "peak_rss_bytes": 50e6, "rc": rc, "error": error}
+
+
+def test_a_failed_row_says_so():
+    assert failure(row("floor", 3.0)) is None
+    assert failure(row("skopeo copy", 11.1, 1, "x\nlevel=fatal msg=\"invalid tar header\"\n")) \
+        == 'FAILED (rc 1) level=fatal msg="invalid tar header"'
+    assert failure({"name": "docker save", "error": "no engine"}) == "FAILED (rc ?) no engine"
+
+
+def test_no_goal_is_met_on_a_failed_run():
+    """envcheck failing fast (0.3 s) would otherwise meet every speed goal."""
+    rows = [row("floor", 3.0), row("envcheck", 0.3, 2, "Error: …"), row("inflate", 3.2),
+            row("inflate+hash", 3.3), row("gzip|tar", 13.0), row("2 big, -j1", 7.0),
+            row("2 big, -j2", 6.5)]
+    goals = bench_inspect.summarize(rows, {})["goals"]
+    assert goals and not any(goals.values())
+    assert all("envcheck failed" in goal for goal in goals)
+    rows[1] = row("envcheck", 3.2)
+    assert all(bench_inspect.summarize(rows, {})["goals"].values())
