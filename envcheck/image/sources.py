@@ -305,6 +305,7 @@ class SavedStreamSource(DockerArchiveSource):
             _, plain = decompress(pieces)
             with on_a_thread(plain) as chunks:
                 walk_chunks(chunks, self._take)
+                collections.deque(chunks, maxlen=0)  # the padding after the end: to its CRC
         except (StreamError, StreamCut) as error:
             raise UnreadableInput(f"{shown}: {error}; {hint}") from None
         except _LayerFailed as failed:

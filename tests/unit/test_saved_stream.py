@@ -154,3 +154,14 @@ def test_a_daemon_save_that_breaks_off_is_one_line(monkeypatch, where):
     with pytest.raises(sources.SourceError, match=r"^docker-daemon:x:1: docker save failed "
                                                   r"\(Connection broken: IncompleteRead\)$"):
         sources.daemon_source(parse("docker-daemon:x:1"))
+
+
+def test_a_compressed_archive_cut_in_its_last_bytes_is_no_report():
+    """The cut falls in the zero blocks after the archive's end (gzip's CRC and size with
+    them): every member was read whole, and still the file is damaged: one line."""
+    data = gzip.compress(saved([(blob_name(layer(0)), layer(0))], [blob_name(layer(0))]))
+    SavedStreamSource("saved", pieces(data), scan_layers=True, shown="x.tar.gz", hint="again")
+    with pytest.raises(UnreadableInput, match="^x.tar.gz: truncated gzip stream: the "
+                                              "compressed data ends early; save it again$"):
+        SavedStreamSource("saved", pieces(data[:-8]), scan_layers=True, shown="x.tar.gz",
+                          hint="save it again")
