@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from scripts import cuda_image
-from scripts.benchlib import failure, print_goals, timed, timed_rounds
+from scripts.benchlib import dockerd_pid, failure, print_goals, timed, timed_rounds
 
 FILE_BYTES = 1 << 20
 
@@ -287,11 +287,6 @@ def run(workdir: Path, gigabytes: float, repeat: int, content: str, wheel_cache:
         if started:
             test_engine.stop(started)
     return summarize(rows, big)
-
-
-def dockerd_pid() -> int | None:
-    found = subprocess.run(["pgrep", "-o", "-x", "dockerd"], capture_output=True, text=True)
-    return int(found.stdout) if found.returncode == 0 else None
 
 
 def summarize(rows: list[dict], big: dict) -> dict:

@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scripts.benchlib import failure, timed_rounds
+from scripts.benchlib import dockerd_pid, failure, timed_rounds
 
 IMAGE = "bench/saved:big"
 
@@ -56,8 +56,7 @@ def run(layout: Path, workdir: Path, repeat: int, envcheck: str) -> dict:
     try:
         subprocess.run(f"{env} docker load -q -i {paths['tar']}", shell=True, check=True,
                        capture_output=True)
-        daemon = started or int(subprocess.run(["pgrep", "-o", "-x", "dockerd"],
-                                               capture_output=True, text=True).stdout or 0)
+        daemon = started or dockerd_pid()
         rows = timed_rounds([
             ("envcheck .tar", f"{envcheck} inspect-image docker-archive:{paths['tar']} --json",
              None),

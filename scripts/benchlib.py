@@ -78,6 +78,12 @@ def timed_rounds(rows: list[tuple[str, str, int | None]], workdir: Path,
     return [best[name] for name, _, _ in rows]
 
 
+def dockerd_pid() -> int | None:
+    """The running dockerd's pid (the oldest), whose CPU a row's `server` column counts."""
+    found = subprocess.run(["pgrep", "-o", "-x", "dockerd"], capture_output=True, text=True)
+    return int(found.stdout) if found.returncode == 0 else None
+
+
 def failure(row: dict) -> str | None:
     """How a timed row failed (its exit status and last error line), or None: a failed run's
     time is no result, and a table must not show it as one."""

@@ -251,13 +251,13 @@ class DockerArchiveSource:
 
     def top(self) -> Top:
         config_name = self.entry.get("Config", "")
-        layers = [{"mediaType": LEGACY_LAYER_TYPE, "digest": self._digest_of(name),
-                   "size": self._member(name).size, "member": name}
-                  for name in self.entry.get("Layers", []) if self._has(name)]
-        missing = [n for n in self.entry.get("Layers", []) if not self._has(n)]
-        if missing:
-            raise SourceError(f"{self.description}: layer {missing[0]} named in manifest.json "
-                              "is missing from the archive")
+        layers = []
+        for name in self.entry.get("Layers", []):
+            if not self._has(name):
+                raise SourceError(f"{self.description}: layer {name} named in manifest.json "
+                                  "is missing from the archive")
+            layers.append({"mediaType": LEGACY_LAYER_TYPE, "digest": self._digest_of(name),
+                           "size": self._member(name).size, "member": name})
         body = {"schemaVersion": 2, "mediaType": "(docker save manifest.json)",
                 "config": {"digest": self._digest_of(config_name), "member": config_name},
                 "layers": layers, "repoTags": self.entry.get("RepoTags") or []}
@@ -300,7 +300,7 @@ class SavedStreamSource(DockerArchiveSource):
         self._kept: dict[str, bytes] = {}
         self._kept_bytes = 0
         self._scans: dict[str, LayerScan] = {}
-        self._budget, self._scan_layers = FileBudget(), scan_layers
+        self._budget, self._scan_layers, self._shown = FileBudget(), scan_layers, shown
         try:
             _, plain = decompress(pieces)
             with on_a_thread(plain) as chunks:
@@ -325,8 +325,8 @@ class SavedStreamSource(DockerArchiveSource):
         elif info.size <= JSON_BYTES_MAX:
             self._kept_bytes += info.size
             if self._kept_bytes > KEPT_BYTES_MAX:
-                raise StreamCut(f"over {KEPT_BYTES_MAX} bytes of small files that are no "
-                                "layers: not a docker save archive")
+                raise UnreadableInput(f"{self._shown}: over {KEPT_BYTES_MAX} bytes of small "
+                                      "files that are no layers: not a docker save archive")
             self._kept[key] = data.all()
 
     def _scan(self, key: str, data: MemberData) -> LayerScan:
