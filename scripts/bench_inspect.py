@@ -37,6 +37,7 @@ Run: .venv/bin/python -m scripts.bench_inspect [--gigabytes 1.0] [--repeat 5] [-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -163,6 +164,9 @@ def big_layer(path: Path, compressed_bytes_min: int, files) -> dict:
             "uncompressed": plain.count}
 
 
+REF_NAME = "org.opencontainers.image.ref.name"
+
+
 def build_image(workdir: Path, gigabytes: float, content: str,
                 wheel_cache: Path) -> tuple[Path, dict]:
     layout = workdir / "layout"
@@ -181,17 +185,23 @@ def build_image(workdir: Path, gigabytes: float, content: str,
 
 
 def add_big_layer_again(layout: Path, big: dict) -> None:
-    """The image with the big layer twice (same blob, stored once): two big layers to stream,
-    to time --jobs."""
+    """Tag `bench2`: the image with the big layer twice (same blob, stored once), two big
+    layers to stream, to time --jobs. Tag `bench` stays the one-big-layer image."""
     index = json.loads((layout / "index.json").read_text())
-    digest = index["manifests"][0]["digest"]
+    digest = _tagged(index, "bench")["digest"]
     manifest = json.loads((layout / "blobs/sha256" / digest.split(":")[1]).read_text())
     extend_manifest(layout, {"manifest_digest": digest,
-                             "config_digest": manifest["config"]["digest"]}, big)
+                             "config_digest": manifest["config"]["digest"]}, big, tag="bench2")
 
 
-def extend_manifest(layout: Path, built: dict, big: dict) -> None:
-    """Append the big layer to the image's manifest and config (new digests, new index)."""
+def _tagged(index: dict, tag: str) -> dict:
+    return next(m for m in index["manifests"]
+                if (m.get("annotations") or {}).get(REF_NAME) == tag)
+
+
+def extend_manifest(layout: Path, built: dict, big: dict, tag: str = "bench") -> None:
+    """Append the big layer to the image's manifest and config (new digests), tagged `tag` in
+    the index (replacing that tag's entry, or added beside the others)."""
     blobs = layout / "blobs/sha256"
     manifest = json.loads((blobs / built["manifest_digest"].split(":")[1]).read_text())
     config = json.loads((blobs / built["config_digest"].split(":")[1]).read_text())
@@ -207,7 +217,10 @@ def extend_manifest(layout: Path, built: dict, big: dict) -> None:
     manifest_digest = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
     (blobs / manifest_digest.split(":")[1]).write_bytes(manifest_bytes)
     index = json.loads((layout / "index.json").read_text())
-    index["manifests"][0].update(digest=manifest_digest, size=len(manifest_bytes))
+    entry = dict(_tagged(index, "bench"), digest=manifest_digest, size=len(manifest_bytes),
+                 annotations={REF_NAME: tag})
+    index["manifests"] = [m for m in index["manifests"]
+                          if (m.get("annotations") or {}).get(REF_NAME) != tag] + [entry]
     (layout / "index.json").write_text(json.dumps(index))
 
 
@@ -246,7 +259,7 @@ def run(workdir: Path, gigabytes: float, repeat: int, content: str, wheel_cache:
         subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:bench",
                         f"docker://{ref}"], check=True, capture_output=True)
         add_big_layer_again(layout, big)
-        subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:bench",
+        subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{layout}:bench2",
                         f"docker://{ref2}"], check=True, capture_output=True)
         blob_url = f"http://{registry.host}/v2/bench/cuda/blobs/{big['digest']}"
         blob_file = layout / "blobs/sha256" / big["digest"].split(":")[1]
@@ -355,11 +368,24 @@ def print_table(result: dict) -> None:
     print_goals(result["goals"])
 
 
+def fresh_workdir(workdir: Path) -> None:
+    """`workdir`, made if missing, without what an earlier run left (its layout, registry and
+    copies); what the run makes stays there (bench_saved reads `layout`, tag `bench`)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    for stale in ("layout", "registry-root", "skopeo-out", "big.tar.gz"):
+        path = workdir / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gigabytes", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=5, help="runs per row; the fastest is kept")
-    parser.add_argument("--workdir", type=Path, help="keep the image here (default: a temp dir)")
+    parser.add_argument("--workdir", type=Path,
+                        help="make the image here and keep it (default: a temp dir, removed)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--content", choices=("cuda", "host"), default="cuda",
                         help="what the big layer holds: the image's own cuBLAS and cuDNN "
@@ -371,8 +397,11 @@ def main() -> None:
     for tool in ("curl", "skopeo", "docker-registry", "gzip", "tar", "time"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed: scripts/install_system_packages.sh {tool}")
-    with tempfile.TemporaryDirectory(prefix="bench-inspect-", dir=args.workdir) as tmp:
-        result = run(Path(tmp), args.gigabytes, max(1, args.repeat), args.content,
+    with contextlib.ExitStack() as stack:
+        workdir = args.workdir or Path(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="bench-inspect-")))
+        fresh_workdir(workdir)
+        result = run(workdir, args.gigabytes, max(1, args.repeat), args.content,
                      args.wheel_cache)
     print_table(result)
     if args.json:

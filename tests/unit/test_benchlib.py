@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 from scripts import bench_inspect
 from scripts.benchlib import failure
 
@@ -28,3 +30,28 @@ def test_no_goal_is_met_on_a_failed_run():
     assert all("envcheck failed" in goal for goal in goals)
     rows[1] = row("envcheck", 3.2)
     assert all(bench_inspect.summarize(rows, {})["goals"].values())
+
+
+def test_the_kept_layout_holds_both_bench_images(tmp_path):
+    """bench_saved reads `--workdir DIR`'s layout, tag `bench`: it is kept, holds the big layer
+    once (tag `bench2` twice), and a second run starts from a clean workdir."""
+    from envcheck.image.inspect import inspect_image
+    from scripts import cuda_image
+
+    workdir = tmp_path / "work"
+    bench_inspect.fresh_workdir(workdir)
+    built = cuda_image.build_layout(workdir / "layout", tag="bench")
+    files = ((f"opt/big/{n}", 3000, lambda n=n: io.BytesIO(bytes([n]) * 3000)) for n in range(8))
+    big = bench_inspect.big_layer(workdir / "big.tar.gz", 1, files)
+    blob = workdir / "layout/blobs/sha256" / big["digest"].split(":")[1]
+    (workdir / "big.tar.gz").rename(blob)
+    bench_inspect.extend_manifest(workdir / "layout", built, big)
+    bench_inspect.add_big_layer_again(workdir / "layout", big)
+    for tag, bigs in (("bench", 1), ("bench2", 2)):
+        report = inspect_image(f"oci:{workdir / 'layout'}:{tag}", jobs=1)
+        digests = [layer["digest"] for layer in report.facts["layers"]]
+        assert len(digests) == len(built["layers"]) + bigs and digests.count(big["digest"]) == bigs
+        assert {c.id: c.status for c in report.checks}["image.diff-ids"] == "pass"
+    (workdir / "registry-root").mkdir()
+    bench_inspect.fresh_workdir(workdir)
+    assert list(workdir.iterdir()) == []
