@@ -484,8 +484,8 @@ def daemon_source(ref: ImageRef, timeout_s: float = 60.0, progress=None,
     advance = progress(f"docker save {name}", image.attrs.get("Size") or 0) if (
         progress) else None
     try:
-        return SavedStreamSource(f"docker-daemon:{name}", _coalesced(_counted(
-            image.save(chunk_size=1 << 20, named=False), advance)), scan_layers=scan_layers,
+        return SavedStreamSource(f"docker-daemon:{name}", _counted(_coalesced(
+            image.save(chunk_size=1 << 20, named=False)), advance), scan_layers=scan_layers,
             shown=f"docker-daemon:{name}", hint="docker save broke off; try again")
     except (docker.errors.DockerException, requests.RequestException) as error:
         why = (str(error).splitlines() or [type(error).__name__])[0][:160]
