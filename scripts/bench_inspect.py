@@ -62,6 +62,7 @@ from scripts import cuda_image
 from scripts.benchlib import dockerd_pid, failure, print_goals, timed, timed_rounds
 
 FILE_BYTES = 1 << 20
+REF_NAME = "org.opencontainers.image.ref.name"
 
 
 class _HashingWriter(io.RawIOBase):
@@ -162,9 +163,6 @@ def big_layer(path: Path, compressed_bytes_min: int, files) -> dict:
     return {"digest": "sha256:" + compressed.hash.hexdigest(), "size": compressed.count,
             "diff_id": "sha256:" + plain.hash.hexdigest(), "files": count,
             "uncompressed": plain.count}
-
-
-REF_NAME = "org.opencontainers.image.ref.name"
 
 
 def build_image(workdir: Path, gigabytes: float, content: str,
