@@ -184,7 +184,8 @@ def fleet_k8s_collect_command(namespace, require_gpu, show_all, as_json) -> None
 
 @cli.command("inspect-image")
 @click.argument("ref")
-@click.option("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-arch index.")
+@click.option("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-arch index (a "
+              "single-platform image must be that platform).")
 @click.option("--files", "file_globs", multiple=True, metavar="GLOB",
               help="List matching paths of the merged filesystem (repeatable).")
 @click.option("--layers/--no-layers", default=True, show_default=True,
@@ -214,6 +215,11 @@ def inspect_image_command(ref, platform, file_globs, layers, driver_version, as_
 
     if driver_version is not None:
         _check_version_option(driver_version)
+    if platform is not None:
+        platform = _platform_option(platform)
+    if file_globs and not layers:
+        raise click.UsageError("--files lists the layers' files, which --no-layers does not "
+                               "read: drop one of them")
     try:
         with _layer_progress() as progress:
             report = pipeline.inspect_image(
@@ -279,6 +285,14 @@ def build_command(base_image, tag, jax_extra, ca_bundle, network, as_json, timeo
 def _check_version_option(text: str) -> None:
     if not re.fullmatch(r"\d+(\.\d+){1,2}", text):
         raise click.BadParameter(f"{text!r} is not X.Y or X.Y.Z", param_hint="--driver-version")
+
+
+def _platform_option(text: str) -> str:
+    """OS/ARCH[/VARIANT], lower-cased as Docker does (linux/amd64, linux/arm64/v8)."""
+    if not re.fullmatch(r"[a-z0-9_.-]+/[a-z0-9_.-]+(/[a-z0-9_.-]+)?", text.lower()):
+        raise click.BadParameter(f"{text!r} is not OS/ARCH or OS/ARCH/VARIANT (e.g. "
+                                 "linux/amd64, linux/arm64/v8)", param_hint="--platform")
+    return text.lower()
 
 
 def _fail(message: str, code: int):

@@ -75,11 +75,16 @@ def choose_platform(index: dict, wanted: str, description: str) -> dict:
         if isinstance(entry.get("digest"), str):
             candidates.append((name, entry))
     for name, entry in candidates:
-        if name == wanted or name.rsplit("/", 1)[0] == wanted and wanted.count("/") == 1:
+        if platform_matches(name, wanted):
             return entry
     available = ", ".join(name for name, _ in candidates) or "none"
     raise SourceError(f"{description}: no manifest for platform {wanted} (available: "
                       f"{available}); choose one with --platform")
+
+
+def platform_matches(name: str, wanted: str) -> bool:
+    """`name` (os/arch[/variant]) is `wanted`; an os/arch `wanted` takes any variant."""
+    return name == wanted or wanted.count("/") == 1 and name.rsplit("/", 1)[0] == wanted
 
 
 def check_manifest(body: dict, description: str) -> None:
@@ -133,7 +138,8 @@ def resolve(source: ImageSource, wanted_platform: str | None) -> Resolved:
     top = source.top()
     index_digest = None
     wanted = wanted_platform or f"linux/{host_arch()}"
-    if top.media_type in INDEX_TYPES or "manifests" in top.body:
+    from_index = top.media_type in INDEX_TYPES or "manifests" in top.body
+    if from_index:
         index_digest = top.digest
         entry = choose_platform(top.body, wanted, source.description)
         top = source.manifest(entry["digest"])
@@ -143,6 +149,10 @@ def resolve(source: ImageSource, wanted_platform: str | None) -> Resolved:
     check_config(config, source.description)
     plat = "/".join(p for p in (config.get("os"), config.get("architecture"),
                                 config.get("variant")) if p)
+    if wanted_platform and not from_index and plat.split("/")[:2] != wanted.split("/")[:2]:
+        raise SourceError(f"{source.description}: the image is {plat or 'of no platform'} "
+                          f"only (one manifest, no index), not {wanted}: drop --platform or "
+                          "choose an image built for it")
     return Resolved(index_digest, top.digest, top.media_type, top.body,
                     config_descriptor.get("digest"), config, plat)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from rich.console import Console
 from rich.markup import escape
 
@@ -18,6 +20,11 @@ def _size(n: int | None) -> str:
     return str(n)
 
 
+def _argv(argv: list[str] | None) -> str:
+    """As the Dockerfile's exec form writes it; (none) where the image sets none."""
+    return json.dumps(argv) if argv is not None else "(none)"
+
+
 def render_image(report: Report, console: Console) -> None:
     f = report.facts
     out = lambda text="": console.print(escape(text), highlight=False)  # noqa: E731
@@ -30,8 +37,10 @@ def render_image(report: Report, console: Console) -> None:
         f"created {f['config']['created']}")
     out(f"layers    {len(f['layers'])}")
     for i, layer in enumerate(f["layers"]):
+        contents = ("not read (--no-layers)" if layer["files"] is None else
+                    f"{_size(layer['uncompressed_size'])}, {layer['files']} files")
         out(f"  {i:>2} {layer['digest']}  {_size(layer['size']):>9} {layer['compression'] or ''}"
-            f"  → {_size(layer['uncompressed_size'])}, {layer['files']} files")
+            f"  → {contents}")
         if layer["diff_id"]:
             out(f"     diff_id {layer['diff_id']}")
         if layer["created_by"]:
@@ -39,7 +48,8 @@ def render_image(report: Report, console: Console) -> None:
     out("env")
     for key, value in f["env"].items():
         out(f"  {key}={value if len(value) < 140 else value[:137] + '...'}")
-    out(f"entrypoint {f['entrypoint']}  cmd {f['cmd']}  user {f['user'] or '(root)'}")
+    out(f"entrypoint {_argv(f['entrypoint'])}  cmd {_argv(f['cmd'])}  "
+        f"user {f['user'] or '(root)'}")
     render_cuda(f, out)
     render_checks(report.checks, console)
     out(f"VERDICT {report.verdict}")

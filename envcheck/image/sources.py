@@ -129,6 +129,11 @@ class RegistrySource:
         pass
 
 
+def _ref_name(entry: dict) -> str | None:
+    annotations = entry.get("annotations")
+    return annotations.get(REF_NAME) if isinstance(annotations, dict) else None
+
+
 class OciLayoutSource:
     def __init__(self, ref: ImageRef):
         self.root = Path(ref.path)
@@ -152,18 +157,29 @@ class OciLayoutSource:
         return path.read_bytes()
 
     def top(self) -> Top:
+        """The manifest (or index) tagged `tag`, or index.json's only one. Where several
+        entries are left, one image per platform (untagged, or under one tag), they are the
+        index to choose the platform from; several tagged images need a tag (as in skopeo)."""
         index = _verified_json((self.root / "index.json").read_bytes(), None,
                                f"{self.root}/index.json")
-        entries = index.get("manifests") or []
-        named = [m for m in entries if m.get("annotations", {}).get(REF_NAME) == self.tag]
-        if self.tag and not named and len(entries) != 1:
-            tags = sorted(m.get("annotations", {}).get(REF_NAME, "?") for m in entries)
+        listed = index.get("manifests")
+        entries = [m for m in (listed if isinstance(listed, list) else [])
+                   if isinstance(m, dict) and isinstance(m.get("digest"), str)]
+        chosen = [m for m in entries if _ref_name(m) == self.tag] if self.tag else entries
+        if self.tag and not chosen and len(entries) != 1:
+            tags = sorted(_ref_name(m) or "?" for m in entries)
             raise SourceError(f"{self.description}: no manifest tagged {self.tag!r} "
                               f"(tags: {', '.join(tags) or 'none'})")
-        chosen = named[0] if named else (entries[0] if entries else None)
-        if chosen is None:
+        chosen = chosen or entries
+        if not chosen:
             raise SourceError(f"{self.description}: index.json lists no manifests")
-        return self.manifest(chosen["digest"])
+        if len(chosen) == 1:
+            return self.manifest(chosen[0]["digest"])
+        tags = sorted({_ref_name(m) for m in chosen} - {None})
+        if len(tags) > 1:
+            raise SourceError(f"{self.description}: the layout holds {len(tags)} images (tags: "
+                              f"{', '.join(tags)}): name one, as oci:{self.root}:{tags[0]}")
+        return Top({"manifests": chosen}, INDEX_TYPES[0], None)
 
     def manifest(self, digest: str) -> Top:
         body = _verified_json(self._read(digest), digest, f"{self.description}@{digest}")

@@ -205,6 +205,52 @@ def test_multi_arch_index_and_platform_choice(registry, tmp_path):
                    "linux/amd64, linux/arm64")
 
 
+
+def test_platform_of_a_single_platform_image(cuda_layout):
+    """No index to choose from: the one image must be the platform asked for (docker run's
+    rule), or the report would describe another platform than the one asked about. Layers
+    not read say so (they read "-, None files")."""
+    layout, built = cuda_layout
+    ref = f"oci:{layout}:12.8.0-cudnn-devel"
+    own = inspect_json(ref, "--no-layers")["config"]["platform"]
+    other = "linux/s390x" if own != "linux/s390x" else "linux/amd64"
+    assert inspect_json(ref, "--platform", own.upper(), "--no-layers")["manifest"]["digest"] \
+        == built["manifest_digest"]
+    one_line_error(envcheck(ref, "--platform", other, "--no-layers"), 1,
+                   f"the image is {own} only (one manifest, no index), not {other}")
+    text = envcheck(ref, "--platform", own, "--no-layers").stdout
+    assert text.count("→ not read (--no-layers)") == len(built["layers"]) and "None" not in text
+    for args, fragment in ((("--platform", "bogus"), "'bogus' is not OS/ARCH"),
+                           (("--no-layers", "--files", "etc/*"), "--files lists the layers'")):
+        done = envcheck(ref, *args)
+        assert done.returncode == 2 and done.stdout == "" and fragment in done.stderr
+
+
+def test_oci_layout_holding_several_images(cuda_layout, tmp_path):
+    """Several tagged images need a tag (as in skopeo); untagged entries, one per platform,
+    are an index to choose the platform from."""
+    layout, built = cuda_layout
+    copy = tmp_path / "two-tags"
+    shutil.copytree(layout, copy)
+    index = json.loads((copy / "index.json").read_text())
+    index["manifests"].append(dict(index["manifests"][0], annotations={
+        "org.opencontainers.image.ref.name": "second"}))
+    (copy / "index.json").write_text(json.dumps(index))
+    one_line_error(envcheck(f"oci:{copy}", "--no-layers"), 1, "the layout holds 2 images (tags: "
+                   f"12.8.0-cudnn-devel, second): name one, as oci:{copy}:12.8.0-cudnn-devel")
+    assert inspect_json(f"oci:{copy}:second", "--no-layers")["manifest"]["digest"] == \
+        built["manifest_digest"]
+    multi = tmp_path / "per-platform"
+    arches = cuda_image.build_multiarch(multi)
+    # index.json lists the platforms' manifests itself (no nested index, no tags)
+    shutil.copy(multi / "blobs/sha256" / arches["index_digest"][7:], multi / "index.json")
+    for arch in ("amd64", "arm64"):
+        report = inspect_json(f"oci:{multi}", "--platform", f"linux/{arch}", "--no-layers")
+        assert report["manifest"]["digest"] == arches[arch]["manifest_digest"]
+        assert report["index_digest"] is None
+    one_line_error(envcheck(f"oci:{multi}", "--platform", "linux/s390x"), 1,
+                   "no manifest for platform linux/s390x (available: linux/amd64, linux/arm64)")
+
 def test_unknown_reference_syntax_is_a_usage_error():
     one_line_error(envcheck("ftp://example/x"), 2, "unknown transport")
     one_line_error(envcheck("Not/A/Valid:Ref"), 2, "not an image reference")
