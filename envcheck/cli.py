@@ -203,7 +203,7 @@ def inspect_image_command(ref, platform, file_globs, layers, driver_version, as_
 
     REF: a registry reference (nvidia/cuda:12.8.0-cudnn-devel-ubuntu24.04,
     localhost:5000/x:tag, docker://…, …@sha256:…), docker-daemon:NAME[:TAG],
-    docker-archive:PATH or oci:DIR[:TAG].
+    docker-archive:PATH[:NAME[:TAG]|:@N] or oci:DIR[:TAG].
 
     \b
     Example:

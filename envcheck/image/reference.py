@@ -24,7 +24,7 @@ class ImageRef:
     transport: str  # docker | docker-daemon | docker-archive | oci
     registry: str = ""  # docker: host[:port]
     repository: str = ""  # docker / docker-daemon: path within the registry
-    tag: str | None = None
+    tag: str | None = None  # docker-archive: the image chosen in it, NAME[:TAG] or @N
     digest: str | None = None
     path: str = ""  # docker-archive / oci: filesystem path
 
@@ -53,14 +53,16 @@ def parse(text: str) -> ImageRef:
         name = name.removeprefix("library/")
         return ImageRef("docker-daemon", repository=name, tag=tag or (None if digest else "latest"),
                         digest=digest)
-    for transport in ("docker-archive", "oci"):
-        if text.startswith(transport + ":"):
-            path, tag = _split_path(text.removeprefix(transport + ":"), transport)
-            return ImageRef(transport, path=path, tag=tag)
+    if text.startswith("docker-archive:"):
+        path, chosen = _split_archive(text.removeprefix("docker-archive:"))
+        return ImageRef("docker-archive", path=path, tag=chosen)
+    if text.startswith("oci:"):
+        path, tag = _split_path(text.removeprefix("oci:"), "oci")
+        return ImageRef("oci", path=path, tag=tag)
     if ":" in text.split("/")[0] and "://" in text and not text.startswith("docker://"):
         raise RefSyntaxError(
             f"{text!r}: unknown transport; use a registry reference (optionally docker://), "
-            "docker-daemon:NAME[:TAG], docker-archive:PATH or oci:DIR[:TAG]")
+            "docker-daemon:NAME[:TAG], docker-archive:PATH[:NAME[:TAG]|:@N] or oci:DIR[:TAG]")
     registry, repository, tag, digest = _split_name(text.removeprefix("docker://"))
     return ImageRef("docker", registry=registry or DOCKER_HUB, repository=repository,
                     tag=tag or (None if digest else "latest"), digest=digest)
@@ -73,6 +75,30 @@ def _split_path(rest: str, transport: str) -> tuple[str, str | None]:
     if transport == "oci" and tag and TAG_RE.fullmatch(tag) and "/" not in tag:
         return path, tag
     return rest, None
+
+
+def _split_archive(rest: str) -> tuple[str, str | None]:
+    """'PATH[:NAME[:TAG]|:@N]' -> (path, the image chosen), as skopeo's docker-archive: the
+    path ends at the first colon."""
+    path, colon, chosen = rest.partition(":")
+    if not path:
+        raise RefSyntaxError("docker-archive: needs a path, e.g. docker-archive:./image.tar")
+    if colon and not re.fullmatch(r"@[0-9]{1,9}", chosen):
+        try:
+            _split_name(chosen)  # a NAME[:TAG] to find among the archive's RepoTags
+        except RefSyntaxError:
+            raise RefSyntaxError(f"docker-archive:{rest}: {chosen!r} names no image in an "
+                                 "archive; use NAME[:TAG] (one of its RepoTags) or @N (the "
+                                 "Nth, from 0)") from None
+    return path, chosen if colon else None
+
+
+def normalized_name(text: str) -> str:
+    """NAME[:TAG] as Docker normalises it (busybox: registry-1.docker.io/library/busybox:latest),
+    to compare a name with an archive's RepoTags. Raises RefSyntaxError."""
+    registry, repository, tag, digest = _split_name(text)
+    return f"{registry or DOCKER_HUB}/{repository}:{tag or 'latest'}" + (
+        f"@{digest}" if digest else "")
 
 
 def _split_name(name: str) -> tuple[str, str, str | None, str | None]:

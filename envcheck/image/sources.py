@@ -36,7 +36,7 @@ from envcheck.image.layers import (
     starts_a_layer,
     walk_chunks,
 )
-from envcheck.image.reference import ImageRef
+from envcheck.image.reference import ImageRef, RefSyntaxError, normalized_name
 from envcheck.image.registry import RegistryClient, RegistryError, docker_credentials
 
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
@@ -203,7 +203,7 @@ class DockerArchiveSource:
 
     def __init__(self, ref: ImageRef):
         self.path = Path(ref.path)
-        self.description = str(ref)
+        self.description, self.chosen = str(ref), ref.tag
         self.tar = None
         try:
             self._open(ref.path)
@@ -216,8 +216,11 @@ class DockerArchiveSource:
             self.tar = tarfile.open(self.path, "r:")
             self.members = {posixpath.normpath(m.name): m for m in self.tar.getmembers()}
         except FileNotFoundError:
-            raise UnreadableInput(f"{shown}: no such file; make one with "
-                                  "`docker save IMAGE -o FILE`") from None
+            whole = f"{shown}:{self.chosen}"
+            fix = (f"the path ends at its first colon, as in skopeo: link {whole} to a name "
+                   "without one" if self.chosen and Path(whole).exists() else
+                   "make one with `docker save IMAGE -o FILE`")
+            raise UnreadableInput(f"{shown}: no such file; {fix}") from None
         except (tarfile.TarError, OSError) as error:
             cut = " (cut short? save it again)" if "end of data" in str(error) else ""
             raise UnreadableInput(f"{shown}: not a docker save archive ({error}){cut}") from None
@@ -225,9 +228,10 @@ class DockerArchiveSource:
 
     def _read_entry(self) -> None:
         entries = self._json("manifest.json")
-        if not isinstance(entries, list) or not entries:
+        if not isinstance(entries, list) or not entries or not all(
+                isinstance(entry, dict) for entry in entries):
             raise SourceError(f"{self.description}: manifest.json lists no images")
-        self.entry = entries[0]
+        self.entry = _chosen_entry(entries, self.chosen, self.description)
 
     def _member(self, name: str) -> tarfile.TarInfo | None:
         """The member `name`, through links inside the archive: docker < 25 saves a layer it
@@ -301,6 +305,37 @@ class DockerArchiveSource:
             self.tar.close()
 
 
+def _chosen_entry(entries: list[dict], chosen: str | None, description: str) -> dict:
+    """The manifest.json entry `chosen` names (NAME[:TAG], one of its RepoTags as Docker
+    normalises them, or @N), else the only one: an archive of several images (`docker save A
+    B`) needs the choice, as skopeo's docker-archive does."""
+    names = [", ".join(map(str, entry.get("RepoTags") or [])) or f"@{index} (untagged)"
+             for index, entry in enumerate(entries)]
+    if chosen is None:
+        if len(entries) == 1:
+            return entries[0]
+        raise SourceError(f"{description}: the archive holds {len(entries)} images "
+                          f"({'; '.join(names)}): name one, adding :NAME[:TAG] or :@N")
+    if chosen.startswith("@"):
+        if int(chosen[1:]) < len(entries):
+            return entries[int(chosen[1:])]
+        raise SourceError(f"{description}: no image {chosen}: the archive holds "
+                          f"{len(entries)} ({'; '.join(names)}), @0 to @{len(entries) - 1}")
+    wanted = normalized_name(chosen)
+    for entry in entries:
+        if wanted in {_normalized_or_none(tag) for tag in entry.get("RepoTags") or []}:
+            return entry
+    raise SourceError(f"{description}: no image tagged {chosen} in the archive "
+                      f"({'; '.join(names)})")
+
+
+def _normalized_or_none(tag) -> str | None:
+    try:
+        return normalized_name(tag) if isinstance(tag, str) else None
+    except RefSyntaxError:
+        return None
+
+
 class SavedStreamSource(DockerArchiveSource):
     """A `docker save` archive read once, front to back, from a stream: a compressed archive
     (`docker save IMAGE | gzip`, or zstd) or the daemon's `docker save`. Layers stream past
@@ -310,8 +345,8 @@ class SavedStreamSource(DockerArchiveSource):
     manifest's order."""
 
     def __init__(self, description: str, pieces: Iterator[bytes], *, scan_layers: bool,
-                 shown: str, hint: str):
-        self.description, self.entry = description, {}
+                 shown: str, hint: str, chosen: str | None = None):
+        self.description, self.entry, self.chosen = description, {}, chosen
         self.members: dict[str, Header] = {}
         self._kept: dict[str, bytes] = {}
         self._kept_bytes = 0
@@ -409,7 +444,7 @@ def archive_source(ref: ImageRef, progress=None, scan_layers: bool = True) -> Im
                 progress) else None
             return SavedStreamSource(str(ref), _pieces(packed, advance),
                                      scan_layers=scan_layers, shown=ref.path,
-                                     hint="save it again")
+                                     hint="save it again", chosen=ref.tag)
     except OSError as error:
         raise UnreadableInput(f"{ref.path}: cannot read it ({error.strerror or error})") from None
 

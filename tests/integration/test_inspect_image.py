@@ -495,6 +495,46 @@ def test_docker_daemon_source(engine, cuda_layout, monkeypatch, tmp_path):
                                                            force=True)
 
 
+
+def test_docker_archive_of_two_images(engine, cuda_layout, tmp_path):
+    """`docker save A B` (the real engine's): one image is chosen by a RepoTag, as written or
+    as Docker normalises it, or by @N, in place and compressed; none chosen is one line
+    naming both, as in skopeo."""
+    import os
+
+    import docker
+
+    layout, built = cuda_layout
+    arches = cuda_image.build_multiarch(tmp_path / "multi")
+    skopeo("copy", "--dest-daemon-host", engine, f"oci:{layout}:12.8.0-cudnn-devel",
+           "docker-daemon:envcheck-test/cuda:one")
+    skopeo("copy", "--dest-daemon-host", engine, "--override-arch", "arm64",
+           f"oci:{tmp_path / 'multi'}:multi", "docker-daemon:envcheck-test/small:arm64")
+    archive = tmp_path / "two.tar"
+    try:
+        subprocess.run(["docker", "save", "-o", str(archive), "envcheck-test/cuda:one",
+                        "envcheck-test/small:arm64"], check=True, capture_output=True,
+                       env={**os.environ, "DOCKER_HOST": engine})
+    finally:
+        client = docker.DockerClient(base_url=engine)
+        for name in ("envcheck-test/cuda:one", "envcheck-test/small:arm64"):
+            client.images.remove(name, force=True)
+    (tmp_path / "two.tar.gz").write_bytes(gzip.compress(archive.read_bytes(), 1))
+    ref = f"docker-archive:{archive}"
+    one_line_error(envcheck(ref), 1, "the archive holds 2 images (", "envcheck-test/cuda:one",
+                   "envcheck-test/small:arm64", "name one, adding :NAME[:TAG] or :@N")
+    for path in (archive, tmp_path / "two.tar.gz"):
+        for chosen, image in (("envcheck-test/small:arm64", arches["arm64"]),
+                              ("docker.io/envcheck-test/cuda:one", built)):
+            report = inspect_json(f"docker-archive:{path}:{chosen}")
+            assert report["config"]["digest"] == image["config_digest"]
+            assert [layer["diff_id"] for layer in report["layers"]] == image["diff_ids"]
+        assert {inspect_json(f"docker-archive:{path}:@{n}", "--no-layers")["config"]["digest"]
+                for n in (0, 1)} == {built["config_digest"], arches["arm64"]["config_digest"]}
+    one_line_error(envcheck(f"{ref}:@2"), 1, "no image @2: the archive holds 2", "@0 to @1")
+    one_line_error(envcheck(f"{ref}:envcheck-test/cuda:two"), 1,
+                   "no image tagged envcheck-test/cuda:two in the archive")
+
 def test_daemon_not_running(tmp_path):
     import os
 

@@ -39,7 +39,29 @@ def test_digest_references_and_paths():
     assert reference.parse("docker-archive:/tmp/x.tar").path == "/tmp/x.tar"
 
 
-@pytest.mark.parametrize("text", ["", "UPPER/x", "x@sha256:zz", "http://h/x", "a:b:c", "oci:"])
+@pytest.mark.parametrize(("text", "path", "chosen"), [
+    ("docker-archive:/tmp/x.tar", "/tmp/x.tar", None),
+    ("docker-archive:x.tar:cuda:test", "x.tar", "cuda:test"),
+    ("docker-archive:x.tar:localhost:5000/a/b:c", "x.tar", "localhost:5000/a/b:c"),
+    ("docker-archive:x.tar:@1", "x.tar", "@1"),
+])
+def test_the_image_chosen_in_a_docker_archive(text, path, chosen):
+    """skopeo's docker-archive:PATH[:NAME[:TAG]|:@N]: the path ends at the first colon."""
+    ref = reference.parse(text)
+    assert (ref.path, ref.tag, str(ref)) == (path, chosen, text)
+
+
+def test_names_as_docker_normalises_them():
+    hub = "registry-1.docker.io"
+    assert reference.normalized_name("busybox") == f"{hub}/library/busybox:latest"
+    assert reference.normalized_name("docker.io/bench/saved:big") == \
+        reference.normalized_name("bench/saved:big") == f"{hub}/bench/saved:big"
+    assert reference.normalized_name("localhost:5000/x") == "localhost:5000/x:latest"
+
+
+@pytest.mark.parametrize("text", ["", "UPPER/x", "x@sha256:zz", "http://h/x", "a:b:c", "oci:",
+                                  "docker-archive:", "docker-archive::x", "docker-archive:x:",
+                                  "docker-archive:x.tar:UPPER", "docker-archive:x.tar:@-1"])
 def test_bad_references(text):
     with pytest.raises(reference.RefSyntaxError):
         reference.parse(text)
