@@ -309,29 +309,35 @@ def _chosen_entry(entries: list[dict], chosen: str | None, description: str) -> 
     """The manifest.json entry `chosen` names (NAME[:TAG], one of its RepoTags as Docker
     normalises them, or @N), else the only one: an archive of several images (`docker save A
     B`) needs the choice, as skopeo's docker-archive does."""
-    names = [", ".join(map(str, entry.get("RepoTags") or [])) or f"@{index} (untagged)"
-             for index, entry in enumerate(entries)]
+    tags = [_repo_tags(entry) for entry in entries]
+    names = "; ".join(", ".join(these) or f"@{index} (untagged)"
+                      for index, these in enumerate(tags))
     if chosen is None:
         if len(entries) == 1:
             return entries[0]
-        raise SourceError(f"{description}: the archive holds {len(entries)} images "
-                          f"({'; '.join(names)}): name one, adding :NAME[:TAG] or :@N")
+        raise SourceError(f"{description}: the archive holds {len(entries)} images ({names}): "
+                          "name one, adding :NAME[:TAG] or :@N")
     if chosen.startswith("@"):
-        if int(chosen[1:]) < len(entries):
-            return entries[int(chosen[1:])]
+        index = int(chosen[1:])
+        if index < len(entries):
+            return entries[index]
         raise SourceError(f"{description}: no image {chosen}: the archive holds "
-                          f"{len(entries)} ({'; '.join(names)}), @0 to @{len(entries) - 1}")
+                          f"{len(entries)} ({names}), @0 to @{len(entries) - 1}")
     wanted = normalized_name(chosen)
-    for entry in entries:
-        if wanted in {_normalized_or_none(tag) for tag in entry.get("RepoTags") or []}:
+    for entry, these in zip(entries, tags, strict=True):
+        if wanted in map(_normalized_or_none, these):
             return entry
-    raise SourceError(f"{description}: no image tagged {chosen} in the archive "
-                      f"({'; '.join(names)})")
+    raise SourceError(f"{description}: no image tagged {chosen} in the archive ({names})")
 
 
-def _normalized_or_none(tag) -> str | None:
+def _repo_tags(entry: dict) -> list[str]:
+    tags = entry.get("RepoTags")
+    return [tag for tag in tags if isinstance(tag, str)] if isinstance(tags, list) else []
+
+
+def _normalized_or_none(tag: str) -> str | None:
     try:
-        return normalized_name(tag) if isinstance(tag, str) else None
+        return normalized_name(tag)
     except RefSyntaxError:
         return None
 

@@ -197,3 +197,21 @@ def test_the_daemons_small_pieces_reach_the_reader_joined(monkeypatch):
     assert all(len(p) >= sources.CHUNK_BYTES for p in seen[:-1])
     assert [s.diff_id for s in source.scans([{"member": blob_name(big)}])] == [
         "sha256:" + hashlib.sha256(big).hexdigest()]
+
+
+def test_the_image_chosen_in_a_manifest_json_of_odd_entries():
+    """RepoTags as manifest.json may have them: missing, null, not a list, with non-strings or
+    names Docker would refuse; a choice is matched as Docker normalises names."""
+    entries = [{"RepoTags": None}, {"RepoTags": "cuda:one"}, {"RepoTags": [7, "UPPER", "x:y"]},
+               {"RepoTags": ["docker.io/library/busybox:latest"]}]
+    chosen = sources._chosen_entry
+    assert chosen(entries, "x:y", "a") is entries[2]
+    assert chosen(entries, "busybox", "a") is entries[3]
+    assert chosen(entries, "@1", "a") is entries[1]
+    with pytest.raises(sources.SourceError, match=r"^a: the archive holds 4 images \(@0 "
+                       r"\(untagged\); @1 \(untagged\); UPPER, x:y; "
+                       r"docker.io/library/busybox:latest\): name one, adding :NAME\[:TAG\] "
+                       r"or :@N$"):
+        chosen(entries, None, "a")
+    with pytest.raises(sources.SourceError, match=r"^a: no image tagged cuda:one in the archive"):
+        chosen(entries, "cuda:one", "a")
