@@ -157,16 +157,18 @@ class OciLayoutSource:
         return path.read_bytes()
 
     def top(self) -> Top:
-        """The manifest (or index) tagged `tag`, or index.json's only one. Where several
-        entries are left, one image per platform (untagged, or under one tag), they are the
-        index to choose the platform from; several tagged images need a tag (as in skopeo)."""
+        """The manifest (or index) tagged `tag`, or index.json's only one (an untagged one
+        whatever the tag asked for). Where several entries are left, one image per platform
+        (untagged, or under one tag), they are the index to choose the platform from; several
+        tagged images need a tag (as in skopeo)."""
         index = _verified_json((self.root / "index.json").read_bytes(), None,
                                f"{self.root}/index.json")
         listed = index.get("manifests")
         entries = [m for m in (listed if isinstance(listed, list) else [])
                    if isinstance(m, dict) and isinstance(m.get("digest"), str)]
         chosen = [m for m in entries if _ref_name(m) == self.tag] if self.tag else entries
-        if self.tag and not chosen and len(entries) != 1:
+        untagged_one = len(entries) == 1 and _ref_name(entries[0]) is None  # taken for any tag
+        if self.tag and not chosen and not untagged_one:
             tags = sorted(_ref_name(m) or "?" for m in entries)
             raise SourceError(f"{self.description}: no manifest tagged {self.tag!r} "
                               f"(tags: {', '.join(tags) or 'none'})")

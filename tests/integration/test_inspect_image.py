@@ -227,8 +227,9 @@ def test_platform_of_a_single_platform_image(cuda_layout):
 
 
 def test_oci_layout_holding_several_images(cuda_layout, tmp_path):
-    """Several tagged images need a tag (as in skopeo); untagged entries, one per platform,
-    are an index to choose the platform from."""
+    """Several tagged images need a tag (as in skopeo), and a tag not there is an error; one
+    untagged image is taken whatever the tag; untagged entries, one per platform, are an index
+    to choose the platform from."""
     layout, built = cuda_layout
     copy = tmp_path / "two-tags"
     shutil.copytree(layout, copy)
@@ -240,6 +241,12 @@ def test_oci_layout_holding_several_images(cuda_layout, tmp_path):
                    f"12.8.0-cudnn-devel, second): name one, as oci:{copy}:12.8.0-cudnn-devel")
     assert inspect_json(f"oci:{copy}:second", "--no-layers")["manifest"]["digest"] == \
         built["manifest_digest"]
+    one_line_error(envcheck(f"oci:{layout}:v2", "--no-layers"), 1,
+                   "no manifest tagged 'v2' (tags: 12.8.0-cudnn-devel)")  # it took that one
+    index["manifests"] = [{k: v for k, v in index["manifests"][0].items() if k != "annotations"}]
+    (copy / "index.json").write_text(json.dumps(index))
+    assert inspect_json(f"oci:{copy}:v2", "--no-layers")["manifest"]["digest"] == \
+        built["manifest_digest"]  # one untagged image: whatever the tag
     multi = tmp_path / "per-platform"
     arches = cuda_image.build_multiarch(multi)
     # index.json lists the platforms' manifests itself (no nested index, no tags)
