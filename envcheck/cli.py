@@ -202,8 +202,8 @@ def inspect_image_command(ref, platform, file_globs, layers, driver_version, as_
     """Inspect an image without running it: digests, env, CUDA, where libcuda resolves.
 
     REF: a registry reference (nvidia/cuda:12.8.0-cudnn-devel-ubuntu24.04,
-    localhost:5000/x:tag, docker://…, …@sha256:…), docker-daemon:NAME[:TAG],
-    docker-archive:PATH[:NAME[:TAG]|:@N] or oci:DIR[:TAG].
+    localhost:5000/x:tag, docker://…, …@sha256:…), docker-daemon:NAME[:TAG] (or an image
+    ID), docker-archive:PATH[:NAME[:TAG]|:@N] or oci:DIR[:TAG].
 
     \b
     Example:

@@ -13,6 +13,8 @@ HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
 COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+# an image ID, whole or its first 12+ hex digits: the daemon resolves it (a name first, as docker)
+IMAGE_ID_RE = re.compile(r"(?:sha256:)?[a-f0-9]{12,64}")
 
 
 class RefSyntaxError(ValueError):
@@ -48,6 +50,8 @@ def parse(text: str) -> ImageRef:
     if not text:
         raise RefSyntaxError("empty image reference")
     if text.startswith("docker-daemon:"):
+        if IMAGE_ID_RE.fullmatch(text.removeprefix("docker-daemon:")):  # as `docker images`
+            return ImageRef("docker-daemon", repository=text.removeprefix("docker-daemon:"))
         registry, repository, tag, digest = _split_name(text.removeprefix("docker-daemon:"))
         name = repository if registry in ("", DOCKER_HUB) else f"{registry}/{repository}"
         name = name.removeprefix("library/")

@@ -494,6 +494,10 @@ def test_docker_daemon_source(engine, cuda_layout, monkeypatch, tmp_path):
         image = docker.DockerClient(base_url=engine).images.get("envcheck-test/cuda:daemon")
         assert report["config"]["digest"] == image.id == built["config_digest"]
         assert [layer["diff_id"] for layer in report["layers"]] == built["diff_ids"]
+        for image_id in (image.id, image.id[7:19]):  # whole, and as `docker images` shows it
+            done = envcheck(f"docker-daemon:{image_id}", "--json", "--no-layers",
+                            env={**os.environ, "DOCKER_HOST": engine})
+            assert json.loads(done.stdout)["config"]["digest"] == built["config_digest"]
         missing = envcheck("docker-daemon:envcheck-test/none:x",
                            env={**os.environ, "DOCKER_HOST": engine})
         one_line_error(missing, 1, "no such image in the daemon")

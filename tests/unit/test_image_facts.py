@@ -24,6 +24,9 @@ from scripts.cuda_image import REQUIRE
      ("docker", "nvcr.io", "nvidia/cuda", "12.8.0-base-ubuntu24.04")),
     ("localhost:5000/x:tag", ("docker", "localhost:5000", "x", "tag")),
     ("docker-daemon:envcheck-dev", ("docker-daemon", "", "envcheck-dev", "latest")),
+    ("docker-daemon:d7e602f7f925", ("docker-daemon", "", "d7e602f7f925", None)),  # an image ID
+    ("docker-daemon:sha256:" + "ab" * 32, ("docker-daemon", "", "sha256:" + "ab" * 32, None)),
+    ("docker-daemon:d7e602f7f9", ("docker-daemon", "", "d7e602f7f9", "latest")),  # a name
 ])
 def test_references(text, expected):
     ref = reference.parse(text)
