@@ -50,9 +50,10 @@ def parse(text: str) -> ImageRef:
     if not text:
         raise RefSyntaxError("empty image reference")
     if text.startswith("docker-daemon:"):
-        if IMAGE_ID_RE.fullmatch(text.removeprefix("docker-daemon:")):  # as `docker images`
-            return ImageRef("docker-daemon", repository=text.removeprefix("docker-daemon:"))
-        registry, repository, tag, digest = _split_name(text.removeprefix("docker-daemon:"))
+        rest = text.removeprefix("docker-daemon:")
+        if IMAGE_ID_RE.fullmatch(rest):  # as `docker images` shows it
+            return ImageRef("docker-daemon", repository=rest)
+        registry, repository, tag, digest = _split_name(rest)
         name = repository if registry in ("", DOCKER_HUB) else f"{registry}/{repository}"
         name = name.removeprefix("library/")
         return ImageRef("docker-daemon", repository=name, tag=tag or (None if digest else "latest"),
