@@ -58,11 +58,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from envcheck.image.sources import REF_NAME, ref_name
 from scripts import cuda_image
 from scripts.benchlib import dockerd_pid, failure, print_goals, timed, timed_rounds
 
 FILE_BYTES = 1 << 20
-REF_NAME = "org.opencontainers.image.ref.name"
 
 
 class _HashingWriter(io.RawIOBase):
@@ -193,8 +193,7 @@ def add_big_layer_again(layout: Path, big: dict) -> None:
 
 
 def _tagged(index: dict, tag: str) -> dict:
-    return next(m for m in index["manifests"]
-                if (m.get("annotations") or {}).get(REF_NAME) == tag)
+    return next(m for m in index["manifests"] if ref_name(m) == tag)
 
 
 def extend_manifest(layout: Path, built: dict, big: dict, tag: str = "bench") -> None:
@@ -217,8 +216,7 @@ def extend_manifest(layout: Path, built: dict, big: dict, tag: str = "bench") ->
     index = json.loads((layout / "index.json").read_text())
     entry = dict(_tagged(index, "bench"), digest=manifest_digest, size=len(manifest_bytes),
                  annotations={REF_NAME: tag})
-    index["manifests"] = [m for m in index["manifests"]
-                          if (m.get("annotations") or {}).get(REF_NAME) != tag] + [entry]
+    index["manifests"] = [m for m in index["manifests"] if ref_name(m) != tag] + [entry]
     (layout / "index.json").write_text(json.dumps(index))
 
 

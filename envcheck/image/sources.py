@@ -129,7 +129,8 @@ class RegistrySource:
         pass
 
 
-def _ref_name(entry: dict) -> str | None:
+def ref_name(entry: dict) -> str | None:
+    """The tag an OCI index entry carries (its ref.name annotation), or None."""
     annotations = entry.get("annotations")
     return annotations.get(REF_NAME) if isinstance(annotations, dict) else None
 
@@ -166,10 +167,10 @@ class OciLayoutSource:
         listed = index.get("manifests")
         entries = [m for m in (listed if isinstance(listed, list) else [])
                    if isinstance(m, dict) and isinstance(m.get("digest"), str)]
-        chosen = [m for m in entries if _ref_name(m) == self.tag] if self.tag else entries
-        untagged_one = len(entries) == 1 and _ref_name(entries[0]) is None  # taken for any tag
+        chosen = [m for m in entries if ref_name(m) == self.tag] if self.tag else entries
+        untagged_one = len(entries) == 1 and ref_name(entries[0]) is None  # taken for any tag
         if self.tag and not chosen and not untagged_one:
-            tags = sorted(_ref_name(m) or "?" for m in entries)
+            tags = sorted(ref_name(m) or "?" for m in entries)
             raise SourceError(f"{self.description}: no manifest tagged {self.tag!r} "
                               f"(tags: {', '.join(tags) or 'none'})")
         chosen = chosen or entries
@@ -177,7 +178,7 @@ class OciLayoutSource:
             raise SourceError(f"{self.description}: index.json lists no manifests")
         if len(chosen) == 1:
             return self.manifest(chosen[0]["digest"])
-        tags = sorted({_ref_name(m) for m in chosen} - {None})
+        tags = sorted({ref_name(m) for m in chosen} - {None})
         if len(tags) > 1:
             raise SourceError(f"{self.description}: the layout holds {len(tags)} images (tags: "
                               f"{', '.join(tags)}): name one, as oci:{self.root}:{tags[0]}")

@@ -205,7 +205,6 @@ def test_multi_arch_index_and_platform_choice(registry, tmp_path):
                    "linux/amd64, linux/arm64")
 
 
-
 def test_platform_of_a_single_platform_image(cuda_layout):
     """No index to choose from: the one image must be the platform asked for (docker run's
     rule), or the report would describe another platform than the one asked about. Layers
@@ -257,6 +256,7 @@ def test_oci_layout_holding_several_images(cuda_layout, tmp_path):
         assert report["index_digest"] is None
     one_line_error(envcheck(f"oci:{multi}", "--platform", "linux/s390x"), 1,
                    "no manifest for platform linux/s390x (available: linux/amd64, linux/arm64)")
+
 
 def test_unknown_reference_syntax_is_a_usage_error():
     one_line_error(envcheck("ftp://example/x"), 2, "unknown transport")
@@ -506,7 +506,6 @@ def test_docker_daemon_source(engine, cuda_layout, monkeypatch, tmp_path):
                                                            force=True)
 
 
-
 def test_docker_archive_of_two_images(engine, cuda_layout, tmp_path):
     """`docker save A B` (the real engine's): one image is chosen by a RepoTag, as written or
     as Docker normalises it, or by @N, in place and compressed; none chosen is one line
@@ -545,6 +544,7 @@ def test_docker_archive_of_two_images(engine, cuda_layout, tmp_path):
     one_line_error(envcheck(f"{ref}:@2"), 1, "no image @2: the archive holds 2", "@0 to @1")
     one_line_error(envcheck(f"{ref}:envcheck-test/cuda:two"), 1,
                    "no image tagged envcheck-test/cuda:two in the archive")
+
 
 def test_daemon_not_running(tmp_path):
     import os
