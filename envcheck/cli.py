@@ -30,7 +30,42 @@ VERDICT_TEXT = {
 }
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineUsageError(click.UsageError):
+    """A usage error shown as one line, like every other error envcheck prints (click's own
+    shows the usage and a hint on lines above it)."""
+
+    def show(self, file=None) -> None:
+        usage = " ".join(self.ctx.get_usage().split()) if self.ctx else ""
+        where = f" ({usage.replace('Usage: ', 'usage: ', 1)}; --help for more)" if usage else ""
+        click.echo(f"Error: {self.format_message()}{where}", file=file, err=True)
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors():
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise  # a bare `envcheck` or `envcheck fleet` shows its help
+    except click.UsageError as error:
+        if isinstance(error, _OneLineUsageError):
+            raise
+        raise _OneLineUsageError(error.format_message(), error.ctx) from None
+
+
+class _Cli(click.Group):
+    """The command group: usage errors, wherever they are raised (parsing, a nested group, a
+    command's own check), are one line with the exit code 2."""
+
+    def make_context(self, *args, **kwargs) -> click.Context:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="envcheck")
 def cli() -> None:
     """envcheck: will this image, on this host, really use the GPU — and compute correctly?"""

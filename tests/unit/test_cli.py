@@ -4,6 +4,9 @@ verdicts, exact exit codes, JSON schema; plus the README/help meta-checks."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -84,6 +87,42 @@ def test_a_broken_model_run_is_one_failed_check(monkeypatch, result, summary):
 def test_bad_option_is_a_usage_error():
     outcome = CliRunner().invoke(cli, ["gpu-smoke", "--timeout-s", "0"])
     assert outcome.exit_code == 2 and "--timeout-s" in outcome.output
+
+
+@pytest.mark.parametrize("args, names", [
+    (["gpu-smoke", "--timeout-s", "0"], ["'--timeout-s'", "usage: envcheck gpu-smoke"]),
+    (["inspect-image", "x", "--platform", "bogus"], ["--platform", "'bogus'", "inspect-image"]),
+    (["inspect-image"], ["Missing argument 'REF'", "usage: envcheck inspect-image"]),
+    (["inspect-image", "x", "--bogus"], ["'--bogus'"]),
+    (["inspect-image", "x", "--files", "*", "--no-layers"], ["--no-layers", "drop one"]),
+    (["nosuch"], ["No such command 'nosuch'", "usage: envcheck [OPTIONS] COMMAND"]),
+    (["--bogus"], ["'--bogus'"]),
+    (["fleet", "nope"], ["'nope'", "usage: envcheck fleet"]),
+    (["fleet", "slurm", "--timeout-s", "0"], ["'--timeout-s'", "usage: envcheck fleet slurm"]),
+])
+def test_usage_errors_are_one_line(args, names):
+    """Bad input is one line naming the thing, exit 2: not click's usage and hint above it."""
+    outcome = CliRunner().invoke(cli, args, prog_name="envcheck")
+    assert outcome.exit_code == 2, outcome.output
+    assert outcome.stdout == "" and outcome.stderr.count("\n") == 1, outcome.stderr
+    assert outcome.stderr.startswith("Error: ")
+    assert all(name in outcome.stderr for name in names), outcome.stderr
+
+
+def test_bare_command_still_shows_its_help():
+    for args in ([], ["fleet"]):
+        outcome = CliRunner().invoke(cli, args)
+        assert outcome.exit_code == 2 and "Commands:" in outcome.output
+
+
+def test_a_usage_error_from_the_installed_command_is_one_line():
+    command = Path(sys.executable).with_name("envcheck")  # the console script pip installed
+    process = subprocess.run([str(command), "inspect-image"],
+                             capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert process.returncode == 2 and process.stdout == ""
+    assert process.stderr.splitlines() == [
+        "Error: Missing argument 'REF'. (usage: envcheck inspect-image [OPTIONS] REF; "
+        "--help for more)"]
 
 
 def all_commands():
