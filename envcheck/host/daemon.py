@@ -108,9 +108,10 @@ def is_rootless(info: dict) -> bool:
 
 def configured_runtimes(probe: Probe) -> set[str]:
     try:
-        return set(json.loads(probe.read(DAEMON_JSON) or "{}").get("runtimes") or {})
+        runtimes = json.loads(probe.read(DAEMON_JSON) or "{}").get("runtimes")
     except (json.JSONDecodeError, AttributeError):
         return set()
+    return set(runtimes) if isinstance(runtimes, dict) else set()  # dockerd refuses other shapes
 
 
 def runtime_check(probe: Probe, facts: dict, toolkit_hooks: bool) -> Check:

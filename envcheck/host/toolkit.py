@@ -73,13 +73,12 @@ def read_config(probe: Probe, rootless: bool) -> tuple[Check, dict]:
         return Check("toolkit.config", "pass", f"no {CONFIG}: defaults (mode auto, cgroups "
                                                "managed)"), {}
     try:
-        config = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        return Check("toolkit.config", "fail", f"{CONFIG} is not valid TOML: {error}",
+        mode, no_cgroups = _config_settings(tomllib.loads(text))
+    except ValueError as error:  # a TOMLDecodeError too
+        problem = ("is not valid TOML: " if isinstance(error, tomllib.TOMLDecodeError) else "")
+        return Check("toolkit.config", "fail", f"{CONFIG}: {problem}{error}",
                      fix="regenerate it with `nvidia-ctk config default --output " + CONFIG
                          + "`"), {}
-    mode = config.get("nvidia-container-runtime", {}).get("mode", "auto")
-    no_cgroups = config.get("nvidia-container-cli", {}).get("no-cgroups", False)
     facts = {"mode": mode, "no_cgroups": no_cgroups}
     if mode in ("cdi", "csv"):
         return Check("toolkit.config", "fail", f"mode = \"{mode}\": the --gpus hook refuses to "
@@ -98,6 +97,24 @@ def read_config(probe: Probe, rootless: bool) -> tuple[Check, dict]:
                  ), facts
 
 
+def _config_settings(config: dict) -> tuple[str, bool]:
+    """(mode, no-cgroups) of a parsed config.toml; ValueError where a value has a type the
+    toolkit refuses to load (it then starts no container: `no-cgroups = "false"` is a string)."""
+    runtime, cli = config.get("nvidia-container-runtime", {}), config.get("nvidia-container-cli",
+                                                                          {})
+    for name, table in (("nvidia-container-runtime", runtime), ("nvidia-container-cli", cli)):
+        if not isinstance(table, dict):
+            raise ValueError(f"{name} is {type(table).__name__}, not a table ([{name}])")
+    mode, no_cgroups = runtime.get("mode", "auto"), cli.get("no-cgroups", False)
+    if not isinstance(mode, str):
+        raise ValueError(f"nvidia-container-runtime.mode = {mode!r} is not a string; the "
+                         "toolkit cannot load it")
+    if not isinstance(no_cgroups, bool):
+        raise ValueError(f"nvidia-container-cli.no-cgroups = {no_cgroups!r} is not true or "
+                         "false (unquoted); the toolkit cannot load it")
+    return mode, no_cgroups
+
+
 def cdi_specs(probe: Probe, driver: str | None) -> tuple[Check, dict]:
     specs, broken = [], []
     for directory in CDI_DIRS:
@@ -109,12 +126,15 @@ def cdi_specs(probe: Probe, driver: str | None) -> tuple[Check, dict]:
                 text = path.read_text()
                 spec = yaml.safe_load(text)
                 assert isinstance(spec, dict) and isinstance(spec.get("devices"), list)
+                assert isinstance(spec.get("kind"), str)
+                assert all(isinstance(d, dict) and isinstance(d.get("name"), str) and d["name"]
+                           for d in spec["devices"])  # as the CDI library requires
             except (OSError, yaml.YAMLError, AssertionError):
                 broken.append(f"{directory}/{path.name}")
                 continue
             versions = {a or b for a, b in SPEC_DRIVER_RE.findall(text)}
             specs.append({"path": f"{directory}/{path.name}", "kind": spec.get("kind"),
-                          "devices": [d.get("name") for d in spec["devices"]],
+                          "devices": [d["name"] for d in spec["devices"]],
                           "driver_versions": sorted(versions)})
     return cdi_check(specs, broken, driver), {"specs": specs, "broken": broken}
 

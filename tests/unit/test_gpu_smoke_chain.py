@@ -176,6 +176,22 @@ def test_config_mode_cdi_breaks_the_gpus_hook(tmp_path):
     assert_link(smoke(host), "toolkit.config", "fail", "--runtime=nvidia", 'mode = "auto"')
 
 
+@pytest.mark.parametrize("edit, named", [
+    ('[nvidia-container-cli]\nno-cgroups = "false"\n', "no-cgroups = 'false' is not true or false"),
+    ('[nvidia-container-runtime]\nmode = 5\n', "mode = 5 is not a string"),
+    ('nvidia-container-runtime = "legacy"\n', "nvidia-container-runtime is str, not a table"),
+    ('nvidia-container-cli = [1]\n', "nvidia-container-cli is list, not a table"),
+    ('[nvidia-container-cli\n', "is not valid TOML"),
+])
+def test_config_the_toolkit_cannot_load_is_a_failed_link(tmp_path, edit, named):
+    """Valid TOML of the wrong types (a quoted boolean is the usual slip) stops the toolkit
+    loading its config: one failed check naming the setting, not a traceback."""
+    host = healthy_host(tmp_path)
+    host.write("/etc/nvidia-container-runtime/config.toml", edit)
+    check = assert_link(smoke(host), "toolkit.config", "fail", "nvidia-ctk config default")
+    assert named in check.summary, check
+
+
 def test_packaged_pre_1_13_config_is_fine(tmp_path):
     host = healthy_host(tmp_path)
     host.write("/etc/nvidia-container-runtime/config.toml",
@@ -196,6 +212,34 @@ def test_stale_cdi_spec(tmp_path):
     host.write("/etc/cdi/nvidia.yaml", real("cdi-spec_etc-cdi-nvidia.yaml_575_ctk1.17.8.yaml.txt"))
     check = assert_link(smoke(host), "toolkit.cdi", "warn", "nvidia-ctk cdi generate")
     assert "575.64.03" in check.summary and "590.48.01" in check.summary
+
+
+@pytest.mark.parametrize("spec", [
+    "cdiVersion: 0.5.0\nkind: nvidia.com/gpu\ndevices: [all]\n",
+    "cdiVersion: 0.5.0\nkind: nvidia.com/gpu\ndevices:\n- name: 0\n",
+    "cdiVersion: 0.5.0\nkind: nvidia.com/gpu\ndevices:\n- containerEdits: {}\n",
+    "cdiVersion: 0.5.0\nkind: [nvidia.com/gpu]\ndevices: []\n",
+])
+def test_cdi_spec_with_malformed_devices_is_unreadable(tmp_path, spec):
+    """Devices that are not maps with a string name: the CDI library refuses the spec, and so
+    does the check (no traceback)."""
+    host = healthy_host(tmp_path)
+    host.write("/etc/cdi/broken.yaml", spec)
+    check = assert_link(smoke(host), "toolkit.cdi", "fail", "nvidia-ctk cdi generate")
+    assert "/etc/cdi/broken.yaml" in check.summary
+
+
+@pytest.mark.parametrize("daemon_json", ['{"runtimes": 5}', '{"runtimes": "nvidia"}', "[1]"])
+def test_daemon_json_of_another_shape_registers_no_runtime(tmp_path, daemon_json):
+    """dockerd refuses `runtimes` that is not a map; so does the check (no traceback, no
+    runtime spelt out of a string's letters)."""
+    info = real("docker-info_docker28.1.1_nvidia-runtime.txt").replace(
+        "Runtimes: io.containerd.runc.v2 nvidia runc", "Runtimes: io.containerd.runc.v2 runc")
+    host = healthy_host(tmp_path)
+    host.write("/etc/docker/daemon.json", daemon_json)
+    check = assert_link(smoke(host, FakeDocker(info_text=info)), "docker.runtime", "warn",
+                        "nvidia-ctk runtime configure")
+    assert check.summary.startswith("runtime nvidia not registered"), check
 
 
 def test_cli_info_cannot_load_nvml(tmp_path):
