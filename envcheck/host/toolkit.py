@@ -18,6 +18,7 @@ BINARIES = ("nvidia-ctk", "nvidia-container-cli", "nvidia-container-runtime",
             "nvidia-container-runtime-hook", "nvidia-cdi-hook")
 HOOKS = ("nvidia-container-runtime-hook", "nvidia-cdi-hook")  # what dockerd looks for (--gpus)
 CONFIG = "/etc/nvidia-container-runtime/config.toml"
+UNMARSHAL = "'failed to unmarshal config'"  # what the toolkit says (internal/config/toml.go)
 CDI_DIRS = ("/etc/cdi", "/var/run/cdi")
 VERSION_RE = re.compile(r"(?:CLI version|cli-version:)\s*(\d+\.\d+\.\d+)")
 SPEC_DRIVER_RE = re.compile(r"--host-driver-version=(\d+\.\d+(?:\.\d+)?)|"
@@ -104,14 +105,15 @@ def _config_settings(config: dict) -> tuple[str, bool]:
                                                                           {})
     for name, table in (("nvidia-container-runtime", runtime), ("nvidia-container-cli", cli)):
         if not isinstance(table, dict):
-            raise ValueError(f"{name} is {type(table).__name__}, not a table ([{name}])")
+            raise ValueError(f"{name} is {type(table).__name__}, not a table ([{name}]): the "
+                             f"toolkit cannot load it ({UNMARSHAL})")
     mode, no_cgroups = runtime.get("mode", "auto"), cli.get("no-cgroups", False)
     if not isinstance(mode, str):
-        raise ValueError(f"nvidia-container-runtime.mode = {mode!r} is not a string; the "
-                         "toolkit cannot load it")
+        raise ValueError(f"nvidia-container-runtime.mode = {mode!r} is not a string: the "
+                         f"toolkit cannot load it ({UNMARSHAL})")
     if not isinstance(no_cgroups, bool):
         raise ValueError(f"nvidia-container-cli.no-cgroups = {no_cgroups!r} is not true or "
-                         "false (unquoted); the toolkit cannot load it")
+                         f"false (unquoted): the toolkit cannot load it ({UNMARSHAL})")
     return mode, no_cgroups
 
 
