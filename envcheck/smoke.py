@@ -30,11 +30,15 @@ from envcheck.host import Probe, daemon
 from envcheck.host.driver import probe_driver
 from envcheck.host.nvml import probe_nvml
 from envcheck.host.toolkit import HOOKS, probe_toolkit
-from envcheck.report import Check, Report, redact_env
+from envcheck.report import STATUSES, Check, Report, redact_env
 from envcheck.runner import RunResult
 
 MODEL_ARGV = ["python", "-m", "model.smoke", "--json"]
 MODEL_CHECK_IDS = ("model.load", "model.parity", "model.generate", "model.attention")
+MODEL_SCHEMA = "envcheck.model-smoke/v1"  # model/smoke.py's SCHEMA
+MODEL_REPORT_FIELDS = (("impl", str), ("impl_used", str), ("checks", list),
+                       ("device.backend", str), ("device.device_kind", str),
+                       ("device.device_count", int), ("timings_s.forward", (int, float)))
 BLOCKING = ("docker.reachable", "image.present", "model.run") + MODEL_CHECK_IDS
 CONTAINER_IDS = ("image.present", "image.requirement", "container.passthrough",
                  *passthrough.INSIDE_IDS)
@@ -174,15 +178,47 @@ def parse_model_report(result: RunResult) -> tuple[dict[str, Any] | None, Check 
     unusable = _cannot_start(result)
     if unusable:
         return None, Check("model.run", "fail", unusable, _tail(result.err), INSTALL_FIX)
-    try:
-        report = json.loads(result.out.strip().splitlines()[-1])
-        assert isinstance(report, dict) and report.get("schema") == "envcheck.model-smoke/v1"
-        assert {c["id"] for c in report["checks"]} == set(MODEL_CHECK_IDS)
-    except (IndexError, json.JSONDecodeError, AssertionError, KeyError, TypeError):
+    report = _last_json_line(result.out)
+    if report is None or not str(report.get("schema")).startswith("envcheck.model-smoke/"):
         return None, Check("model.run", "fail",
                            f"the model test gave no report (exit code {result.rc})",
                            _tail(result.err or result.out), fix)
+    problem = _report_problem(report)
+    if problem:
+        return None, Check("model.run", "fail", f"the model test's report is not one this "
+                                                f"envcheck reads: {problem}",
+                           fix="the model test is of another envcheck version: rebuild the "
+                               "image with `envcheck build` (on the host: reinstall envcheck)")
     return report, None
+
+
+def _last_json_line(out: str) -> dict | None:
+    try:
+        report = json.loads(out.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def _report_problem(report: dict) -> str | None:
+    """What of the fields judge() and the text rendering read is missing or mistyped in a
+    model report (None: all there). Checked here, not asserted: the report comes from the
+    image, which another envcheck version may have built."""
+    if report["schema"] != MODEL_SCHEMA:
+        return f"schema {report['schema']}, not {MODEL_SCHEMA}"
+    for path, kind in MODEL_REPORT_FIELDS:
+        value = report
+        for key in path.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, kind):
+            return f"{path} is {'missing' if value is None else type(value).__name__}"
+    checks = report["checks"]
+    ids = sorted(str(c.get("id")) for c in checks if isinstance(c, dict))
+    if len(ids) != len(checks) or ids != sorted(MODEL_CHECK_IDS):
+        return f"checks are {', '.join(ids) or 'none'}, not {', '.join(MODEL_CHECK_IDS)}"
+    bad = [c["id"] for c in checks
+           if c.get("status") not in STATUSES or not isinstance(c.get("summary"), str)]
+    return f"check {bad[0]} has no status and summary" if bad else None
 
 
 NO_MODULE_RE = re.compile(r"No module named '?([\w.]+)'?")

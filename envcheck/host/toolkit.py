@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from pathlib import Path
 
 import yaml
 
@@ -124,21 +125,32 @@ def cdi_specs(probe: Probe, driver: str | None) -> tuple[Check, dict]:
         for path in sorted(folder.glob("*")) if folder.is_dir() else []:
             if path.suffix not in (".yaml", ".yml", ".json"):
                 continue
-            try:
-                text = path.read_text()
-                spec = yaml.safe_load(text)
-                assert isinstance(spec, dict) and isinstance(spec.get("devices"), list)
-                assert isinstance(spec.get("kind"), str)
-                assert all(isinstance(d, dict) and isinstance(d.get("name"), str) and d["name"]
-                           for d in spec["devices"])  # as the CDI library requires
-            except (OSError, yaml.YAMLError, AssertionError):
-                broken.append(f"{directory}/{path.name}")
-                continue
-            versions = {a or b for a, b in SPEC_DRIVER_RE.findall(text)}
-            specs.append({"path": f"{directory}/{path.name}", "kind": spec.get("kind"),
-                          "devices": [d["name"] for d in spec["devices"]],
-                          "driver_versions": sorted(versions)})
+            shown = f"{directory}/{path.name}"
+            spec = _read_cdi_spec(path, shown)
+            if spec is None:
+                broken.append(shown)
+            else:
+                specs.append(spec)
     return cdi_check(specs, broken, driver), {"specs": specs, "broken": broken}
+
+
+def _read_cdi_spec(path: Path, shown: str) -> dict | None:
+    """A CDI spec's kind, device names and the driver versions its paths name; None where it
+    cannot be read, or is not shaped as the CDI library requires (a kind, devices that are maps
+    with a name), which refuses such a spec too."""
+    try:
+        text = path.read_text()
+        spec = yaml.safe_load(text)
+    except (OSError, yaml.YAMLError):
+        return None
+    devices = spec.get("devices") if isinstance(spec, dict) else None
+    if not (isinstance(devices, list) and isinstance(spec.get("kind"), str) and all(
+            isinstance(d, dict) and isinstance(d.get("name"), str) and d["name"]
+            for d in devices)):
+        return None
+    versions = {a or b for a, b in SPEC_DRIVER_RE.findall(text)}
+    return {"path": shown, "kind": spec["kind"], "devices": [d["name"] for d in devices],
+            "driver_versions": sorted(versions)}
 
 
 def cdi_check(specs: list[dict], broken: list[str], driver: str | None) -> Check:

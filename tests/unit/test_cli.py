@@ -84,6 +84,38 @@ def test_a_broken_model_run_is_one_failed_check(monkeypatch, result, summary):
     assert summary in report["checks"][-1]["summary"]
 
 
+def mutated(change) -> dict:
+    report = model_report()
+    change(report)
+    return report
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda r: r.pop("device"), "device.backend is missing"),
+    (lambda r: r["device"].pop("device_kind"), "device.device_kind is missing"),
+    (lambda r: r["device"].__setitem__("device_count", "1"), "device.device_count is str"),
+    (lambda r: r["timings_s"].pop("forward"), "timings_s.forward is missing"),
+    (lambda r: r.__setitem__("checks", "all good"), "checks is str"),
+    (lambda r: r["checks"].pop(), "checks are model.generate, model.load, model.parity, not"),
+    (lambda r: r["checks"].__setitem__(0, "model.load"), "checks are model.attention, "),
+    (lambda r: r["checks"][1].__setitem__("status", "ok"), "check model.parity has no status"),
+    (lambda r: r["checks"][2].pop("summary"), "check model.generate has no status"),
+    (lambda r: r.__setitem__("schema", "envcheck.model-smoke/v2"), "model-smoke/v2, not"),
+])
+def test_a_model_report_of_another_shape_is_one_failed_check(monkeypatch, change, named):
+    """A report from an image another envcheck version built: a failed model.run naming what
+    differs and to rebuild the image, never a traceback (these raised KeyError and the like)."""
+    outcome, _ = invoke(monkeypatch, ok(mutated(change)))
+    assert outcome.exit_code == 1, outcome.output
+    assert "FAIL model.run" in outcome.output and named in outcome.output, outcome.output
+    assert "envcheck build" in outcome.output and "VERDICT fail" in outcome.output
+
+
+def test_the_model_report_schema_is_the_one_model_smoke_writes():
+    text = (REPO / "model" / "smoke.py").read_text()
+    assert f'SCHEMA = "{smoke.MODEL_SCHEMA}"' in text
+
+
 def test_bad_option_is_a_usage_error():
     outcome = CliRunner().invoke(cli, ["gpu-smoke", "--timeout-s", "0"])
     assert outcome.exit_code == 2 and "--timeout-s" in outcome.output
