@@ -173,14 +173,46 @@ def fleet_k8s_group() -> None:
     """
 
 
+K8S_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # RFC 1123, as Kubernetes
+
+
+def _k8s_name(ctx, param, value: str | None) -> str | None:
+    """A namespace (a DNS label) or, for --runtime-class, a DNS subdomain: what the API server
+    would refuse, refused before anything is applied."""
+    if value is None:
+        return None
+    dotted = param.name == "runtime_class"
+    parts = value.split(".") if dotted else [value]
+    if len(value) > (253 if dotted else 63) or not all(map(K8S_LABEL_RE.fullmatch, parts)):
+        raise click.BadParameter(
+            f"{value!r} is not a Kubernetes name: lower-case letters, digits and '-', starting "
+            f"and ending with a letter or digit{', in dot-separated parts' if dotted else ''}, "
+            f"at most {253 if dotted else 63} characters")
+    return value
+
+
+def _k8s_image(ctx, param, value: str) -> str:
+    from envcheck.image import reference
+
+    try:
+        ref = reference.parse(value)
+    except reference.RefSyntaxError:
+        ref = None
+    if ref is None or ref.transport != "docker" or value != value.strip():
+        raise click.BadParameter(f"{value!r} is not an image reference a kubelet can pull "
+                                 "(e.g. registry.example/envcheck:1)")
+    return value
+
+
 @fleet_k8s_group.command("render")
 @click.option("--kind", type=click.Choice(["daemonset", "job"]), default="daemonset",
               show_default=True)
-@click.option("--image", default="envcheck-dev:latest", show_default=True)
-@click.option("--namespace", default="envcheck", show_default=True)
+@click.option("--image", default="envcheck-dev:latest", show_default=True, callback=_k8s_image)
+@click.option("--namespace", default="envcheck", show_default=True, callback=_k8s_name)
 @click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Job completions/parallelism: the number of GPU nodes.")
-@click.option("--runtime-class", help="runtimeClassName, where the cluster uses one (nvidia).")
+@click.option("--runtime-class", callback=_k8s_name,
+              help="runtimeClassName, where the cluster uses one (nvidia).")
 def fleet_k8s_render_command(kind, image, namespace, nodes, runtime_class) -> None:
     """Print the manifests (Namespace + DaemonSet or Job) for `kubectl apply -f -`.
 
@@ -194,7 +226,7 @@ def fleet_k8s_render_command(kind, image, namespace, nodes, runtime_class) -> No
 
 
 @fleet_k8s_group.command("collect")
-@click.option("--namespace", default="envcheck", show_default=True)
+@click.option("--namespace", default="envcheck", show_default=True, callback=_k8s_name)
 @click.option("--require-gpu", is_flag=True, help="Exit 1 unless every node's verdict is gpu.")
 @click.option("--all", "show_all", is_flag=True, help="List every node, however many.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON report (envcheck.fleet/v1).")

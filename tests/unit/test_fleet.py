@@ -516,3 +516,29 @@ def test_slurm_without_a_controller_is_one_line(monkeypatch, tmp_path):
     assert outcome.exit_code == 2
     assert outcome.output == f"Error: SLURM_CONF={tmp_path}/absent.conf does not exist: point it " \
         "at the cluster's slurm.conf (or unset it to use the default)\n"
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--image", ""], "'' is not an image reference"),
+    (["--image", "Registry.Example/Envcheck:1"], "is not an image reference"),
+    (["--image", "docker-daemon:envcheck-dev"], "a kubelet can pull"),
+    (["--namespace", "GPU_checks"], "'GPU_checks' is not a Kubernetes name"),
+    (["--namespace", "-gpu"], "starting and ending with a letter or digit"),
+    (["--namespace", "n" * 64], "at most 63 characters"),
+    (["--runtime-class", "Nvidia"], "in dot-separated parts"),
+])
+def test_k8s_render_refuses_what_the_api_server_would(args, named):
+    """Refused before anything is applied: one line, exit 2, naming the value."""
+    outcome = CliRunner().invoke(cli, ["fleet", "k8s", "render", *args], prog_name="envcheck")
+    assert outcome.exit_code == 2 and outcome.stdout == "", outcome.output
+    assert outcome.stderr.count("\n") == 1 and named in outcome.stderr, outcome.stderr
+
+
+def test_k8s_render_takes_valid_names():
+    image = "registry.example:5000/gpu/envcheck@sha256:" + "a" * 64
+    outcome = CliRunner().invoke(cli, ["fleet", "k8s", "render", "--image", image, "--namespace",
+                                       "gpu-checks-2", "--runtime-class", "nvidia.example.com"])
+    assert outcome.exit_code == 0, outcome.output
+    docs = list(yaml.safe_load_all(outcome.stdout))
+    assert docs[0]["metadata"]["name"] == "gpu-checks-2"
+    assert docs[1]["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia.example.com"
