@@ -16,6 +16,7 @@ DOCKERFILE = "docker/Dockerfile"
 DEFAULT_TAG = "envcheck-dev:latest"
 DEFAULT_BASE = "nvidia/cuda:12.8.0-cudnn-devel-ubuntu24.04"
 EXTRA_CA_NAME = "docker/certs/envcheck-build-extra-ca.crt"
+CA_BUNDLE_BYTES_MAX = 16 << 20  # a system bundle is about 200 KiB
 STEP_RE = re.compile(r"^Step (\d+/\d+) : (.*)$")
 TAIL_LINES = 8
 
@@ -69,6 +70,22 @@ def check_base_image(client, base_image: str) -> str:
                          ) from None
 
 
+def ca_bundle_problem(ca_bundle: Path) -> str | None:
+    """Why `ca_bundle` cannot serve pip in the build (None: it can): checked before the build,
+    which would otherwise fail minutes later on its first TLS connection."""
+    try:
+        with ca_bundle.open("rb") as bundle:
+            head = bundle.read(CA_BUNDLE_BYTES_MAX + 1)
+    except OSError as error:
+        return f"--ca-bundle {ca_bundle}: {error.strerror or error}"
+    if len(head) > CA_BUNDLE_BYTES_MAX:
+        return f"--ca-bundle {ca_bundle}: over {CA_BUNDLE_BYTES_MAX >> 20} MiB, not a CA bundle"
+    if b"-----BEGIN CERTIFICATE-----" not in head:
+        return (f"--ca-bundle {ca_bundle}: no PEM certificate in it (-----BEGIN CERTIFICATE-----);"
+                " pass the PEM bundle, e.g. /etc/ssl/certs/ca-certificates.crt")
+    return None
+
+
 def build_context(ca_bundle: Path | None):
     """The build context as a tar (the SDK's own .dockerignore handling), plus the extra CA
     bundle when one is given, so the repository itself is never modified."""
@@ -90,8 +107,9 @@ def build_context(ca_bundle: Path | None):
 def build(*, base_image: str = DEFAULT_BASE, tag: str = DEFAULT_TAG, jax_extra: str = "cuda12",
           ca_bundle: Path | None = None, network: str = "default", timeout_s: float = 3600,
           on_step: Callable[[str], None] | None = None) -> BuildResult:
-    if ca_bundle is not None and not ca_bundle.is_file():
-        raise BuildError(f"--ca-bundle {ca_bundle}: no such file")
+    problem = ca_bundle_problem(ca_bundle) if ca_bundle is not None else None
+    if problem:
+        raise BuildError(problem)
     client = docker_client(timeout_s)
     check_base_image(client, base_image)
     start_s = time.monotonic()

@@ -141,6 +141,28 @@ def test_usage_errors_are_one_line(args, names):
     assert all(name in outcome.stderr for name in names), outcome.stderr
 
 
+@pytest.mark.parametrize("content, named", [
+    (None, "No such file or directory"),
+    (b"hello", "no PEM certificate in it"),
+    (b"-----BEGIN CERTIFICATE-----" + b"x" * (16 << 20), "over 16 MiB"),
+])
+def test_a_ca_bundle_pip_could_not_use_is_refused_before_the_build(tmp_path, content, named):
+    """Found before the build starts (it would fail minutes later at pip's first TLS
+    connection): one line, exit 2, and no Docker call (none answers in a unit test)."""
+    bundle = tmp_path / "bundle.crt"
+    if content is not None:
+        bundle.write_bytes(content)
+    outcome = CliRunner().invoke(cli, ["build", "--ca-bundle", str(bundle)])
+    assert outcome.exit_code == 2 and outcome.stderr.count("\n") == 1, outcome.output
+    assert f"--ca-bundle {bundle}: {named}" in outcome.stderr, outcome.stderr
+
+
+def test_the_system_ca_bundle_is_accepted():
+    from envcheck.build import ca_bundle_problem
+
+    assert ca_bundle_problem(Path("/etc/ssl/certs/ca-certificates.crt")) is None
+
+
 def test_bare_command_still_shows_its_help():
     for args in ([], ["fleet"]):
         outcome = CliRunner().invoke(cli, args)
