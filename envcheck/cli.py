@@ -71,9 +71,29 @@ def cli() -> None:
     """envcheck: will this image, on this host, really use the GPU — and compute correctly?"""
 
 
+def _image_option(ctx, param, value: str | None) -> str | None:
+    """An image as docker run takes it (a reference, or an image ID the engine has); for a
+    Kubernetes manifest, a reference a kubelet can pull (no ID)."""
+    from envcheck.image import reference
+
+    if value is None:
+        return None
+    pulled = ctx.command.name == "render"
+    try:
+        ref = reference.parse(value) if value == value.strip() else None
+    except reference.RefSyntaxError:
+        ref = None
+    by_id = not pulled and reference.IMAGE_ID_RE.fullmatch(value) is not None
+    if not by_id and (ref is None or ref.transport != "docker"):
+        raise click.BadParameter(
+            f"{value!r} is not an image reference{' a kubelet can pull' if pulled else ''} (e.g. "
+            f"{'registry.example/envcheck:1' if pulled else 'envcheck-dev:latest or an image ID'})")
+    return value
+
+
 @cli.command("gpu-smoke")
 @click.option("--image", default="envcheck-dev:latest", show_default=True,
-              help="The image to run (the one `envcheck build` makes).")
+              callback=_image_option, help="The image to run (the one `envcheck build` makes).")
 @click.option("--no-container", is_flag=True,
               help="Host checks only; the model test runs on this host.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON report (envcheck.smoke/v1).")
@@ -134,7 +154,8 @@ def _emit_fleet(rows, engine: str, seconds: float, as_json: bool, show_all: bool
 @click.option("--partition", help="Only this partition.")
 @click.option("--nodes", help="Only these nodes (a Slurm node list, e.g. n[1-8]).")
 @click.option("--gres", help="GRES per node for the step, e.g. gpu:1 (sets CUDA_VISIBLE_DEVICES).")
-@click.option("--image", help="The image gpu-smoke runs on each node (default: its own default).")
+@click.option("--image", callback=_image_option,
+              help="The image gpu-smoke runs on each node (default: its own default).")
 @click.option("--no-container", is_flag=True, help="Host checks and the model test on the host.")
 @click.option("--timeout-s", type=click.FloatRange(min=1), default=600, show_default=True,
               help="Limit for each node's model test (the step gets a minute more).")
@@ -191,23 +212,10 @@ def _k8s_name(ctx, param, value: str | None) -> str | None:
     return value
 
 
-def _k8s_image(ctx, param, value: str) -> str:
-    from envcheck.image import reference
-
-    try:
-        ref = reference.parse(value)
-    except reference.RefSyntaxError:
-        ref = None
-    if ref is None or ref.transport != "docker" or value != value.strip():
-        raise click.BadParameter(f"{value!r} is not an image reference a kubelet can pull "
-                                 "(e.g. registry.example/envcheck:1)")
-    return value
-
-
 @fleet_k8s_group.command("render")
 @click.option("--kind", type=click.Choice(["daemonset", "job"]), default="daemonset",
               show_default=True)
-@click.option("--image", default="envcheck-dev:latest", show_default=True, callback=_k8s_image)
+@click.option("--image", default="envcheck-dev:latest", show_default=True, callback=_image_option)
 @click.option("--namespace", default="envcheck", show_default=True, callback=_k8s_name)
 @click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Job completions/parallelism: the number of GPU nodes.")

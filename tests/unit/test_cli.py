@@ -131,6 +131,9 @@ def test_bad_option_is_a_usage_error():
     (["--bogus"], ["'--bogus'"]),
     (["fleet", "nope"], ["'nope'", "usage: envcheck fleet"]),
     (["fleet", "slurm", "--timeout-s", "0"], ["'--timeout-s'", "usage: envcheck fleet slurm"]),
+    (["gpu-smoke", "--image", ""], ["'' is not an image reference", "or an image ID"]),
+    (["gpu-smoke", "--image", "Envcheck-Dev"], ["'Envcheck-Dev' is not an image reference"]),
+    (["fleet", "slurm", "--image", "docker-archive:x.tar"], ["is not an image reference"]),
 ])
 def test_usage_errors_are_one_line(args, names):
     """Bad input is one line naming the thing, exit 2: not click's usage and hint above it."""
