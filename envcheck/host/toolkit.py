@@ -102,13 +102,14 @@ def read_config(probe: Probe, rootless: bool) -> tuple[Check, dict]:
 def _config_settings(config: dict) -> tuple[str, bool]:
     """(mode, no-cgroups) of a parsed config.toml; ValueError where a value has a type the
     toolkit refuses to load (it then starts no container: `no-cgroups = "false"` is a string)."""
-    runtime, cli = config.get("nvidia-container-runtime", {}), config.get("nvidia-container-cli",
-                                                                          {})
-    for name, table in (("nvidia-container-runtime", runtime), ("nvidia-container-cli", cli)):
+    tables = {name: config.get(name, {})
+              for name in ("nvidia-container-runtime", "nvidia-container-cli")}
+    for name, table in tables.items():
         if not isinstance(table, dict):
             raise ValueError(f"{name} is {type(table).__name__}, not a table ([{name}]): the "
                              f"toolkit cannot load it ({UNMARSHAL})")
-    mode, no_cgroups = runtime.get("mode", "auto"), cli.get("no-cgroups", False)
+    mode = tables["nvidia-container-runtime"].get("mode", "auto")
+    no_cgroups = tables["nvidia-container-cli"].get("no-cgroups", False)
     if not isinstance(mode, str):
         raise ValueError(f"nvidia-container-runtime.mode = {mode!r} is not a string: the "
                          f"toolkit cannot load it ({UNMARSHAL})")
