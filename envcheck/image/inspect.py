@@ -395,7 +395,7 @@ def build_report(ref, source, resolved: Resolved, scans: list[LayerScan],
         checks += library_checks(libraries, extra)
         facts["libraries"] = libraries
         facts["cuda"] = cuda_facts(view, env, extra)
-        facts["files"] = [file_row(p, info) for g in file_globs for p, info in view.glob(g)]
+        facts["files"], facts["files_unmatched"] = files_matching(view, file_globs)
     else:
         facts["cuda"] = {"cuda_version": cuda_version,
                          "cudnn_version": env.get("NV_CUDNN_VERSION")}
@@ -465,6 +465,21 @@ def cuda_facts(view: MergedView, env: dict, extra: dict) -> dict:
     packages = cuda.package_versions(cuda.parse_dpkg_status(status))
     return {"cuda_version": env.get("CUDA_VERSION"), "packages": packages,
             "libraries": cuda.library_versions(view.files), **extra}
+
+
+def files_matching(view: MergedView, globs: tuple[str, ...]) -> tuple[list[dict], list[str]]:
+    """The rows of the paths the globs match, each path once, in the globs' order; and the
+    globs that match nothing (said, as `ls` says so, rather than left out silently)."""
+    rows, seen, unmatched = [], set(), []
+    for pattern in globs:
+        found = view.glob(pattern)
+        if not found:
+            unmatched.append(pattern)
+        for path, info in found:
+            if path not in seen:
+                seen.add(path)
+                rows.append(file_row(path, info))
+    return rows, unmatched
 
 
 def file_row(path: str, info) -> dict:

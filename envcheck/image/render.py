@@ -84,3 +84,5 @@ def render_cuda(f: dict, out) -> None:
         link = f" -> {row['link']}" if row["link"] else ""
         out(f"file      {row['path']}{link}  {row['size']} B  mode {row['mode']}  "
             f"layer {row['layer']}")
+    for pattern in f.get("files_unmatched", []):
+        out(f"file      {pattern}: no match in the merged filesystem")

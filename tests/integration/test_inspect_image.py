@@ -120,10 +120,15 @@ def test_requirement_verdicts_for_old_drivers(pushed):
 
 def test_merged_view_applies_whiteouts_and_opaque_dirs(cuda_layout):
     layout, _ = cuda_layout
-    report = inspect_json(f"oci:{layout}", "--files", "etc/removed.conf", "--files", "opt/old/*",
-                          "--files", "usr/local/cuda")
+    globs = ("--files", "etc/removed.conf", "--files", "opt/old/*", "--files", "usr/local/cuda",
+             "--files", "/opt/old/new.txt")
+    report = inspect_json(f"oci:{layout}", *globs)
     rows = {row["path"]: row for row in report["files"]}
+    assert len(rows) == len(report["files"])  # a path two globs match is listed once
     assert "/etc/removed.conf" not in rows and "/opt/old/hidden.txt" not in rows
+    assert report["files_unmatched"] == ["etc/removed.conf"]
+    text = envcheck(f"oci:{layout}", *globs).stdout
+    assert "file      etc/removed.conf: no match in the merged filesystem\n" in text
     assert rows["/opt/old/new.txt"]["layer"] == 2
     assert rows["/usr/local/cuda"]["kind"] == "symlink" and rows["/usr/local/cuda"]["link"] == \
         "cuda-12.8"

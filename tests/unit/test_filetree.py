@@ -252,3 +252,16 @@ def test_one_deep_path_counts_each_directory_it_makes():
         tar.addfile(info)
     with pytest.raises(LayerError, match="more than 1,000"):
         scan_layer(io.BytesIO(raw.getvalue()), 0, budget=FileBudget(limit=1000))
+
+
+def test_files_globs_list_each_path_once_and_say_which_match_nothing():
+    from envcheck.image.inspect import files_matching
+
+    view = MergedView()
+    view.apply(layer(0, [("etc/ld.so.cache", "file"), ("etc/ld.so.conf", "file"),
+                         ("usr/lib/libcuda.so.1", "file")]))
+    rows, unmatched = files_matching(view, ("etc/ld.so.c?che", "/etc/ld.so.*", "/opt/*", "",
+                                            "usr/lib/*"))
+    assert [row["path"] for row in rows] == ["/etc/ld.so.cache", "/etc/ld.so.conf",
+                                             "/usr/lib/libcuda.so.1"]
+    assert unmatched == ["/opt/*", ""]
