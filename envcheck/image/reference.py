@@ -51,6 +51,9 @@ def parse(text: str) -> ImageRef:
         raise RefSyntaxError("empty image reference")
     if text.startswith("docker-daemon:"):
         rest = text.removeprefix("docker-daemon:")
+        if not rest:
+            raise RefSyntaxError("docker-daemon: needs an image, e.g. "
+                                 "docker-daemon:envcheck-dev:latest or an image ID")
         if IMAGE_ID_RE.fullmatch(rest):  # as `docker images` shows it
             return ImageRef("docker-daemon", repository=rest)
         registry, repository, tag, digest = _split_name(rest)
@@ -79,6 +82,8 @@ def _split_path(rest: str, transport: str) -> tuple[str, str | None]:
     path, _, tag = rest.rpartition(":") if ":" in rest else (rest, "", "")
     if transport == "oci" and tag and TAG_RE.fullmatch(tag) and "/" not in tag:
         return path, tag
+    if path and rest.endswith(":"):  # oci:DIR: names no tag, as skopeo reads it
+        return path, None
     return rest, None
 
 

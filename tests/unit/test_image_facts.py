@@ -40,6 +40,14 @@ def test_digest_references_and_paths():
     assert reference.parse("oci:/tmp/dir:v1").path == "/tmp/dir"
     assert reference.parse("oci:/tmp/dir:v1").tag == "v1"
     assert reference.parse("docker-archive:/tmp/x.tar").path == "/tmp/x.tar"
+    assert (reference.parse("oci:/tmp/dir:").path, reference.parse("oci:/tmp/dir:").tag) == (
+        "/tmp/dir", None)  # an empty tag is no tag, as skopeo reads it
+    assert reference.parse("oci:/tmp/a:b/c").path == "/tmp/a:b/c"  # a colon in the path
+
+
+def test_a_bare_daemon_prefix_says_what_it_needs():
+    with pytest.raises(reference.RefSyntaxError, match="docker-daemon: needs an image"):
+        reference.parse("docker-daemon:")
 
 
 @pytest.mark.parametrize(("text", "path", "chosen"), [
