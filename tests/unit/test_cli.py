@@ -126,6 +126,7 @@ def test_bad_option_is_a_usage_error():
     (["inspect-image", "x", "--platform", "bogus"], ["--platform", "'bogus'", "inspect-image"]),
     (["inspect-image"], ["Missing argument 'REF'", "usage: envcheck inspect-image"]),
     (["inspect-image", "x", "--bogus"], ["'--bogus'"]),
+    (["inspect-image", "x", "--jobs", "9"], ["'--jobs': 9 is not in the range 1<=x<=8"]),
     (["inspect-image", "x", "--files", "*", "--no-layers"], ["--no-layers", "drop one"]),
     (["nosuch"], ["No such command 'nosuch'", "usage: envcheck [OPTIONS] COMMAND"]),
     (["--bogus"], ["'--bogus'"]),
