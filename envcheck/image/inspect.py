@@ -271,9 +271,11 @@ def explain_library(soname: str, view: MergedView, cache: ldcache.LdCache | None
 
 
 def stub_and_compat(view: MergedView, env: dict[str, str]) -> dict:
-    stubs = sorted("/" + p for p, _ in view.glob("**/stubs/libcuda.so*"))
-    compat = sorted("/" + p for p, info in view.glob("usr/local/cuda*/compat/libcuda.so.*.*")
-                    if info.kind == "file")
+    # A file reached through a symlink (/usr/local/cuda -> cuda-12.8) is named once, by its
+    # real path: it is one library, not two.
+    stubs = sorted({"/" + (view.resolve(p) or p) for p, _ in view.glob("**/stubs/libcuda.so*")})
+    compat = sorted({"/" + (view.resolve(p) or p) for p, info in
+                     view.glob("usr/local/cuda*/compat/libcuda.so.*.*") if info.kind == "file"})
     on_path = [d for d in env.get("LD_LIBRARY_PATH", "").split(":") if "stubs" in d]
     return {"stubs": stubs, "compat": compat, "stubs_on_ld_library_path": on_path,
             "usr_local_cuda": view.resolve("usr/local/cuda") is not None,

@@ -91,6 +91,8 @@ def test_registry_image_matches_skopeo(pushed):
     assert libraries["libcudart.so.12"]["via"] == "ld.so.cache"
     assert libraries["libcudnn.so.9"]["resolves_to"] == "/usr/lib/x86_64-linux-gnu/libcudnn.so.9"
     assert report["cuda"]["stubs"] == [f"/{cuda_image.CUDA_LIB}/stubs/libcuda.so"]
+    # one compat libcuda, by its real path, not once more through the /usr/local/cuda symlink
+    assert report["cuda"]["compat"] == ["/usr/local/cuda-12.8/compat/libcuda.so.570.124.06"]
 
 
 def test_layers_several_at_a_time_give_the_same_report(pushed, cuda_layout, tmp_path):
