@@ -29,6 +29,10 @@ class BuildError(Exception):
         self.tail = tail or []
 
 
+class BundleError(BuildError):
+    """A --ca-bundle that cannot serve pip: bad input, found before the build starts."""
+
+
 @dataclasses.dataclass
 class BuildResult:
     image_id: str
@@ -109,7 +113,7 @@ def build(*, base_image: str = DEFAULT_BASE, tag: str = DEFAULT_TAG, jax_extra: 
           on_step: Callable[[str], None] | None = None) -> BuildResult:
     problem = ca_bundle_problem(ca_bundle) if ca_bundle is not None else None
     if problem:
-        raise BuildError(problem)
+        raise BundleError(problem)
     client = docker_client(timeout_s)
     check_base_image(client, base_image)
     start_s = time.monotonic()

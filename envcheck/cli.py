@@ -327,7 +327,6 @@ def inspect_image_command(ref, platform, file_globs, layers, driver_version, as_
 @click.option("--jax-extra", type=click.Choice(["cuda12", "cpu"]), default="cuda12",
               show_default=True, help="jax[cuda12] or plain (CPU) jax.")
 @click.option("--ca-bundle", type=click.Path(dir_okay=False, path_type=Path),
-              callback=lambda ctx, param, path: _ca_bundle_option(path),
               help="Extra CA bundle for pip inside the build (TLS-intercepting proxies).")
 @click.option("--network", type=click.Choice(["host", "default"]), default="default",
               show_default=True, help="Network of the build's RUN steps (host to pip-install "
@@ -350,6 +349,8 @@ def build_command(base_image, tag, jax_extra, ca_bundle, network, as_json, timeo
             result = builder.build(base_image=base_image, tag=tag, jax_extra=jax_extra,
                                    ca_bundle=ca_bundle, network=network, timeout_s=timeout_s,
                                    on_step=on_step)
+    except builder.BundleError as error:
+        _fail(str(error), EXIT_USAGE)
     except builder.BuildError as error:
         click.echo(f"Error: {error}", err=True)
         for line in error.tail:
@@ -362,16 +363,6 @@ def build_command(base_image, tag, jax_extra, ca_bundle, network, as_json, timeo
         click.echo(f"built {result.tag} {result.image_id[:19]} "
                    f"{result.size_bytes / 1e6:.0f} MB in {result.seconds:.1f} s "
                    f"({result.steps} steps, base {result.base_image}, jax {result.jax_extra})")
-
-
-def _ca_bundle_option(path: Path | None) -> Path | None:
-    from envcheck.build import ca_bundle_problem
-
-    problem = ca_bundle_problem(path) if path is not None else None
-    if problem:
-        raise click.BadParameter(problem.removeprefix(f"--ca-bundle {path}: "),
-                                 param_hint=f"--ca-bundle {path}")
-    return path
 
 
 def _check_version_option(text: str) -> None:
