@@ -72,13 +72,20 @@ def cli() -> None:
 
 
 def _image_option(ctx, param, value: str | None) -> str | None:
-    """An image as docker run takes it (a reference, or an image ID the engine has); for a
-    Kubernetes manifest, a reference a kubelet can pull (no ID)."""
+    """An image as docker run takes it: a reference, or an image ID the engine has."""
+    return _checked_image(value, pulled=False)
+
+
+def _pulled_image_option(ctx, param, value: str) -> str:
+    """An image for a Kubernetes manifest: a reference a kubelet can pull (no ID)."""
+    return _checked_image(value, pulled=True)
+
+
+def _checked_image(value: str | None, pulled: bool) -> str | None:
     from envcheck.image import reference
 
     if value is None:
         return None
-    pulled = ctx.command.name == "render"
     try:
         ref = reference.parse(value) if value == value.strip() else None
     except reference.RefSyntaxError:
@@ -197,12 +204,18 @@ def fleet_k8s_group() -> None:
 K8S_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # RFC 1123, as Kubernetes
 
 
-def _k8s_name(ctx, param, value: str | None) -> str | None:
-    """A namespace (a DNS label) or, for --runtime-class, a DNS subdomain: what the API server
-    would refuse, refused before anything is applied."""
-    if value is None:
-        return None
-    dotted = param.name == "runtime_class"
+def _k8s_label_option(ctx, param, value: str) -> str:
+    """A namespace: a DNS label, as the API server checks it (refused before anything is
+    applied)."""
+    return _checked_k8s_name(value, dotted=False)
+
+
+def _k8s_subdomain_option(ctx, param, value: str | None) -> str | None:
+    """A runtime class name: a DNS subdomain (labels joined by dots)."""
+    return None if value is None else _checked_k8s_name(value, dotted=True)
+
+
+def _checked_k8s_name(value: str, dotted: bool) -> str:
     parts = value.split(".") if dotted else [value]
     if len(value) > (253 if dotted else 63) or not all(map(K8S_LABEL_RE.fullmatch, parts)):
         raise click.BadParameter(
@@ -215,11 +228,12 @@ def _k8s_name(ctx, param, value: str | None) -> str | None:
 @fleet_k8s_group.command("render")
 @click.option("--kind", type=click.Choice(["daemonset", "job"]), default="daemonset",
               show_default=True)
-@click.option("--image", default="envcheck-dev:latest", show_default=True, callback=_image_option)
-@click.option("--namespace", default="envcheck", show_default=True, callback=_k8s_name)
+@click.option("--image", default="envcheck-dev:latest", show_default=True,
+              callback=_pulled_image_option)
+@click.option("--namespace", default="envcheck", show_default=True, callback=_k8s_label_option)
 @click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Job completions/parallelism: the number of GPU nodes.")
-@click.option("--runtime-class", callback=_k8s_name,
+@click.option("--runtime-class", callback=_k8s_subdomain_option,
               help="runtimeClassName, where the cluster uses one (nvidia).")
 def fleet_k8s_render_command(kind, image, namespace, nodes, runtime_class) -> None:
     """Print the manifests (Namespace + DaemonSet or Job) for `kubectl apply -f -`.
@@ -234,7 +248,7 @@ def fleet_k8s_render_command(kind, image, namespace, nodes, runtime_class) -> No
 
 
 @fleet_k8s_group.command("collect")
-@click.option("--namespace", default="envcheck", show_default=True, callback=_k8s_name)
+@click.option("--namespace", default="envcheck", show_default=True, callback=_k8s_label_option)
 @click.option("--require-gpu", is_flag=True, help="Exit 1 unless every node's verdict is gpu.")
 @click.option("--all", "show_all", is_flag=True, help="List every node, however many.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON report (envcheck.fleet/v1).")
