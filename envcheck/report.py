@@ -94,3 +94,18 @@ def redact_uuids(value: Any) -> Any:
 def redacted_report(report: Report) -> Report:
     checks = [Check(**redact_uuids(c.to_json())) for c in report.checks]
     return Report(report.kind, report.verdict, checks, redact_uuids(report.facts))
+
+
+def field_problem(document: dict, fields: tuple, prefix: str = "") -> str | None:
+    """The first of `fields` ((dotted path, type or tuple of types), ...) that `document` lacks
+    or has of another type, said as "device.device_kind is missing" / "host.gpus is str"
+    (None: all there). A path through a missing map is missing; NoneType in the types makes a
+    field optional. For documents another program (or envcheck version) wrote: checked, not
+    asserted."""
+    for path, kind in fields:
+        value = document
+        for key in path.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, kind):
+            return f"{prefix}{path} is {'missing' if value is None else type(value).__name__}"
+    return None

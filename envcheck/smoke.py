@@ -30,7 +30,7 @@ from envcheck.host import Probe, daemon
 from envcheck.host.driver import probe_driver
 from envcheck.host.nvml import probe_nvml
 from envcheck.host.toolkit import HOOKS, probe_toolkit
-from envcheck.report import STATUSES, Check, Report, redact_env
+from envcheck.report import STATUSES, Check, Report, field_problem, redact_env
 from envcheck.runner import RunResult
 
 MODEL_ARGV = ["python", "-m", "model.smoke", "--json"]
@@ -206,12 +206,9 @@ def _report_problem(report: dict) -> str | None:
     image, which another envcheck version may have built."""
     if report["schema"] != MODEL_SCHEMA:
         return f"schema {report['schema']}, not {MODEL_SCHEMA}"
-    for path, kind in MODEL_REPORT_FIELDS:
-        value = report
-        for key in path.split("."):
-            value = value.get(key) if isinstance(value, dict) else None
-        if not isinstance(value, kind):
-            return f"{path} is {'missing' if value is None else type(value).__name__}"
+    problem = field_problem(report, MODEL_REPORT_FIELDS)
+    if problem:
+        return problem
     checks = report["checks"]
     ids = sorted(str(c.get("id")) for c in checks if isinstance(c, dict))
     if len(ids) != len(checks) or ids != sorted(MODEL_CHECK_IDS):

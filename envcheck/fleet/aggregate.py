@@ -9,9 +9,25 @@ import collections
 import dataclasses
 import json
 import re
+from types import NoneType
 from typing import Any
 
+from envcheck.report import field_problem
+
 OK_VERDICTS = ("gpu", "cpu-fallback")
+VERDICTS = (*OK_VERDICTS, "fail")
+# What from_report reads of a node's envcheck.smoke/v1 report, and of each of its checks: a
+# node may run another envcheck version (or print something else that looks like a report).
+REPORT_FIELDS = (("verdict", str), ("checks", list), ("first_failed", (dict, NoneType)),
+                 ("first_failed.id", (str, NoneType)), ("first_failed.summary", (str, NoneType)),
+                 ("node", (dict, NoneType)), ("node.name", (str, NoneType)),
+                 ("node.cuda_visible_devices", (str, NoneType)), ("host", (dict, NoneType)),
+                 ("host.driver", (str, NoneType)), ("host.gpus", (list, NoneType)),
+                 ("device", (dict, NoneType)), ("device.backend", (str, NoneType)),
+                 ("device.device_count", (int, NoneType)), ("timings_s", (dict, NoneType)),
+                 ("timings_s.model", (int, float, NoneType)))
+CHECK_FIELDS = (("id", str), ("fix", (str, NoneType)))
+UNREADABLE_REPORT = "its gpu-smoke report is not one this envcheck reads"
 # status of a node row: "reported" (a gpu-smoke report came back) or why none did
 NO_REPORT_STATUSES = ("no-report", "drained", "down", "busy", "timeout", "pending")
 NODE_NAME_RE = re.compile(r"^(.*?)(\d+)$")
@@ -41,19 +57,46 @@ class NodeResult:
 
 
 def from_report(node: str, report: dict[str, Any]) -> NodeResult:
-    """A node row from one `envcheck.smoke/v1` report."""
-    checks = {c["id"]: c for c in report.get("checks", [])}
+    """A node row from one `envcheck.smoke/v1` report (a no-report row, saying why, when the
+    report lacks or mistypes a field this reads)."""
+    problem = report_problem(report)
+    if problem:
+        return NodeResult(node, "no-report", detail=f"{UNREADABLE_REPORT}: {problem} (run the "
+                                                    "same envcheck version on every node)")
+    checks = {c["id"]: c for c in report["checks"]}
     first = report.get("first_failed") or {}
     device = report.get("device") or {}
     gpus = len((report.get("host") or {}).get("gpus") or [])
     if device.get("backend") == "gpu":
-        gpus = max(gpus, int(device.get("device_count") or 0))
+        gpus = max(gpus, device.get("device_count") or 0)
     return NodeResult(
-        node=node, status="reported", verdict=report.get("verdict"), gpus=gpus,
+        node=node, status="reported", verdict=report["verdict"], gpus=gpus,
         driver=(report.get("host") or {}).get("driver"), first_failed=first.get("id"),
-        summary=first.get("summary", ""), fix=(checks.get(first.get("id")) or {}).get("fix"),
+        summary=first.get("summary") or "", fix=(checks.get(first.get("id")) or {}).get("fix"),
         model_s=(report.get("timings_s") or {}).get("model"),
         cuda_visible_devices=(report.get("node") or {}).get("cuda_visible_devices"))
+
+
+def report_problem(report: dict[str, Any]) -> str | None:
+    """What of the fields from_report reads is missing or mistyped (None: all there)."""
+    problem = field_problem(report, REPORT_FIELDS)
+    if problem:
+        return problem
+    if report["verdict"] not in VERDICTS:
+        return f"verdict is {report['verdict']!r}, not one of {', '.join(VERDICTS)}"
+    for index, check in enumerate(report["checks"]):
+        problem = (field_problem(check, CHECK_FIELDS, f"checks[{index}].")
+                   if isinstance(check, dict) else f"checks[{index}] is {type(check).__name__}")
+        if problem:
+            return problem
+    return None
+
+
+def report_node(report: dict[str, Any]) -> str | None:
+    """The node name a report gives for itself, if it gives one as a string."""
+    node = report.get("node")
+    name = node.get("name") if isinstance(node, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def parse_report(text: str) -> dict[str, Any] | None:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from envcheck import runner as runner_module
-from envcheck.fleet.aggregate import NodeResult, from_report, parse_report
+from envcheck.fleet.aggregate import NodeResult, from_report, parse_report, report_node
 from envcheck.runner import RC_TIMEOUT, Runner
 
 UNAVAILABLE = {"drain": "drained", "drng": "drained", "drained": "drained", "down": "down",
@@ -363,7 +363,7 @@ def collect_step(ready: list[str], outputs: dict[int, str], errors: dict[int, st
     for index, text in outputs.items():
         report = parse_report(text)
         if report is not None:
-            name = (report.get("node") or {}).get("name") or ready[index]
+            name = report_node(report) or ready[index]
             reports[name if name in ready else ready[index]] = report
     task_errors = {m.group(1) or m.group(3): (m.group(2) or m.group(4)).strip()
                    for m in TASK_ERROR_RE.finditer(srun_err)}

@@ -102,6 +102,64 @@ def test_collect_step_task_exit(cpu_report):
     assert rows[1].status == "no-report" and rows[1].detail == "Exited with exit code 3"
 
 
+def _reshaped(report: dict, path: str, value) -> dict:
+    """A copy of `report` with the field at dotted `path` set to `value` (deleted: ...)."""
+    report = copy.deepcopy(report)
+    *parents, last = path.split(".")
+    target = report
+    for key in parents:
+        target = target[int(key)] if isinstance(target, list) else target[key]
+    if value is ...:
+        del target[last]
+    else:
+        target[int(last) if isinstance(target, list) else last] = value
+    return report
+
+
+# A node running another envcheck version, or printing a look-alike: each was a traceback
+# (KeyError, AttributeError, TypeError, ValueError) out of `fleet slurm` / `fleet k8s collect`.
+@pytest.mark.parametrize("path,value,said", [
+    ("checks.0", "host.gpu", "checks[0] is str"),
+    ("checks.0.id", ..., "checks[0].id is missing"),
+    ("checks.0.fix", 3, "checks[0].fix is int"),
+    ("checks", {"host.gpu": "fail"}, "checks is dict"),
+    ("first_failed", "host.gpu", "first_failed is str"),
+    ("first_failed.summary", ["x"], "first_failed.summary is list"),
+    ("device", [], "device is list"),
+    ("device.device_count", "1", "device.device_count is str"),
+    ("host", "vm", "host is str"),
+    ("host.gpus", 2, "host.gpus is int"),
+    ("host.driver", 570, "host.driver is int"),
+    ("timings_s", [1.0], "timings_s is list"),
+    ("timings_s.model", "1.5", "timings_s.model is str"),
+    ("node", ["n1"], "node is list"),
+    ("node.cuda_visible_devices", 0, "node.cuda_visible_devices is int"),
+    ("verdict", ..., "verdict is missing"),
+    ("verdict", "ok", "verdict is 'ok', not one of gpu, cpu-fallback, fail"),
+])
+def test_a_report_of_another_shape_is_a_row_saying_so(cpu_report, path, value, said):
+    row = from_report("n1", _reshaped(cpu_report, path, value))
+    assert row.status == "no-report" and row.verdict is None
+    assert row.detail == (f"its gpu-smoke report is not one this envcheck reads: {said} (run the "
+                          "same envcheck version on every node)")
+    jsonschema.validate(summarize([row], "slurm"), SCHEMA)
+
+
+def test_optional_parts_of_a_report_may_be_absent_or_null(gpu_report):
+    for path in ("first_failed", "node", "host", "device", "timings_s", "checks.0.fix"):
+        row = from_report("n1", _reshaped(gpu_report, path, None))
+        assert (row.status, row.verdict) == ("reported", "gpu"), path
+    assert from_report("n1", _reshaped(gpu_report, "host", ...)).gpus == 1  # from device
+
+
+def test_collect_step_with_a_report_of_another_shape(cpu_report):
+    odd = _reshaped(_reshaped(cpu_report, "node", ["n2"]), "device.device_count", "x")
+    rows = collect_step(["n1", "n2"], {0: json.dumps(cpu_report), 1: json.dumps(odd)}, {}, 0, "")
+    assert [(r.node, r.status) for r in rows] == [("n1", "reported"), ("n2", "no-report")]
+    assert rows[1].detail.startswith("its gpu-smoke report is not one this envcheck reads: node ")
+    assert rows[1].detail in [g["summary"] for g in summarize(rows, "slurm")["groups"]]
+
+
 def synthetic_fleet(cpu_report, gpu_report, count: int) -> list[NodeResult]:
     rows = []
     for i in range(count):
@@ -542,3 +600,15 @@ def test_k8s_render_takes_valid_names():
     docs = list(yaml.safe_load_all(outcome.stdout))
     assert docs[0]["metadata"]["name"] == "gpu-checks-2"
     assert docs[1]["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia.example.com"
+
+
+def test_k8s_collect_with_a_report_of_another_shape(cpu_report, gpu_report):
+    pytest.importorskip("kubernetes")
+    logs = {"envcheck-gpu-smoke-7xk2p": json.dumps(_reshaped(gpu_report, "host", "gpu-node-1")),
+            "envcheck-gpu-smoke-m4q9z": json.dumps(cpu_report),
+            "envcheck-gpu-smoke-zt5wd": ""}
+    rows = {r.node: r for r in k8s.collect(RecordedCoreV1(logs), "envcheck")}
+    assert rows["gpu-node-2"].verdict == "cpu-fallback"
+    assert rows["gpu-node-1"].status == "no-report"
+    assert rows["gpu-node-1"].detail.startswith("its gpu-smoke report is not one this envcheck "
+                                                "reads: host is str")
