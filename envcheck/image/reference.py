@@ -15,6 +15,10 @@ DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
 COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 # an image ID, whole or its first 12+ hex digits: the daemon resolves it (a name first, as docker)
 IMAGE_ID_RE = re.compile(r"(?:sha256:)?[a-f0-9]{12,64}")
+# an OCI layout's ref name (the image spec's org.opencontainers.image.ref.name grammar, as
+# skopeo checks it): alphanumeric runs joined by - . _ : @ + or --, components by /
+_OCI_COMPONENT = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
+OCI_REF_NAME_RE = re.compile(rf"{_OCI_COMPONENT}(?:/{_OCI_COMPONENT})*")
 
 
 class RefSyntaxError(ValueError):
@@ -65,7 +69,7 @@ def parse(text: str) -> ImageRef:
         path, chosen = _split_archive(text.removeprefix("docker-archive:"))
         return ImageRef("docker-archive", path=path, tag=chosen)
     if text.startswith("oci:"):
-        path, tag = _split_path(text.removeprefix("oci:"), "oci")
+        path, tag = _split_oci(text.removeprefix("oci:"))
         return ImageRef("oci", path=path, tag=tag)
     if ":" in text.split("/")[0] and "://" in text and not text.startswith("docker://"):
         raise RefSyntaxError(
@@ -76,15 +80,18 @@ def parse(text: str) -> ImageRef:
                     tag=tag or (None if digest else "latest"), digest=digest)
 
 
-def _split_path(rest: str, transport: str) -> tuple[str, str | None]:
-    if not rest:
-        raise RefSyntaxError(f"{transport}: needs a path, e.g. {transport}:./image")
-    path, _, tag = rest.rpartition(":") if ":" in rest else (rest, "", "")
-    if transport == "oci" and tag and TAG_RE.fullmatch(tag) and "/" not in tag:
-        return path, tag
-    if path and rest.endswith(":"):  # oci:DIR: names no tag, as skopeo reads it
-        return path, None
-    return rest, None
+def _split_oci(rest: str) -> tuple[str, str | None]:
+    """'DIR[:REF]' -> (DIR, REF or None), as skopeo's oci: the path ends at the first colon
+    (the ref name may hold colons and slashes: `oci:DIR:example.com/app:v1`); an empty REF is
+    none."""
+    path, _, name = rest.partition(":")
+    if not path:
+        raise RefSyntaxError("oci: needs a path, e.g. oci:./image or oci:./image:TAG")
+    if name and not OCI_REF_NAME_RE.fullmatch(name):
+        raise RefSyntaxError(
+            f"oci:{rest}: {name!r} is no OCI ref name (letters and digits joined by - . _ : @ + "
+            "or --, parts by /); the path ends at the first colon, as in skopeo")
+    return path, name or None
 
 
 def _split_archive(rest: str) -> tuple[str, str | None]:

@@ -132,7 +132,17 @@ class RegistrySource:
 def ref_name(entry: dict) -> str | None:
     """The tag an OCI index entry carries (its ref.name annotation), or None."""
     annotations = entry.get("annotations")
-    return annotations.get(REF_NAME) if isinstance(annotations, dict) else None
+    name = annotations.get(REF_NAME) if isinstance(annotations, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _layout_past_the_colon(ref: ImageRef) -> str | None:
+    """The OCI layout `oci:PATH` names when PATH holds a colon (cut at the first one, so the
+    rest was read as the tag), for the error to point at."""
+    whole = f"{ref.path}:{ref.tag}" if ref.tag else ""
+    cuts = [at for at, char in enumerate(whole) if char == ":"][1:] + [len(whole)]
+    return next((whole[:at] for at in cuts if whole and (Path(whole[:at]) / "index.json")
+                 .is_file()), None)
 
 
 class OciLayoutSource:
@@ -141,6 +151,11 @@ class OciLayoutSource:
         self.tag = ref.tag
         self.description = str(ref)
         if not (self.root / "index.json").is_file():
+            meant = _layout_past_the_colon(ref)
+            if meant:
+                raise UnreadableInput(f"{meant}: the path of an oci: reference ends at its first "
+                                      "colon (as in skopeo); name the layout by a path without "
+                                      "one (a symlink, or a relative path)")
             raise UnreadableInput(f"{ref.path}: not an OCI image layout (no index.json); "
                                   "make one with `skopeo copy … oci:DIR:TAG`")
 
@@ -158,22 +173,22 @@ class OciLayoutSource:
         return path.read_bytes()
 
     def top(self) -> Top:
-        """The manifest (or index) tagged `tag`, or index.json's only one (an untagged one
-        whatever the tag asked for). Where several entries are left, one image per platform
-        (untagged, or under one tag), they are the index to choose the platform from; several
-        tagged images need a tag (as in skopeo)."""
+        """The manifest (or index) tagged `tag`, or, without a tag, index.json's only one. Where
+        several entries are left, one image per platform (untagged, or under one tag), they are
+        the index to choose the platform from; several tagged images need a tag, and an
+        untagged one is named by none (as in skopeo)."""
         index = _verified_json((self.root / "index.json").read_bytes(), None,
                                f"{self.root}/index.json")
         listed = index.get("manifests")
         entries = [m for m in (listed if isinstance(listed, list) else [])
                    if isinstance(m, dict) and isinstance(m.get("digest"), str)]
         chosen = [m for m in entries if ref_name(m) == self.tag] if self.tag else entries
-        untagged_one = len(entries) == 1 and ref_name(entries[0]) is None  # taken for any tag
-        if self.tag and not chosen and not untagged_one:
-            tags = sorted(ref_name(m) or "?" for m in entries)
+        if self.tag and not chosen:
+            tags = sorted({ref_name(m) for m in entries} - {None})
+            bare = sum(ref_name(m) is None for m in entries)
+            untagged = f"; {bare} untagged, named by no tag: oci:{self.root}" if bare else ""
             raise SourceError(f"{self.description}: no manifest tagged {self.tag!r} "
-                              f"(tags: {', '.join(tags) or 'none'})")
-        chosen = chosen or entries
+                              f"(tags: {', '.join(tags) or 'none'}{untagged})")
         if not chosen:
             raise SourceError(f"{self.description}: index.json lists no manifests")
         if len(chosen) == 1:

@@ -18,6 +18,7 @@ import sys
 
 import pytest
 
+from envcheck.image.sources import REF_NAME
 from scripts import cuda_image
 from tests.integration.conftest import require_binary, run_as_nobody, skopeo, start_registry
 
@@ -233,9 +234,9 @@ def test_platform_of_a_single_platform_image(cuda_layout):
 
 
 def test_oci_layout_holding_several_images(cuda_layout, tmp_path):
-    """Several tagged images need a tag (as in skopeo), and a tag not there is an error; one
-    untagged image is taken whatever the tag; untagged entries, one per platform, are an index
-    to choose the platform from."""
+    """Several tagged images need a tag (as in skopeo), and a tag not there is an error; an
+    untagged image is named by no tag (a tag used to take it, whatever the tag); untagged
+    entries, one per platform, are an index to choose the platform from."""
     layout, built = cuda_layout
     copy = tmp_path / "two-tags"
     shutil.copytree(layout, copy)
@@ -251,8 +252,13 @@ def test_oci_layout_holding_several_images(cuda_layout, tmp_path):
                    "no manifest tagged 'v2' (tags: 12.8.0-cudnn-devel)")  # it took that one
     index["manifests"] = [{k: v for k, v in index["manifests"][0].items() if k != "annotations"}]
     (copy / "index.json").write_text(json.dumps(index))
-    assert inspect_json(f"oci:{copy}:v2", "--no-layers")["manifest"]["digest"] == \
-        built["manifest_digest"]  # one untagged image: whatever the tag
+    one_line_error(envcheck(f"oci:{copy}:v2", "--no-layers"), 1, "no manifest tagged 'v2' "
+                   f"(tags: none; 1 untagged, named by no tag: oci:{copy})")
+    assert inspect_json(f"oci:{copy}", "--no-layers")["manifest"]["digest"] == \
+        built["manifest_digest"]
+    index["manifests"][0]["annotations"] = {REF_NAME: 7}  # no string: no tag (was a TypeError)
+    (copy / "index.json").write_text(json.dumps(index))
+    one_line_error(envcheck(f"oci:{copy}:v2", "--no-layers"), 1, "(tags: none; 1 untagged")
     multi = tmp_path / "per-platform"
     arches = cuda_image.build_multiarch(multi)
     # index.json lists the platforms' manifests itself (no nested index, no tags)
@@ -263,6 +269,28 @@ def test_oci_layout_holding_several_images(cuda_layout, tmp_path):
         assert report["index_digest"] is None
     one_line_error(envcheck(f"oci:{multi}", "--platform", "linux/s390x"), 1,
                    "no manifest for platform linux/s390x (available: linux/amd64, linux/arm64)")
+
+
+def test_oci_references_end_the_path_at_the_first_colon(cuda_layout, tmp_path):
+    """As skopeo reads oci:DIR[:REF]: a ref name may hold colons and slashes; a layout whose
+    path holds a colon cannot be named (it used to be, as far as the last colon), and the error
+    says so. skopeo is the oracle for the digest."""
+    layout, built = cuda_layout
+    named = tmp_path / "named"
+    shutil.copytree(layout, named)
+    index = json.loads((named / "index.json").read_text())
+    index["manifests"][0]["annotations"] = {REF_NAME: "example.com/cuda:12.8.0-cudnn-devel"}
+    (named / "index.json").write_text(json.dumps(index))
+    ref = f"oci:{named}:example.com/cuda:12.8.0-cudnn-devel"
+    raw = skopeo("inspect", "--raw", ref)
+    assert inspect_json(ref, "--no-layers")["manifest"]["digest"] == \
+        "sha256:" + hashlib.sha256(raw.encode()).hexdigest() == built["manifest_digest"]
+    colon = tmp_path / "a:b"
+    shutil.copytree(layout, colon / "layout")
+    one_line_error(envcheck(f"oci:{colon}/layout:12.8.0-cudnn-devel"), 2,
+                   f"{colon}/layout: the path of an oci: reference ends at its first colon (as "
+                   "in skopeo); name the layout by a path without one")
+    one_line_error(envcheck(f"oci:{named}:no such"), 2, "'no such' is no OCI ref name")
 
 
 def test_unknown_reference_syntax_is_a_usage_error():

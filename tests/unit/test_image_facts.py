@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
 import tarfile
 
 import pytest
@@ -42,7 +43,18 @@ def test_digest_references_and_paths():
     assert reference.parse("docker-archive:/tmp/x.tar").path == "/tmp/x.tar"
     assert (reference.parse("oci:/tmp/dir:").path, reference.parse("oci:/tmp/dir:").tag) == (
         "/tmp/dir", None)  # an empty tag is no tag, as skopeo reads it
-    assert reference.parse("oci:/tmp/a:b/c").path == "/tmp/a:b/c"  # a colon in the path
+
+    # skopeo's oci:DIR[:REF]: the path ends at the first colon; a ref name may hold colons
+    for text, path, tag in [("oci:/tmp/a:b/c", "/tmp/a", "b/c"),
+                            ("oci:dir:example.com/app:v1", "dir", "example.com/app:v1"),
+                            ("oci:dir:a--b@c+d", "dir", "a--b@c+d"), ("oci:dir", "dir", None)]:
+        assert (reference.parse(text).path, reference.parse(text).tag) == (path, tag)
+    for text, said in [("oci:dir:bad name", "'bad name' is no OCI ref name"),
+                       ("oci:dir:-v1", "'-v1' is no OCI ref name"),
+                       ("oci:dir:a//b", "'a//b' is no OCI ref name"),
+                       ("oci::v1", "oci: needs a path")]:
+        with pytest.raises(reference.RefSyntaxError, match=re.escape(said)):
+            reference.parse(text)
 
 
 def test_a_bare_daemon_prefix_says_what_it_needs():
