@@ -20,6 +20,13 @@ def _size(n: int | None) -> str:
     return str(n)
 
 
+def declared_compression(media_type: str | None) -> str:
+    """The compression a layer's media type declares (OCI `…tar+gzip`/`+zstd`, Docker
+    `…tar.gzip`, plain `…tar`), for a layer not read; '' for a type that says none."""
+    kind = (media_type or "").rpartition(".")[2]
+    return {"tar+gzip": "gzip", "tar+zstd": "zstd", "gzip": "gzip", "tar": "none"}.get(kind, "")
+
+
 def _argv(argv: list[str] | None) -> str:
     """As the Dockerfile's exec form writes it; (none) where the image sets none."""
     return json.dumps(argv) if argv is not None else "(none)"
@@ -39,8 +46,8 @@ def render_image(report: Report, console: Console) -> None:
     for i, layer in enumerate(f["layers"]):
         contents = ("not read (--no-layers)" if layer["files"] is None else
                     f"{_size(layer['uncompressed_size'])}, {layer['files']} files")
-        out(f"  {i:>2} {layer['digest']}  {_size(layer['size']):>9} {layer['compression'] or ''}"
-            f"  → {contents}")
+        compression = layer["compression"] or declared_compression(layer["media_type"])
+        out(f"  {i:>2} {layer['digest']}  {_size(layer['size']):>9} {compression}  → {contents}")
         if layer["diff_id"]:
             out(f"     diff_id {layer['diff_id']}")
         if layer["created_by"]:

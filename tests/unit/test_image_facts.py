@@ -12,6 +12,7 @@ import pytest
 
 from envcheck.image import cuda, filetree, layers, reference
 from envcheck.image.blobstream import zstd_module
+from envcheck.image.render import declared_compression
 from scripts.cuda_image import REQUIRE
 
 
@@ -261,3 +262,18 @@ def test_host_driver_version_from_real_proc_files(tmp_path, fixture, version):
     (proc / "version").write_bytes((REPO / "tests/fixtures/real" / fixture).read_bytes())
     assert host_driver_version(tmp_path) == version
     assert host_driver_version(tmp_path / "no-gpu") is None
+
+
+@pytest.mark.parametrize("media_type,compression", [
+    ("application/vnd.oci.image.layer.v1.tar+gzip", "gzip"),
+    ("application/vnd.oci.image.layer.v1.tar+zstd", "zstd"),
+    ("application/vnd.oci.image.layer.v1.tar", "none"),
+    ("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", "gzip"),
+    ("application/vnd.docker.image.rootfs.diff.tar.gzip", "gzip"),
+    ("application/vnd.docker.image.rootfs.foreign.diff.tar.gzip", "gzip"),
+    ("application/vnd.docker.image.rootfs.diff.tar", "none"),
+    ("application/octet-stream", ""), (None, ""),
+])
+def test_the_compression_a_media_type_declares(media_type, compression):
+    """What `--no-layers` shows for a layer it does not read (a read one shows what it found)."""
+    assert declared_compression(media_type) == compression
