@@ -100,12 +100,13 @@ def field_problem(document: dict, fields: tuple, prefix: str = "") -> str | None
     """The first of `fields` ((dotted path, type or tuple of types), ...) that `document` lacks
     or has of another type, said as "device.device_kind is missing" / "host.gpus is str"
     (None: all there). A path through a missing map is missing; NoneType in the types makes a
-    field optional. For documents another program (or envcheck version) wrote: checked, not
-    asserted."""
+    field optional; a bool is no int here (as in JSON Schema). For documents another program
+    (or envcheck version) wrote: checked, not asserted."""
     for path, kind in fields:
         value = document
         for key in path.split("."):
             value = value.get(key) if isinstance(value, dict) else None
-        if not isinstance(value, kind):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
             return f"{prefix}{path} is {'missing' if value is None else type(value).__name__}"
     return None

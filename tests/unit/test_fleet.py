@@ -132,6 +132,8 @@ def _reshaped(report: dict, path: str, value) -> dict:
     ("host.driver", 570, "host.driver is int"),
     ("timings_s", [1.0], "timings_s is list"),
     ("timings_s.model", "1.5", "timings_s.model is str"),
+    ("timings_s.model", False, "timings_s.model is bool"),
+    ("device.device_count", True, "device.device_count is bool"),
     ("node", ["n1"], "node is list"),
     ("node.cuda_visible_devices", 0, "node.cuda_visible_devices is int"),
     ("verdict", ..., "verdict is missing"),

@@ -1,8 +1,8 @@
 """Hostile input, generated: the ld.so.cache reader, the manifest/index/config path, the
-NVIDIA_REQUIRE_CUDA and reference parsers, the layer stream (tar in gzip/zstd/plain) and the
-text parsers of the GPU-host probes. Inputs are real files mutated (byte flips, truncation,
-insertion) or structured JSON; the only failure allowed is each parser's documented error type,
-with a message.
+NVIDIA_REQUIRE_CUDA and reference parsers, the layer stream (tar in gzip/zstd/plain), the
+text parsers of the GPU-host probes and fleet's reading of node reports. Inputs are real files
+mutated (byte flips, truncation, insertion) or structured JSON; the only failure allowed is
+each parser's documented error type, with a message.
 
 Default run: 2,000 cases per parser. The slow tier:
     pytest -m fuzz_slow tests/unit/test_fuzz.py        # 100,000 cases per parser
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from envcheck.catalog import classify
-from envcheck.fleet.aggregate import parse_report
+from envcheck.fleet.aggregate import from_report, parse_report, summarize
 from envcheck.host.driver import parse_driver_version
 from envcheck.host.nvml import parse_query_csv
 from envcheck.image import cuda, ldcache, reference
@@ -140,6 +141,48 @@ def test_manifest_index_and_config(examples):
                prefix="fuzz:image")
 
     run(examples, st.tuples(tops, configs), check)
+
+
+def _planted(report: dict, path: str, value) -> dict:
+    """A copy of `report` with `value` at dotted `path` (maps made on the way as needed)."""
+    report = json.loads(json.dumps(report))
+    *parents, last = path.split(".")
+    target = report
+    for key in parents:
+        if not isinstance(target.get(key), dict):
+            target[key] = {}
+        target = target[key]
+    target[last] = value
+    return report
+
+
+@pytest.mark.parametrize("examples", TIERS)
+def test_fleet_reads_any_node_report(examples):
+    """A node's smoke/v1 report with any JSON value anywhere fleet reads: a row (reported or
+    no-report), and a fleet report its schema accepts; never an exception."""
+    import jsonschema
+
+    fleet_schema = jsonschema.Draft202012Validator(
+        json.loads((REPO / "envcheck/schemas/fleet.v1.json").read_text()))
+    seed = json.loads((REPO / "tests/fixtures/fleet/smoke_cpu-fallback_container.json")
+                      .read_text())
+    paths = st.sampled_from([
+        "verdict", "checks", "first_failed", "first_failed.id", "first_failed.summary", "node",
+        "node.name", "node.cuda_visible_devices", "host", "host.driver", "host.gpus", "device",
+        "device.backend", "device.device_count", "timings_s", "timings_s.model"])
+    check_values = st.lists(st.one_of(JSON, st.fixed_dictionaries(
+        {"id": st.one_of(st.text(max_size=8), JSON), "fix": JSON})), max_size=3)
+
+    def check(case) -> None:
+        path, value, checks = case
+        report = _planted(seed, path, value)
+        if checks is not None:
+            report["checks"] = checks
+        row = from_report("n1", report)
+        assert row.status in ("reported", "no-report")
+        fleet_schema.validate(summarize([row], "slurm"))
+
+    run(examples, st.tuples(paths, JSON, st.one_of(st.none(), check_values)), check)
 
 
 @pytest.mark.parametrize("examples", TIERS)
