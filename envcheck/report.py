@@ -98,15 +98,17 @@ def redacted_report(report: Report) -> Report:
 
 def field_problem(document: dict, fields: tuple, prefix: str = "") -> str | None:
     """The first of `fields` ((dotted path, type or tuple of types), ...) that `document` lacks
-    or has of another type, said as "device.device_kind is missing" / "host.gpus is str"
-    (None: all there). A path through a missing map is missing; NoneType in the types makes a
-    field optional; a bool is no int here (as in JSON Schema). For documents another program
-    (or envcheck version) wrote: checked, not asserted."""
+    or has of another type, said as "device.device_kind is missing" / "host.gpus is str" /
+    "timings_s.model is null" (None: all there). A path through a missing map is missing;
+    NoneType in the types makes a field optional; a bool is no int here (as in JSON Schema).
+    For documents another program (or envcheck version) wrote: checked, not asserted."""
     for path, kind in fields:
-        value = document
+        value, present = document, True
         for key in path.split("."):
-            value = value.get(key) if isinstance(value, dict) else None
+            present = isinstance(value, dict) and key in value
+            value = value[key] if present else None
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
-            return f"{prefix}{path} is {'missing' if value is None else type(value).__name__}"
+            said = "missing" if not present else "null" if value is None else type(value).__name__
+            return f"{prefix}{path} is {said}"
     return None

@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from types import NoneType
 from typing import Any
 
 from envcheck import passthrough
@@ -34,11 +35,21 @@ from envcheck.report import STATUSES, Check, Report, field_problem, redact_env
 from envcheck.runner import RunResult
 
 MODEL_ARGV = ["python", "-m", "model.smoke", "--json"]
-MODEL_CHECK_IDS = ("model.load", "model.parity", "model.generate", "model.attention")
 MODEL_SCHEMA = "envcheck.model-smoke/v1"  # model/smoke.py's SCHEMA
+# What gpu-smoke reads of a model report and puts in its own (whose schema says the types):
+# the report's fields, each check's, those of its throughput (or null), and per check id.
+NUMBER = (int, float)
 MODEL_REPORT_FIELDS = (("impl", str), ("impl_used", str), ("checks", list),
                        ("device.backend", str), ("device.device_kind", str),
-                       ("device.device_count", int), ("timings_s.forward", (int, float)))
+                       ("device.device_count", int), ("device.jax", str), ("timings_s", dict),
+                       ("timings_s.forward", NUMBER), ("throughput", (dict, NoneType)))
+MODEL_CHECK_FIELDS = (("status", str), ("summary", str), ("fix", (str, NoneType)))
+THROUGHPUT_FIELDS = (("achieved_tflops", NUMBER), ("matmul_bf16_tflops", NUMBER),
+                     ("fraction_of_matmul", NUMBER))
+FIELDS_BY_CHECK = {"model.load": (), "model.parity": (("max_abs_diff", NUMBER),),
+                   "model.generate": (("tokens_per_s", NUMBER),),
+                   "model.attention": (("implementations", list),)}
+MODEL_CHECK_IDS = tuple(FIELDS_BY_CHECK)
 BLOCKING = ("docker.reachable", "image.present", "model.run") + MODEL_CHECK_IDS
 CONTAINER_IDS = ("image.present", "image.requirement", "container.passthrough",
                  *passthrough.INSIDE_IDS)
@@ -206,16 +217,23 @@ def _report_problem(report: dict) -> str | None:
     image, which another envcheck version may have built."""
     if report["schema"] != MODEL_SCHEMA:
         return f"schema {report['schema']}, not {MODEL_SCHEMA}"
-    problem = field_problem(report, MODEL_REPORT_FIELDS)
+    problem = field_problem(report, MODEL_REPORT_FIELDS) or field_problem(
+        report["timings_s"], tuple((key, NUMBER) for key in report["timings_s"]), "timings_s.")
+    if not problem and report.get("throughput") is not None:
+        problem = field_problem(report["throughput"], THROUGHPUT_FIELDS, "throughput.")
     if problem:
         return problem
     checks = report["checks"]
     ids = sorted(str(c.get("id")) for c in checks if isinstance(c, dict))
     if len(ids) != len(checks) or ids != sorted(MODEL_CHECK_IDS):
         return f"checks are {', '.join(ids) or 'none'}, not {', '.join(MODEL_CHECK_IDS)}"
-    bad = [c["id"] for c in checks
-           if c.get("status") not in STATUSES or not isinstance(c.get("summary"), str)]
-    return f"check {bad[0]} has no status and summary" if bad else None
+    for check in checks:
+        problem = field_problem(check, MODEL_CHECK_FIELDS + FIELDS_BY_CHECK[check["id"]],
+                                f"check {check['id']}: ")
+        if problem or check["status"] not in STATUSES:
+            return problem or (f"check {check['id']}: status {check['status']!r}, not one of "
+                               f"{', '.join(STATUSES)}")
+    return None
 
 
 NO_MODULE_RE = re.compile(r"No module named '?([\w.]+)'?")

@@ -98,8 +98,21 @@ def mutated(change) -> dict:
     (lambda r: r.__setitem__("checks", "all good"), "checks is str"),
     (lambda r: r["checks"].pop(), "checks are model.generate, model.load, model.parity, not"),
     (lambda r: r["checks"].__setitem__(0, "model.load"), "checks are model.attention, "),
-    (lambda r: r["checks"][1].__setitem__("status", "ok"), "check model.parity has no status"),
-    (lambda r: r["checks"][2].pop("summary"), "check model.generate has no status"),
+    (lambda r: r["checks"][1].__setitem__("status", "ok"),
+     "check model.parity: status 'ok', not one of pass, warn, fail, skip"),
+    (lambda r: r["checks"][2].pop("summary"), "check model.generate: summary is missing"),
+    # these went into the smoke report (its schema refuses them) or broke its text
+    (lambda r: r["checks"][1].pop("max_abs_diff"), "check model.parity: max_abs_diff is missing"),
+    (lambda r: r["checks"][1].__setitem__("fix", 3), "check model.parity: fix is int"),
+    (lambda r: r["checks"][2].__setitem__("tokens_per_s", "fast"),
+     "check model.generate: tokens_per_s is str"),
+    (lambda r: r["checks"][3].__setitem__("implementations", {}),
+     "check model.attention: implementations is dict"),
+    (lambda r: r["device"].pop("jax"), "device.jax is missing"),
+    (lambda r: r["timings_s"].__setitem__("generate", None), "timings_s.generate is null"),
+    (lambda r: r["timings_s"].__setitem__("load", True), "timings_s.load is bool"),
+    (lambda r: r["throughput"].pop("achieved_tflops"), "throughput.achieved_tflops is missing"),
+    (lambda r: r.__setitem__("throughput", [1]), "throughput is list"),
     (lambda r: r.__setitem__("schema", "envcheck.model-smoke/v2"), "model-smoke/v2, not"),
 ])
 def test_a_model_report_of_another_shape_is_one_failed_check(monkeypatch, change, named):

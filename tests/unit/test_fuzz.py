@@ -149,10 +149,13 @@ def _planted(report: dict, path: str, value) -> dict:
     *parents, last = path.split(".")
     target = report
     for key in parents:
-        if not isinstance(target.get(key), dict):
+        if isinstance(target, list):  # the seed has the lists a path goes through
+            target = target[int(key)]
+            continue
+        if not isinstance(target.get(key), dict | list):
             target[key] = {}
         target = target[key]
-    target[last] = value
+    target[int(last) if isinstance(target, list) else last] = value
     return report
 
 
@@ -183,6 +186,39 @@ def test_fleet_reads_any_node_report(examples):
         fleet_schema.validate(summarize([row], "slurm"))
 
     run(examples, st.tuples(paths, JSON, st.one_of(st.none(), check_values)), check)
+
+
+@pytest.mark.parametrize("examples", [pytest.param(400, id="default"),
+                                      pytest.param(20_000, id="slow", marks=pytest.mark.fuzz_slow)])
+def test_gpu_smoke_reads_any_model_report(examples, tmp_path):
+    """The model test's report with any JSON value anywhere gpu-smoke reads: a report its
+    schema accepts and text that renders (a `model.run` fail where the report is not one this
+    envcheck reads); never an exception. Fewer cases: each runs the whole chain (27 ms)."""
+    import jsonschema
+    from rich.console import Console
+
+    from envcheck.cli import render_smoke
+    from envcheck.smoke import gpu_smoke
+    from tests.gpu_host import FakeDocker, connect_to, healthy_host, model_report
+
+    smoke_schema = jsonschema.Draft202012Validator(
+        json.loads((REPO / "envcheck/schemas/smoke.v1.json").read_text()))
+    host, seed = healthy_host(tmp_path), model_report("gpu")
+    paths = st.sampled_from([
+        "impl", "impl_used", "checks", "timings_s", "timings_s.forward", "timings_s.generate",
+        "device", "device.backend", "device.device_kind", "device.device_count", "throughput",
+        "throughput.achieved_tflops", "throughput.matmul_bf16_tflops", "checks.0.id",
+        "checks.1.status", "checks.1.summary", "checks.1.fix", "checks.1.max_abs_diff",
+        "checks.1.tolerance", "checks.2.tokens_per_s", "checks.3.implementations", "schema"])
+
+    def check(case) -> None:
+        path, value = case
+        docker = FakeDocker(model_out=_planted(seed, path, value))
+        report = gpu_smoke(probe=host.probe, connect=connect_to(docker))
+        smoke_schema.validate(json.loads(json.dumps(report.to_json())))
+        render_smoke(report, Console(file=io.StringIO(), width=200))
+
+    run(examples, st.tuples(paths, JSON), check)
 
 
 @pytest.mark.parametrize("examples", TIERS)
