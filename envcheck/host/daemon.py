@@ -86,24 +86,48 @@ def unreachable_check(text: str) -> Check:
 
 
 def probe_daemon(probe: Probe, info: dict, toolkit_hooks: bool) -> tuple[list[Check], dict]:
-    facts = {
-        "server_version": info.get("ServerVersion"), "runtimes": sorted(info.get("Runtimes") or {}),
-        "default_runtime": info.get("DefaultRuntime"), "cgroup_driver": info.get("CgroupDriver"),
-        "cgroup_version": info.get("CgroupVersion"), "rootless": is_rootless(info),
-        "cdi_spec_dirs": info.get("CDISpecDirs"),
-        "discovered_devices": [d.get("ID") for d in info.get("DiscoveredDevices") or []],
-        "operating_system": info.get("OperatingSystem"),
-    }
+    facts = info_facts(info)
+    shown = {key: value or "?" for key, value in facts.items()}  # what the engine left out
     reachable = Check("docker.reachable", "pass",
-                      f"Docker Engine {facts['server_version']} ({facts['operating_system']}), "
-                      f"cgroup v{facts['cgroup_version']} {facts['cgroup_driver']}"
+                      f"Docker Engine {shown['server_version']} ({shown['operating_system']}), "
+                      f"cgroup v{shown['cgroup_version']} {shown['cgroup_driver']}"
                       + (", rootless" if facts["rootless"] else ""))
     return [reachable, runtime_check(probe, facts, toolkit_hooks), cdi_check(facts),
             engine_check(info, facts)], facts
 
 
+def info_facts(info: dict) -> dict:
+    """The GET /info fields the checks read. A field of another shape than Docker's (another
+    engine answering the Docker API, or another version) reads as absent."""
+    devices = info.get("DiscoveredDevices")
+    return {
+        "server_version": _text(info.get("ServerVersion")),
+        "runtimes": sorted(_strings(info.get("Runtimes"))),
+        "default_runtime": _text(info.get("DefaultRuntime")),
+        "cgroup_driver": _text(info.get("CgroupDriver")),
+        "cgroup_version": _text(info.get("CgroupVersion")),
+        "rootless": is_rootless(info),
+        "cdi_spec_dirs": _strings(info.get("CDISpecDirs")) or None,
+        "discovered_devices": _strings([d.get("ID") for d in devices if isinstance(d, dict)]
+                                       if isinstance(devices, list) else []),
+        "operating_system": _text(info.get("OperatingSystem")),
+    }
+
+
 def is_rootless(info: dict) -> bool:
-    return any("rootless" in option for option in info.get("SecurityOptions") or [])
+    return any("rootless" in option for option in _strings(info.get("SecurityOptions")))
+
+
+def _text(value) -> str | None:
+    """A string field (a number, as some engines give versions, in its text form)."""
+    ok = isinstance(value, str | int | float) and not isinstance(value, bool)
+    return str(value) if ok else None
+
+
+def _strings(value) -> list[str]:
+    """The strings of a list, or the keys of a map (Runtimes is one)."""
+    items = value if isinstance(value, list | dict) else []
+    return [item for item in items if isinstance(item, str)]
 
 
 def configured_runtimes(probe: Probe) -> set[str]:
@@ -161,8 +185,8 @@ def engine_check(info: dict, facts: dict) -> Check:
                                               "backend on Windows (not on Linux or macOS)",
                      fix="on Linux use Docker Engine (docker-ce); on Windows update the NVIDIA "
                          "driver and WSL (`wsl --update`)")
-    return Check("docker.engine", "pass", f"{facts['operating_system']}, "
-                                          f"cgroup driver {facts['cgroup_driver']}")
+    return Check("docker.engine", "pass", f"{facts['operating_system'] or '?'}, "
+                                          f"cgroup driver {facts['cgroup_driver'] or '?'}")
 
 
 def _at_least(version: str | None, minimum: tuple[int, int]) -> bool:

@@ -221,6 +221,52 @@ def test_gpu_smoke_reads_any_model_report(examples, tmp_path):
     run(examples, st.tuples(paths, JSON), check)
 
 
+@pytest.mark.parametrize("examples", [pytest.param(400, id="default"),
+                                      pytest.param(20_000, id="slow", marks=pytest.mark.fuzz_slow)])
+def test_gpu_smoke_reads_any_daemon_json_cdi_spec_and_docker_info(examples, tmp_path):
+    """The real daemon.json, CDI spec and `docker info` (GET /info: another engine version, or
+    podman's Docker-compatible API, answers it) with any JSON value at a field gpu-smoke reads:
+    a report its schema accepts and text that renders; never an exception."""
+    import jsonschema
+    import yaml
+    from rich.console import Console
+
+    from envcheck.cli import render_smoke
+    from envcheck.smoke import gpu_smoke
+    from tests.gpu_host import FakeDocker, cdi_spec, connect_to, healthy_host
+
+    smoke_schema = jsonschema.Draft202012Validator(
+        json.loads((REPO / "envcheck/schemas/smoke.v1.json").read_text()))
+    host = healthy_host(tmp_path)
+    daemon_json = json.loads((host.root / "etc/docker/daemon.json").read_text())
+    spec, info = yaml.safe_load(cdi_spec()), FakeDocker().info()
+    seeds = {"daemon.json": daemon_json, "cdi": spec, "info": info}
+    paths = st.sampled_from([("daemon.json", p) for p in (
+        "runtimes", "runtimes.nvidia", "runtimes.nvidia.path", "runtimes.nvidia.args",
+        "default-runtime", "features", "features.cdi", "cdi-spec-dirs")] + [("cdi", p) for p in (
+        "cdiVersion", "kind", "devices", "devices.0", "devices.0.name",
+        "devices.0.containerEdits", "devices.0.containerEdits.deviceNodes", "containerEdits",
+        "containerEdits.deviceNodes", "containerEdits.hooks", "containerEdits.hooks.0.args",
+        "containerEdits.mounts", "containerEdits.env")] + [("info", p) for p in (
+        "ServerVersion", "Runtimes", "Runtimes.nvidia", "DefaultRuntime", "CgroupDriver",
+        "CgroupVersion", "CDISpecDirs", "DiscoveredDevices", "SecurityOptions",
+        "OperatingSystem", "DockerRootDir")])
+
+    def check(case) -> None:
+        (document, path), value = case
+        planted = _planted(seeds[document], path, value)
+        host.write("/etc/docker/daemon.json", json.dumps(daemon_json if document != "daemon.json"
+                                                         else planted))
+        host.write("/etc/cdi/nvidia.yaml", yaml.safe_dump(spec if document != "cdi" else planted))
+        docker = FakeDocker()
+        docker.info = lambda: planted if document == "info" else info
+        report = gpu_smoke(probe=host.probe, connect=connect_to(docker))
+        smoke_schema.validate(json.loads(json.dumps(report.to_json())))
+        render_smoke(report, Console(file=io.StringIO(), width=200))
+
+    run(examples, st.tuples(paths, JSON), check)
+
+
 @pytest.mark.parametrize("examples", TIERS)
 def test_nvidia_require_cuda(examples):
     tokens = st.sampled_from(["cuda", "driver", "brand", "arch", ">=", "<", "=", ",", " ",

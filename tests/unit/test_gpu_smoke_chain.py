@@ -242,6 +242,30 @@ def test_daemon_json_of_another_shape_registers_no_runtime(tmp_path, daemon_json
     assert check.summary.startswith("runtime nvidia not registered"), check
 
 
+@pytest.mark.parametrize("field,value,link,status,said", [
+    ("SecurityOptions", True, "docker.reachable", "pass", "cgroup v2 systemd"),
+    ("CDISpecDirs", "/etc/cdi", "docker.cdi", "skip", "CDI not enabled"),
+    ("CDISpecDirs", ["/etc/cdi", 5], "docker.cdi", "pass", "CDI enabled (spec dirs /etc/cdi)"),
+    ("DiscoveredDevices", True, "docker.cdi", "pass", "CDI enabled"),
+    ("DiscoveredDevices", [{"Source": "cdi"}, {"Source": "cdi", "ID": "nvidia.com/gpu=0"}],
+     "docker.cdi", "pass", "CDI devices: nvidia.com/gpu=0"),
+    ("Runtimes", ["nvidia", "runc"], "docker.runtime", "pass", "runtime nvidia registered"),
+    ("Runtimes", "nvidia", "docker.runtime", "fail", "does not have it"),
+    ("ServerVersion", 28, "docker.reachable", "pass", "Docker Engine 28 ("),
+    ("OperatingSystem", {"name": "x"}, "docker.engine", "pass", "?, cgroup driver systemd"),
+    ("CgroupVersion", None, "docker.reachable", "pass", "(Ubuntu 24.04.2 LTS), cgroup v? systemd"),
+])
+def test_docker_info_of_another_shape(tmp_path, field, value, link, status, said):
+    """GET /info fields of another shape than Docker's (another engine on the Docker API, or
+    another version): read as absent, or as the strings they hold. Each of the first four was
+    a TypeError traceback out of gpu-smoke."""
+    docker = FakeDocker()
+    info = {**docker.info(), "CDISpecDirs": ["/etc/cdi"], field: value}
+    docker.info = lambda: info
+    check = assert_link(smoke(healthy_host(tmp_path), docker), link, status)
+    assert said in check.summary, check
+
+
 def test_cli_info_cannot_load_nvml(tmp_path):
     host = healthy_host(tmp_path)
     host.answer("nvidia-container-cli", "info",
