@@ -27,7 +27,7 @@ REPORT_FIELDS = (("verdict", str), ("checks", list), ("first_failed", (dict, Non
                  ("device.device_count", (int, NoneType)), ("timings_s", (dict, NoneType)),
                  ("timings_s.model", (int, float, NoneType)))
 CHECK_FIELDS = (("id", str), ("fix", (str, NoneType)))
-UNREADABLE_REPORT = "its gpu-smoke report is not one this envcheck reads"
+UNREADABLE_REPORT = "unreadable gpu-smoke report"
 # status of a node row: "reported" (a gpu-smoke report came back) or why none did
 NO_REPORT_STATUSES = ("no-report", "drained", "down", "busy", "timeout", "pending")
 NODE_NAME_RE = re.compile(r"^(.*?)(\d+)$")
@@ -61,8 +61,8 @@ def from_report(node: str, report: dict[str, Any]) -> NodeResult:
     report lacks or mistypes a field this reads)."""
     problem = report_problem(report)
     if problem:
-        return NodeResult(node, "no-report", detail=f"{UNREADABLE_REPORT}: {problem} (run the "
-                                                    "same envcheck version on every node)")
+        return NodeResult(node, "no-report", detail=f"{UNREADABLE_REPORT} ({problem}): run "
+                                                    "the same envcheck version on every node")
     checks = {c["id"]: c for c in report["checks"]}
     first = report.get("first_failed") or {}
     device = report.get("device") or {}

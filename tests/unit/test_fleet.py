@@ -142,8 +142,8 @@ def _reshaped(report: dict, path: str, value) -> dict:
 def test_a_report_of_another_shape_is_a_row_saying_so(cpu_report, path, value, said):
     row = from_report("n1", _reshaped(cpu_report, path, value))
     assert row.status == "no-report" and row.verdict is None
-    assert row.detail == (f"its gpu-smoke report is not one this envcheck reads: {said} (run the "
-                          "same envcheck version on every node)")
+    assert row.detail == (f"unreadable gpu-smoke report ({said}): run the same envcheck "
+                          "version on every node")
     jsonschema.validate(summarize([row], "slurm"), SCHEMA)
 
 
@@ -158,7 +158,7 @@ def test_collect_step_with_a_report_of_another_shape(cpu_report):
     odd = _reshaped(_reshaped(cpu_report, "node", ["n2"]), "device.device_count", "x")
     rows = collect_step(["n1", "n2"], {0: json.dumps(cpu_report), 1: json.dumps(odd)}, {}, 0, "")
     assert [(r.node, r.status) for r in rows] == [("n1", "reported"), ("n2", "no-report")]
-    assert rows[1].detail.startswith("its gpu-smoke report is not one this envcheck reads: node ")
+    assert rows[1].detail.startswith("unreadable gpu-smoke report (node is list): run the same")
     assert rows[1].detail in [g["summary"] for g in summarize(rows, "slurm")["groups"]]
 
 
@@ -612,5 +612,4 @@ def test_k8s_collect_with_a_report_of_another_shape(cpu_report, gpu_report):
     rows = {r.node: r for r in k8s.collect(RecordedCoreV1(logs), "envcheck")}
     assert rows["gpu-node-2"].verdict == "cpu-fallback"
     assert rows["gpu-node-1"].status == "no-report"
-    assert rows["gpu-node-1"].detail.startswith("its gpu-smoke report is not one this envcheck "
-                                                "reads: host is str")
+    assert rows["gpu-node-1"].detail.startswith("unreadable gpu-smoke report (host is str)")
