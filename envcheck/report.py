@@ -101,14 +101,15 @@ def field_problem(document: dict, fields: tuple, prefix: str = "") -> str | None
     or has of another type, said as "device.device_kind is missing" / "host.gpus is str" /
     "timings_s.model is null" (None: all there). A path through a missing map is missing;
     NoneType in the types makes a field optional; a bool is no int here (as in JSON Schema).
-    For documents another program (or envcheck version) wrote: checked, not asserted."""
+    For documents another program (or envcheck version) wrote: checked, not asserted. A path
+    may be a tuple of keys instead (for keys that hold dots)."""
     for path, kind in fields:
         value, present = document, True
-        for key in path.split("."):
+        for key in path.split(".") if isinstance(path, str) else path:
             present = isinstance(value, dict) and key in value
             value = value[key] if present else None
         kinds = kind if isinstance(kind, tuple) else (kind,)
         if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
             said = "missing" if not present else "null" if value is None else type(value).__name__
-            return f"{prefix}{path} is {said}"
+            return f"{prefix}{path if isinstance(path, str) else '.'.join(path)} is {said}"
     return None

@@ -218,7 +218,7 @@ def _report_problem(report: dict) -> str | None:
     if report["schema"] != MODEL_SCHEMA:
         return f"schema {report['schema']}, not {MODEL_SCHEMA}"
     problem = field_problem(report, MODEL_REPORT_FIELDS) or field_problem(
-        report["timings_s"], tuple((key, NUMBER) for key in report["timings_s"]), "timings_s.")
+        report["timings_s"], tuple(((key,), NUMBER) for key in report["timings_s"]), "timings_s.")
     if not problem and report.get("throughput") is not None:
         problem = field_problem(report["throughput"], THROUGHPUT_FIELDS, "throughput.")
     if problem:

@@ -111,6 +111,8 @@ def mutated(change) -> dict:
     (lambda r: r["device"].pop("jax"), "device.jax is missing"),
     (lambda r: r["timings_s"].__setitem__("generate", None), "timings_s.generate is null"),
     (lambda r: r["timings_s"].__setitem__("load", True), "timings_s.load is bool"),
+    (lambda r: r["timings_s"].__setitem__("attention.flash", "1"),
+     "timings_s.attention.flash is str"),
     (lambda r: r["throughput"].pop("achieved_tflops"), "throughput.achieved_tflops is missing"),
     (lambda r: r.__setitem__("throughput", [1]), "throughput is list"),
     (lambda r: r.__setitem__("schema", "envcheck.model-smoke/v2"), "model-smoke/v2, not"),
@@ -122,6 +124,14 @@ def test_a_model_report_of_another_shape_is_one_failed_check(monkeypatch, change
     assert outcome.exit_code == 1, outcome.output
     assert "FAIL model.run" in outcome.output and named in outcome.output, outcome.output
     assert "envcheck build" in outcome.output and "VERDICT fail" in outcome.output
+
+
+def test_a_model_report_with_more_than_this_envcheck_reads_is_read(monkeypatch):
+    """Fields and timings a later model test may add (a timing whose name holds a dot too)."""
+    report = mutated(lambda r: r["timings_s"].update({"attention.flash": 0.5, "compile": 2}))
+    report["checks"][3]["backend_notes"] = ["x"]
+    outcome, _ = invoke(monkeypatch, ok({**report, "memory": {"peak_mb": 900}}))
+    assert outcome.exit_code == 0 and "PASS model.parity" in outcome.output, outcome.output
 
 
 def test_the_model_report_schema_is_the_one_model_smoke_writes():
