@@ -139,10 +139,11 @@ def ref_name(entry: dict) -> str | None:
 def _layout_past_the_colon(ref: ImageRef) -> str | None:
     """The OCI layout `oci:PATH` names when PATH holds a colon (cut at the first one, so the
     rest was read as the tag), for the error to point at."""
-    whole = f"{ref.path}:{ref.tag}" if ref.tag else ""
+    if not ref.tag:
+        return None
+    whole = f"{ref.path}:{ref.tag}"
     cuts = [at for at, char in enumerate(whole) if char == ":"][1:] + [len(whole)]
-    return next((whole[:at] for at in cuts if whole and (Path(whole[:at]) / "index.json")
-                 .is_file()), None)
+    return next((whole[:at] for at in cuts if (Path(whole[:at]) / "index.json").is_file()), None)
 
 
 class OciLayoutSource:
