@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import jax
@@ -31,3 +32,24 @@ def save_hf_gpt2(out_dir: Path, seed: int, **config) -> Path:
 
     save_random_gpt2(out_dir, seed, **config)
     return out_dir
+
+
+def planted(document: dict, path: str, value) -> dict:
+    """A copy of a JSON `document` with `value` at dotted `path` (`...`: the field deleted).
+    Digits index the lists on the way; a map missing on the way, or of another type, is made."""
+    document = json.loads(json.dumps(document))
+    *parents, last = path.split(".")
+    target = document
+    for key in parents:
+        if isinstance(target, list):
+            target = target[int(key)]
+            continue
+        if not isinstance(target.get(key), dict | list):
+            target[key] = {}
+        target = target[key]
+    key = int(last) if isinstance(target, list) else last
+    if value is ...:
+        del target[key]
+    else:
+        target[key] = value
+    return document

@@ -31,7 +31,7 @@ from envcheck.fleet.slurm import (
 )
 from envcheck.runner import RunResult
 from envcheck.smoke import gpu_smoke
-from tests.conftest import REPO
+from tests.conftest import REPO, planted
 from tests.gpu_host import FakeDocker, connect_to, healthy_host
 
 FIXTURES = REPO / "tests/fixtures/fleet"
@@ -102,20 +102,6 @@ def test_collect_step_task_exit(cpu_report):
     assert rows[1].status == "no-report" and rows[1].detail == "Exited with exit code 3"
 
 
-def _reshaped(report: dict, path: str, value) -> dict:
-    """A copy of `report` with the field at dotted `path` set to `value` (deleted: ...)."""
-    report = copy.deepcopy(report)
-    *parents, last = path.split(".")
-    target = report
-    for key in parents:
-        target = target[int(key)] if isinstance(target, list) else target[key]
-    if value is ...:
-        del target[last]
-    else:
-        target[int(last) if isinstance(target, list) else last] = value
-    return report
-
-
 # A node running another envcheck version, or printing a look-alike: each was a traceback
 # (KeyError, AttributeError, TypeError, ValueError) out of `fleet slurm` / `fleet k8s collect`.
 @pytest.mark.parametrize("path,value,said", [
@@ -140,7 +126,7 @@ def _reshaped(report: dict, path: str, value) -> dict:
     ("verdict", "ok", "verdict is 'ok', not one of gpu, cpu-fallback, fail"),
 ])
 def test_a_report_of_another_shape_is_a_row_saying_so(cpu_report, path, value, said):
-    row = from_report("n1", _reshaped(cpu_report, path, value))
+    row = from_report("n1", planted(cpu_report, path, value))
     assert row.status == "no-report" and row.verdict is None
     assert row.detail == (f"unreadable gpu-smoke report ({said}): run the same envcheck "
                           "version on every node")
@@ -149,13 +135,13 @@ def test_a_report_of_another_shape_is_a_row_saying_so(cpu_report, path, value, s
 
 def test_optional_parts_of_a_report_may_be_absent_or_null(gpu_report):
     for path in ("first_failed", "node", "host", "device", "timings_s", "checks.0.fix"):
-        row = from_report("n1", _reshaped(gpu_report, path, None))
+        row = from_report("n1", planted(gpu_report, path, None))
         assert (row.status, row.verdict) == ("reported", "gpu"), path
-    assert from_report("n1", _reshaped(gpu_report, "host", ...)).gpus == 1  # from device
+    assert from_report("n1", planted(gpu_report, "host", ...)).gpus == 1  # from device
 
 
 def test_collect_step_with_a_report_of_another_shape(cpu_report):
-    odd = _reshaped(_reshaped(cpu_report, "node", ["n2"]), "device.device_count", "x")
+    odd = planted(planted(cpu_report, "node", ["n2"]), "device.device_count", "x")
     rows = collect_step(["n1", "n2"], {0: json.dumps(cpu_report), 1: json.dumps(odd)}, {}, 0, "")
     assert [(r.node, r.status) for r in rows] == [("n1", "reported"), ("n2", "no-report")]
     assert rows[1].detail.startswith("unreadable gpu-smoke report (node is list): run the same")
@@ -606,7 +592,7 @@ def test_k8s_render_takes_valid_names():
 
 def test_k8s_collect_with_a_report_of_another_shape(cpu_report, gpu_report):
     pytest.importorskip("kubernetes")
-    logs = {"envcheck-gpu-smoke-7xk2p": json.dumps(_reshaped(gpu_report, "host", "gpu-node-1")),
+    logs = {"envcheck-gpu-smoke-7xk2p": json.dumps(planted(gpu_report, "host", "gpu-node-1")),
             "envcheck-gpu-smoke-m4q9z": json.dumps(cpu_report),
             "envcheck-gpu-smoke-zt5wd": ""}
     rows = {r.node: r for r in k8s.collect(RecordedCoreV1(logs), "envcheck")}

@@ -30,7 +30,7 @@ from envcheck.image.inspect import resolve
 from envcheck.image.layers import LayerError, scan_layer
 from envcheck.image.sources import SourceError, Top
 from scripts.cuda_image import REQUIRE
-from tests.conftest import REPO
+from tests.conftest import REPO, planted
 
 TIERS = [pytest.param(2_000, id="default"),
          pytest.param(100_000, id="slow", marks=pytest.mark.fuzz_slow)]
@@ -143,22 +143,6 @@ def test_manifest_index_and_config(examples):
     run(examples, st.tuples(tops, configs), check)
 
 
-def _planted(report: dict, path: str, value) -> dict:
-    """A copy of `report` with `value` at dotted `path` (maps made on the way as needed)."""
-    report = json.loads(json.dumps(report))
-    *parents, last = path.split(".")
-    target = report
-    for key in parents:
-        if isinstance(target, list):  # the seed has the lists a path goes through
-            target = target[int(key)]
-            continue
-        if not isinstance(target.get(key), dict | list):
-            target[key] = {}
-        target = target[key]
-    target[int(last) if isinstance(target, list) else last] = value
-    return report
-
-
 @pytest.mark.parametrize("examples", TIERS)
 def test_fleet_reads_any_node_report(examples):
     """A node's smoke/v1 report with any JSON value anywhere fleet reads: a row (reported or
@@ -178,7 +162,7 @@ def test_fleet_reads_any_node_report(examples):
 
     def check(case) -> None:
         path, value, checks = case
-        report = _planted(seed, path, value)
+        report = planted(seed, path, value)
         if checks is not None:
             report["checks"] = checks
         row = from_report("n1", report)
@@ -213,7 +197,7 @@ def test_gpu_smoke_reads_any_model_report(examples, tmp_path):
 
     def check(case) -> None:
         path, value = case
-        docker = FakeDocker(model_out=_planted(seed, path, value))
+        docker = FakeDocker(model_out=planted(seed, path, value))
         report = gpu_smoke(probe=host.probe, connect=connect_to(docker))
         smoke_schema.validate(json.loads(json.dumps(report.to_json())))
         render_smoke(report, Console(file=io.StringIO(), width=200))
@@ -254,12 +238,11 @@ def test_gpu_smoke_reads_any_daemon_json_cdi_spec_and_docker_info(examples, tmp_
 
     def check(case) -> None:
         (document, path), value = case
-        planted = _planted(seeds[document], path, value)
-        host.write("/etc/docker/daemon.json", json.dumps(daemon_json if document != "daemon.json"
-                                                         else planted))
-        host.write("/etc/cdi/nvidia.yaml", yaml.safe_dump(spec if document != "cdi" else planted))
+        now = {**seeds, document: planted(seeds[document], path, value)}
+        host.write("/etc/docker/daemon.json", json.dumps(now["daemon.json"]))
+        host.write("/etc/cdi/nvidia.yaml", yaml.safe_dump(now["cdi"]))
         docker = FakeDocker()
-        docker.info = lambda: planted if document == "info" else info
+        docker.info = lambda: now["info"]
         report = gpu_smoke(probe=host.probe, connect=connect_to(docker))
         smoke_schema.validate(json.loads(json.dumps(report.to_json())))
         render_smoke(report, Console(file=io.StringIO(), width=200))
