@@ -93,7 +93,7 @@ def probe_daemon(probe: Probe, info: dict, toolkit_hooks: bool) -> tuple[list[Ch
                       f"cgroup v{shown['cgroup_version']} {shown['cgroup_driver']}"
                       + (", rootless" if facts["rootless"] else ""))
     return [reachable, runtime_check(probe, facts, toolkit_hooks), cdi_check(facts),
-            engine_check(info, facts)], facts
+            engine_check(facts)], facts
 
 
 def info_facts(info: dict) -> dict:
@@ -111,6 +111,7 @@ def info_facts(info: dict) -> dict:
         "discovered_devices": _strings([d.get("ID") for d in devices if isinstance(d, dict)]
                                        if isinstance(devices, list) else []),
         "operating_system": _text(info.get("OperatingSystem")),
+        "docker_root_dir": _text(info.get("DockerRootDir")),
     }
 
 
@@ -174,8 +175,8 @@ def cdi_check(facts: dict) -> Check:
                                        "list discovered devices")
 
 
-def engine_check(info: dict, facts: dict) -> Check:
-    if str(info.get("DockerRootDir", "")).startswith("/var/snap/docker"):
+def engine_check(facts: dict) -> Check:
+    if (facts["docker_root_dir"] or "").startswith("/var/snap/docker"):
         return Check("docker.engine", "warn", "Docker from the snap: it cannot see the host's "
                                               "NVIDIA libraries or hooks",
                      fix="remove the snap (`sudo snap remove docker`) and install docker-ce from "

@@ -266,6 +266,17 @@ def test_docker_info_of_another_shape(tmp_path, field, value, link, status, said
     assert said in check.summary, check
 
 
+def test_docker_from_the_snap(tmp_path):
+    """The snap's data-root (/var/snap/docker/common/var-lib-docker): its confined dockerd
+    cannot reach the host's NVIDIA libraries and hooks."""
+    docker = FakeDocker()
+    info = {**docker.info(), "DockerRootDir": "/var/snap/docker/common/var-lib-docker"}
+    docker.info = lambda: info
+    check = assert_link(smoke(healthy_host(tmp_path), docker), "docker.engine", "warn",
+                        "sudo snap remove docker")
+    assert check.summary.startswith("Docker from the snap"), check
+
+
 def test_cli_info_cannot_load_nvml(tmp_path):
     host = healthy_host(tmp_path)
     host.answer("nvidia-container-cli", "info",
