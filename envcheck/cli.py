@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from rich.console import Console
 from envcheck import __version__
 from envcheck.report import (
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     Report,
@@ -460,5 +462,42 @@ def _spinner(message: str):
         yield status.update
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(BaseException):
+    """A stop signal (Ctrl-C, scancel's and kubectl delete's SIGTERM, a closed terminal's
+    SIGHUP) raised in the main thread, so `finally` blocks run on the way out: the gpu-smoke
+    container is removed (dockerd would otherwise keep it, and the GPU, until the model test
+    ends), layer streams stop, the Slurm allocation is released, the cursor comes back.
+    Not a KeyboardInterrupt: click would turn that into "Aborted!" and exit 1, a failed check."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame) -> None:
+    for stop in STOP_SIGNALS:  # a second signal ends envcheck at once, cleanup or not
+        if signal.getsignal(stop) is _interrupt:
+            signal.signal(stop, signal.SIG_DFL)
+    raise Interrupted(signum)
+
+
+def catch_stop_signals() -> None:
+    """Stop signals raise Interrupted; one that is ignored (nohup, a background job) stays
+    ignored."""
+    for stop in STOP_SIGNALS:
+        if signal.getsignal(stop) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(stop, _interrupt)
+
+
 def main() -> None:
-    cli()
+    catch_stop_signals()
+    try:
+        cli()
+    except Interrupted as stop:
+        name = signal.Signals(stop.signum).name
+        click.echo(f"Error: interrupted ({name}): stopped before a verdict, nothing reported",
+                   err=True)
+        sys.exit(EXIT_INTERRUPTED + stop.signum)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+import uuid
 
 from envcheck.build import DEFAULT_TAG
 from envcheck.catalog import CATALOG_BY_ID, UNKNOWN, classify
@@ -99,10 +100,12 @@ def run_container(client, image: str, command: list[str], *, gpu: bool, env: dic
 
     requests_ = [docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpu else None
     start_s = time.perf_counter()
-    container = None
+    # named, so that it can be removed even when a signal cut the create call's reply off
+    name = f"envcheck-gpu-smoke-{uuid.uuid4().hex[:12]}"
     try:
         container = client.containers.create(
-            image, command, user=user if user not in ("", "root", "0", "0:0") else NOBODY,
+            image, command, name=name,
+            user=user if user not in ("", "root", "0", "0:0") else NOBODY,
             environment={**BASE_ENV, **env}, network_mode="none", read_only=True,
             tmpfs=TMPFS, cap_drop=["ALL"], security_opt=["no-new-privileges"],
             mem_limit=memory_limit, pids_limit=PIDS_LIMIT, device_requests=requests_,
@@ -119,7 +122,7 @@ def run_container(client, image: str, command: list[str], *, gpu: bool, env: dic
         return ContainerRun(125, "", "", f"{DAEMON_GONE} ({type(error).__name__})",
                             time.perf_counter() - start_s)
     finally:
-        _remove(container)
+        _remove(client, name)
 
 
 DAEMON_GONE = "the connection to the Docker daemon broke during the run (dockerd restarted?)"
@@ -143,16 +146,15 @@ def _wait(container, timeout_s: float, memory_limit: str) -> tuple[int, str]:
     return rc, ""
 
 
-def _remove(container) -> None:
+def _remove(client, name: str) -> None:
+    """Kill and remove the container `name`, if it was created."""
     import docker
     import requests
 
-    if container is None:
-        return
     try:
-        container.remove(force=True)
+        client.api.remove_container(name, force=True)
     except (docker.errors.APIError, requests.exceptions.RequestException):
-        pass  # already gone, or the daemon is: nothing left to remove through it
+        pass  # never created, already gone, or the daemon is: nothing to remove through it
 
 
 def missing_program(text: str) -> str | None:

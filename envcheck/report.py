@@ -16,6 +16,7 @@ from rich.markup import escape
 Status = Literal["pass", "warn", "fail", "skip"]
 STATUSES = ("pass", "warn", "fail", "skip")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 128  # + the signal's number, as a shell reports a command a signal ended
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
 REDACTED = "<redacted>"
 # Variable names that carry secrets (HF_TOKEN, AWS_SECRET_ACCESS_KEY, DB_PASSWORD, API_KEY, ...).

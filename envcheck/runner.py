@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 RC_TIMEOUT = 124
 RC_NOT_EXECUTABLE = 126
 RC_NOT_FOUND = 127
+STOP_GRACE_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,26 +33,38 @@ Runner = Callable[..., RunResult]
 def run(argv: list[str], timeout_s: float, env: Mapping[str, str] | None = None,
         input_text: str | None = None) -> RunResult:
     """Run argv (never through a shell) and capture text output; rc 124 on timeout,
-    126 when not executable, 127 when not found. `input_text` is fed to stdin."""
+    126 when not executable, 127 when not found. `input_text` is fed to stdin. Stopped by a
+    signal (Interrupted), the command gets SIGTERM first, to clean up after itself: salloc
+    withdraws a pending job (killed, it would stay queued), srun ends its step."""
     assert argv and all(isinstance(a, str) for a in argv), argv
     assert timeout_s > 0, timeout_s
     try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, errors="replace", timeout=timeout_s,
-            check=False, env=None if env is None else dict(env), input=input_text,
-            stdin=subprocess.DEVNULL if input_text is None else None,
-        )
+        child = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+            env=None if env is None else dict(env),
+            stdin=subprocess.DEVNULL if input_text is None else subprocess.PIPE)
     except FileNotFoundError:
         return RunResult(RC_NOT_FOUND, "", f"{argv[0]}: command not found")
     except PermissionError as error:
         return RunResult(RC_NOT_EXECUTABLE, "", f"{argv[0]}: {error.strerror}")
-    except subprocess.TimeoutExpired as expired:
-        return RunResult(RC_TIMEOUT, _text(expired.stdout), _text(expired.stderr)
-                         + f"\n{argv[0]}: timed out after {timeout_s:g} s")
-    return RunResult(done.returncode, done.stdout, done.stderr)
+    with child:
+        try:
+            out, err = child.communicate(input_text, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            out, err = child.communicate()
+            return RunResult(RC_TIMEOUT, out, err + f"\n{argv[0]}: timed out after {timeout_s:g} s")
+        except BaseException:
+            stop(child)
+            raise
+    return RunResult(child.returncode, out, err)
 
 
-def _text(data: bytes | str | None) -> str:
-    if data is None:
-        return ""
-    return data if isinstance(data, str) else data.decode(errors="replace")
+def stop(child: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if `child` has not ended within STOP_GRACE_S."""
+    child.terminate()
+    try:
+        child.wait(STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import sys
 from pathlib import Path
 
 import jax
@@ -53,3 +55,20 @@ def planted(document: dict, path: str, value) -> dict:
     else:
         target[key] = value
     return document
+
+
+_SET_SIGNALS = ("import os, signal, sys\n"
+                "n = int(sys.argv[1])\n"
+                "for name, how in zip(sys.argv[2:2 + 2 * n:2], sys.argv[3:3 + 2 * n:2]):\n"
+                "    signal.signal(getattr(signal, name), getattr(signal, how))\n"
+                "os.execvp(sys.argv[2 + 2 * n], sys.argv[2 + 2 * n:])\n")
+
+
+def with_signals(argv: list[str], dispositions: dict) -> list[str]:
+    """argv run with these signal dispositions ({signal.SIGHUP: signal.SIG_IGN, …}: as a
+    shell, nohup or a batch system may leave them; exec keeps an ignored one ignored), set by
+    a small program that then execs argv: preexec_fn would fork this process, JAX's threads
+    and all."""
+    pairs = [name for number, how in dispositions.items()
+             for name in (signal.Signals(number).name, signal.Handlers(how).name)]
+    return [sys.executable, "-c", _SET_SIGNALS, str(len(dispositions)), *pairs, *argv]

@@ -188,6 +188,8 @@ class FakeDocker:
     def __post_init__(self):
         self.images = self
         self.containers = self
+        self.api = self
+        self.by_name: dict[str, FakeContainer] = {}
 
     def info(self) -> dict:
         return docker_info(self.info_text)
@@ -203,10 +205,19 @@ class FakeDocker:
         self.created.append({"image": image, "command": command, **options})
         gpu = bool(options.get("device_requests"))
         if command[0] == "sh":
-            return FakeContainer(self.gpu_error if gpu else None, self.probe_out, "")
-        report = self.model_out or model_report("gpu" if gpu else "cpu")
-        return FakeContainer(None, json.dumps(report) + "\n", self.model_err,
-                             wait_error=self.model_wait_error)
+            container = FakeContainer(self.gpu_error if gpu else None, self.probe_out, "")
+        else:
+            report = self.model_out or model_report("gpu" if gpu else "cpu")
+            container = FakeContainer(None, json.dumps(report) + "\n", self.model_err,
+                                      wait_error=self.model_wait_error)
+        self.by_name[options["name"]] = container
+        return container
+
+    def remove_container(self, name: str, force: bool) -> None:
+        container = self.by_name.get(name)
+        if container is None:
+            raise docker.errors.NotFound(f"No such container: {name}")
+        container.remove(force)
 
 
 @dataclasses.dataclass

@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -210,17 +211,63 @@ def run_batches(batches: list[tuple[list[str], Placement]], mixed: set[str],
     BATCHES_AT_ONCE at the same time: the run takes as long as the slowest batch, not all of
     them in turn. A batch refused after waiting while others held theirs may have met a limit
     on the user's jobs (MaxJobsPerUser; salloc does not say which) rather than busy nodes:
-    it is tried again alone once the others are done, as a lone batch always is."""
+    it is tried again alone once the others are done, as a lone batch always is. A stop signal
+    (Ctrl-C, SIGTERM) releases every allocation held, which ends their steps, and starts no
+    other batch."""
+    held = Allocations(run)
     if len(batches) <= 1:
         return [row for ready, placement in batches
-                for row in run_steps(ready, mixed, placement, smoke, limit_s, run)]
-    with concurrent.futures.ThreadPoolExecutor(min(len(batches), BATCHES_AT_ONCE)) as pool:
+                for row in run_steps(ready, mixed, placement, smoke, limit_s, held)]
+    pool = concurrent.futures.ThreadPoolExecutor(min(len(batches), BATCHES_AT_ONCE))
+    try:
         together = list(pool.map(lambda batch: run_steps(
-            batch[0], mixed, batch[1], smoke, limit_s, run, alone=False), batches))
+            batch[0], mixed, batch[1], smoke, limit_s, held, alone=False), batches))
+    except BaseException:  # the main thread's Interrupted: the batches' threads carry on
+        held.stop()
+        pool.shutdown(cancel_futures=True)
+        raise
+    pool.shutdown()
     rows = []
     for (ready, placement), got in zip(batches, together, strict=True):
-        rows += run_steps(ready, mixed, placement, smoke, limit_s, run) if got is None else got
+        rows += run_steps(ready, mixed, placement, smoke, limit_s, held) if got is None else got
     return rows
+
+
+class Allocations:
+    """The allocations held at a time, and the runner that makes and releases them. Each is
+    released (scancel) once: by the batch that made it when done, or by `stop`, after which
+    none is kept."""
+
+    def __init__(self, run: Runner):
+        self.run, self.stopped = run, False
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+
+    def hold(self, job: str) -> bool:
+        """Keep `job` until `release`; False (released now) once stopped."""
+        with self._lock:
+            if not self.stopped:
+                self._held.add(job)
+                return True
+        self._cancel(job)
+        return False
+
+    def release(self, job: str) -> None:
+        with self._lock:
+            mine = job in self._held
+            self._held.discard(job)
+        if mine:
+            self._cancel(job)
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopped, jobs = True, sorted(self._held)
+            self._held.clear()
+        for job in jobs:
+            self._cancel(job)
+
+    def _cancel(self, job: str) -> None:
+        self.run(["scancel", job], 30.0, env=slurm_env())
 
 
 def mix_without_room(mixed: list[str], gres: str | None, run: Runner) -> dict[str, str]:
@@ -279,7 +326,7 @@ class Placement:
 
 
 def run_steps(ready: list[str], mixed: set[str], placement: Placement, smoke: list[str],
-              limit_s: float, run: Runner, alone: bool = True) -> list[NodeResult] | None:
+              limit_s: float, held: Allocations, alone: bool = True) -> list[NodeResult] | None:
     """Allocate `ready`, run the step, re-run once the nodes a launch failure took down with
     it, release the allocation. When the allocation is refused and some nodes are partly in
     use (mix), those are the likely cause: they become busy rows and the rest is tried alone.
@@ -287,28 +334,30 @@ def run_steps(ready: list[str], mixed: set[str], placement: Placement, smoke: li
     wait may be for the user's other jobs, so nothing is concluded about these nodes."""
     # A re-run follows an aborted step, which ends within seconds: a margin is enough for it
     # (and a long --time would trip partitions' MaxTime).
-    job, why, waited = allocate(ready, placement, limit_s + RERUN_MARGIN_S, run)
+    job, why, waited = allocate(ready, placement, limit_s + RERUN_MARGIN_S, held.run)
     if job is None and waited and not alone:
         return None
     if job is None and waited and mixed & set(ready):
         rest = [name for name in ready if name not in mixed]
         rows = {row.node: row for row in (
-            run_steps(rest, set(), placement, smoke, limit_s, run) if rest else [])}
+            run_steps(rest, set(), placement, smoke, limit_s, held) if rest else [])}
         partly = f"mix: partly in use; Slurm could not fit the check there in {IMMEDIATE_S} s"
         return [rows.get(name) or NodeResult(name, "busy", detail=partly) for name in ready]
     if job is None:
         return [NodeResult(name, "no-report", detail=why) for name in ready]
+    if not held.hold(job):  # stopped while salloc waited
+        return []
     try:
-        rows, launch_failed = run_step(job, ready, smoke, limit_s, run)
+        rows, launch_failed = run_step(job, ready, smoke, limit_s, held.run)
         lost = [row.node for row in rows if row.status == "no-report"
                 and row.node not in launch_failed] if launch_failed else []
-        if lost:  # once: a second launch failure leaves its rows as they are
-            again, _ = run_step(job, lost, smoke, limit_s, run)
+        if lost and not held.stopped:  # once: a second launch failure leaves its rows
+            again, _ = run_step(job, lost, smoke, limit_s, held.run)
             rerun = {row.node: row for row in again}
             rows = [rerun.get(row.node, row) for row in rows]
         return rows
     finally:
-        run(["scancel", job], 30.0, env=slurm_env())
+        held.release(job)
 
 
 def allocate(ready: list[str], placement: Placement, limit_s: float,

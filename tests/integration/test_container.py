@@ -4,14 +4,18 @@ read-only root, non-root user), compose `dev-cpu` and `dev`, and build failures 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import subprocess
 import sys
 import tarfile
+import time
+from pathlib import Path
 
 import docker
+import pytest
 
 from tests.conftest import REPO
 from tests.integration.conftest import require_binary, run_as_nobody
@@ -133,3 +137,61 @@ def test_socket_without_permission(engine):
     done = run_as_nobody(engine, "build", "--jax-extra", "cpu")
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith("Error: permission denied on the Docker socket"), done.stderr
+
+
+def pod_container(client, image: str, kind: str):
+    """The container of the `kind` manifest's pod as a runtime runs it (its command PID 1,
+    which the kernel shields from signals it has no handler for), with the rendered
+    manifest's command, env, user and read-only root."""
+    import yaml
+
+    from envcheck.fleet import k8s
+
+    docs = list(yaml.safe_load_all(k8s.render(kind, image, "envcheck")))
+    pod = next(d for d in docs if d["kind"] != "Namespace")["spec"]["template"]["spec"]
+    spec, user = pod["containers"][0], pod["securityContext"]
+    return client.containers.create(
+        image, spec["command"], environment={e["name"]: e["value"] for e in spec["env"]},
+        user=f"{user['runAsUser']}:{user['runAsGroup']}", read_only=True,
+        tmpfs={"/tmp": "rw,exec,mode=1777"}, network_mode="none", cap_drop=["ALL"])
+
+
+def command_lines(container) -> bytes:
+    """The command lines of the container's processes, read from /proc (docker top's own
+    column is cut to COLUMNS when dockerd has that variable)."""
+    top = container.top()
+    pid = top["Titles"].index("PID")
+    lines = b""
+    for process in top["Processes"]:
+        with contextlib.suppress(OSError):
+            lines += Path(f"/proc/{process[pid]}/cmdline").read_bytes() + b"\n"
+    return lines
+
+
+@pytest.mark.parametrize("kind, phase", [("daemonset", "checking"), ("daemonset", "idling"),
+                                         ("job", "checking")])
+def test_the_pods_stop_at_once(engine, built_image, kind, phase):
+    """`kubectl delete` sends the pod's PID 1 SIGTERM, then SIGKILL after the grace period
+    (docker stop does the same): the pods used to take the whole grace period (the
+    DaemonSet's sh and sleep, and envcheck itself in the Job's, had no handler). Now SIGTERM
+    reaches envcheck, which stops with its one line, and ends the DaemonSet's idling."""
+    client = docker.DockerClient(base_url=engine)
+    pod = pod_container(client, built_image["tag"], kind)
+    try:
+        pod.start()
+        deadline = time.monotonic() + 300
+        while not (b"/envcheck\0gpu-smoke" in command_lines(pod) if phase == "checking"
+                   else b"envcheck.smoke/v1" in pod.logs()):
+            assert time.monotonic() < deadline, pod.logs()
+            time.sleep(0.2)
+        time.sleep(1 if phase == "checking" else 0)  # envcheck past its imports
+        start = time.monotonic()
+        pod.stop(timeout=30)
+        stopped_s = time.monotonic() - start
+        pod.reload()
+        logs = pod.logs().decode()
+        assert stopped_s < 15 and pod.attrs["State"]["ExitCode"] == 143, (stopped_s, logs)
+        if phase == "checking":
+            assert "Error: interrupted (SIGTERM): stopped before a verdict" in logs
+    finally:
+        pod.remove(force=True)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 
 import docker
@@ -17,7 +19,7 @@ import jsonschema
 import pytest
 
 from envcheck import passthrough
-from tests.conftest import REPO
+from tests.conftest import REPO, with_signals
 from tests.integration.conftest import require_binary, run_as_nobody
 from tests.integration.test_container import envcheck
 
@@ -281,3 +283,55 @@ def test_a_daemon_killed_during_the_model_run():
         for mount in sorted((m for m in mounts if m.startswith(f"{state}/")), reverse=True):
             subprocess.run(["umount", "-l", mount], check=False)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def hanging_python_image(client, base_image: str, tag: str) -> None:
+    """The Debian base with a `python` that only sleeps: the model test never ends."""
+    import io
+    import tarfile
+
+    script = b"#!/bin/sh\nexec sleep 600\n"
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        entry = tarfile.TarInfo("usr/local/bin/python")
+        entry.size, entry.mode = len(script), 0o755
+        tar.addfile(entry, io.BytesIO(script))
+    container = client.containers.create(base_image, ["true"], network_mode="none")
+    try:
+        container.put_archive("/", layer.getvalue())
+        repository, name = tag.split(":")
+        container.commit(repository, name)
+    finally:
+        container.remove(force=True)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_stop_signal_during_the_model_run_removes_its_container(engine, base_image, stop):
+    """scancel, a Slurm time limit or kubectl delete send SIGTERM: envcheck dying at once left
+    the model test's container (and its GPU) with dockerd until the test ended — never, for a
+    hung one. Now the container goes, and the exit code says a signal ended the run."""
+    client = docker.DockerClient(base_url=engine)
+    tag = f"envcheck-test/hang:{stop.name.lower()}"
+    hanging_python_image(client, base_image, tag)
+    labelled = {"label": "envcheck=gpu-smoke"}
+    try:
+        smoke = subprocess.Popen(
+            with_signals([sys.executable, "-m", "envcheck", "gpu-smoke", "--image", tag,
+                          "--json"], {stop: signal.SIG_DFL}),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "DOCKER_HOST": engine})
+        deadline = time.monotonic() + 120
+        while not any("model.smoke" in " ".join(c.attrs["Config"]["Cmd"])
+                      for c in client.containers.list(filters=labelled)):
+            assert time.monotonic() < deadline and smoke.poll() is None, smoke.communicate()
+            time.sleep(0.2)
+        smoke.send_signal(stop)
+        out, err = smoke.communicate(timeout=60)
+        assert smoke.returncode == 128 + stop, err
+        assert out == "" and err.splitlines() == [
+            f"Error: interrupted ({stop.name}): stopped before a verdict, nothing reported"]
+        assert client.containers.list(all=True, filters=labelled) == []
+    finally:
+        for container in client.containers.list(all=True, filters=labelled):
+            container.remove(force=True)
+        client.images.remove(tag, force=True)

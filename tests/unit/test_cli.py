@@ -3,7 +3,9 @@ verdicts, exact exit codes, JSON schema; plus the README/help meta-checks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ from click.testing import CliRunner
 from envcheck import smoke
 from envcheck.cli import cli
 from envcheck.runner import RunResult
-from tests.conftest import REPO
+from tests.conftest import REPO, with_signals
 from tests.gpu_host import model_report
 
 
@@ -230,3 +232,81 @@ def test_every_check_id_is_documented_in_the_readme():
     assert len(ids) >= 12
     for check_id in sorted(ids):
         assert f"`{check_id}`" in readme, check_id
+
+
+@pytest.fixture
+def silent_registry():
+    """A TCP server that accepts connections and never answers: `inspect-image` against it
+    waits in a read until a signal stops it. Yields (host:port, an event set on a connection)."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    connected, held = threading.Event(), []
+
+    def accept():
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(server.accept()[0])
+                connected.set()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"127.0.0.1:{server.getsockname()[1]}", connected
+    server.close()
+    for conn in held:
+        conn.close()
+
+
+def waiting_envcheck(registry: str, connected, dispositions: dict) -> subprocess.Popen:
+    """`envcheck inspect-image` blocked on the silent registry, started with the given
+    signal dispositions (as a shell, nohup or a batch system would leave them)."""
+    command = subprocess.Popen(
+        with_signals([sys.executable, "-m", "envcheck", "inspect-image", f"{registry}/x/y:z",
+                      "--json"], dispositions),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert connected.wait(30), "envcheck never reached the registry"
+    return command
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=lambda s: s.name)
+def test_a_stop_signal_is_one_line_and_the_shells_exit_code(silent_registry, stop):
+    """Not click's "Aborted!" with exit 1 (a failed check, to a script), nor a traceback, nor
+    death without cleanup (SIGTERM, SIGHUP): one line and 128 + the signal's number."""
+    command = waiting_envcheck(*silent_registry, {stop: signal.SIG_DFL})
+    command.send_signal(stop)
+    out, err = command.communicate(timeout=30)
+    assert command.returncode == 128 + stop
+    assert out == "" and err.splitlines() == [
+        f"Error: interrupted ({stop.name}): stopped before a verdict, nothing reported"]
+
+
+def test_an_ignored_stop_signal_stays_ignored(silent_registry):
+    """Under nohup (SIGHUP ignored) or as a background job of a script (SIGINT ignored)."""
+    command = waiting_envcheck(*silent_registry,
+                               {signal.SIGHUP: signal.SIG_IGN, signal.SIGINT: signal.SIG_IGN})
+    command.send_signal(signal.SIGHUP)
+    command.send_signal(signal.SIGINT)
+    with pytest.raises(subprocess.TimeoutExpired):
+        command.wait(timeout=1.5)
+    command.send_signal(signal.SIGTERM)
+    out, err = command.communicate(timeout=30)
+    assert command.returncode == 128 + signal.SIGTERM and "(SIGTERM)" in err
+
+
+def test_a_second_stop_signal_ends_envcheck_at_once():
+    """The first signal raises (cleanup runs); a second one, say while removing a container
+    from a hung daemon, takes the default action."""
+    code = ("import os, signal\n"
+            "from envcheck.cli import Interrupted, catch_stop_signals\n"
+            "catch_stop_signals()\n"
+            "try:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "except Interrupted as stop:\n"
+            "    print(stop.signum, signal.getsignal(signal.SIGINT) is signal.SIG_DFL)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    print('still here')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert done.stdout.split() == [str(int(signal.SIGTERM)), "True"]
+    assert done.returncode == -signal.SIGINT

@@ -9,6 +9,7 @@ import copy
 import itertools
 import json
 import threading
+import time
 from pathlib import Path
 
 import jsonschema
@@ -387,6 +388,46 @@ def test_more_batches_than_run_at_once(cpu_report, monkeypatch):
     rows = run_fleet(envcheck=["envcheck"], run=slurm)
     assert len(slurm.allocations) == 12 and slurm.most_held <= 4 and not slurm.held
     assert [(r.node, r.status) for r in rows] == [(f"n{i}", "reported") for i in range(12)]
+
+
+def test_a_stop_signal_releases_every_allocation_and_starts_no_other_batch(cpu_report,
+                                                                            monkeypatch):
+    """Ctrl-C or SIGTERM while four of twelve batches run: their allocations are cancelled
+    (which ends their steps), each once, and the eight waiting batches never allocate.
+    Before, the main thread waited for the running steps to end by themselves (up to the
+    smoke's timeout), and a second signal left their allocations (salloc --no-shell) held
+    until their time limit."""
+    import os
+    import signal
+
+    from envcheck.cli import Interrupted
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    def step(nodes, output):  # runs until its allocation is cancelled (or 3 s have passed)
+        with slurm.lock:
+            if len(slurm.held) == 4 and not fired:
+                fired.append(True)
+                os.kill(os.getpid(), signal.SIGUSR1)
+        deadline = time.monotonic() + 3
+        while slurm.held and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ended.append("cancelled" if not slurm.held else "ran its course")
+        return reports(cpu_report)(nodes, output)
+
+    monkeypatch.setattr(slurm_module, "BATCHES_AT_ONCE", 4)
+    slurm, fired, ended = FakeSlurm(",".join(f"n{i}:idle" for i in range(12)), step,
+                                    job_size="1"), [], []
+    before = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with pytest.raises(Interrupted):
+            run_fleet(envcheck=["envcheck"], run=slurm)
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert fired and len(slurm.allocations) == 4 and not slurm.held
+    # (a batch whose allocation came as the stop did runs no step: 3 or 4 steps ran)
+    assert set(ended) == {"cancelled"} and slurm.calls.count("scancel") == 4
 
 
 @pytest.mark.parametrize("text, most", [("1-infinite", None), ("1-4", 4), ("2", 2),

@@ -72,6 +72,29 @@ def test_least_privilege_options_on_every_container(tmp_path):
         assert options["mem_limit"] and options["pids_limit"]
     assert client.created[1]["environment"]["JAX_PLATFORMS"] == "cpu"
     assert not client.created[1]["device_requests"]
+    names = [options["name"] for options in client.created]
+    assert len(set(names)) == 2 and all(n.startswith("envcheck-gpu-smoke-") for n in names)
+    assert all(container.removed for container in client.by_name.values())
+
+
+def test_a_container_a_signal_cut_the_create_reply_of_is_removed():
+    """dockerd made the container but a stop signal came before its reply: it is removed by
+    the name envcheck gave it."""
+    import signal
+
+    from envcheck import passthrough
+    from envcheck.cli import Interrupted
+
+    class CutOff(FakeDocker):
+        def create(self, image, command, **options):
+            super().create(image, command, **options)
+            raise Interrupted(signal.SIGTERM)
+
+    client = CutOff()
+    with pytest.raises(Interrupted):
+        passthrough.run_container(client, "envcheck-dev:latest", ["python"], gpu=False, env={},
+                                  user="", timeout_s=5)
+    assert [container.removed for container in client.by_name.values()] == [True]
 
 
 def test_no_gpu_on_the_pci_bus(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from envcheck.runner import RC_NOT_FOUND, RC_TIMEOUT, run
 
 
@@ -23,3 +25,37 @@ def test_timeout_is_124_with_partial_output():
                  timeout_s=1)
     assert result.timed_out and result.rc == RC_TIMEOUT
     assert "timed out after 1 s" in result.err
+
+
+def test_a_stop_signal_gives_the_command_a_sigterm_to_clean_up(tmp_path):
+    """salloc withdraws its pending job on SIGTERM; SIGKILLed, the job would stay queued."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from envcheck.cli import Interrupted
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    def interrupt_once_started():
+        for _ in range(3000):
+            if started.exists():
+                break
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    marker, started = tmp_path / "cleaned", tmp_path / "started"
+    script = (f"trap 'echo cleaned > {marker}; kill $!; exit 3' TERM; touch {started}; "
+              "sleep 30 & wait")
+    before = signal.signal(signal.SIGUSR1, interrupt)
+    timer = threading.Thread(target=interrupt_once_started)
+    try:
+        timer.start()
+        with pytest.raises(Interrupted):
+            run(["sh", "-c", script], timeout_s=60)
+    finally:
+        timer.join()
+        signal.signal(signal.SIGUSR1, before)
+    assert marker.read_text() == "cleaned\n"
