@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import time
 import jsonschema
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, with_signals
 from tests.integration.conftest import require_binary
 
 SCRIPT = REPO / "scripts/fake_slurm_cluster.sh"
@@ -192,3 +193,59 @@ def test_a_node_whose_slurmd_died_never_answers(cluster):
     assert report["node_count"] == 2
     # srun aborted the step for n2 and killed n1's task with it; n1 ran again without n2
     assert nodes["n1"]["status"] == "reported" and nodes["n1"]["verdict"] == "cpu-fallback"
+
+
+def fleet_until(env: dict, squeue_args: list[str]) -> subprocess.Popen:
+    """`envcheck fleet slurm` started, once `squeue … squeue_args` lists something."""
+    command = subprocess.Popen(
+        with_signals([sys.executable, "-m", "envcheck", "fleet", "slurm", "--json",
+                      "--no-container", "--timeout-s", "300"], {signal.SIGTERM: signal.SIG_DFL}),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not squeue(env, *squeue_args):
+        assert time.monotonic() < deadline and command.poll() is None, command.communicate()
+        time.sleep(0.2)
+    return command
+
+
+def squeue(env: dict, *args: str) -> str:
+    return subprocess.run(["squeue", "-h", "-n", "envcheck-fleet", *args], env=env,
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+def stopped(command: subprocess.Popen, env: dict, *squeue_args: str) -> None:
+    """SIGTERM to `command`: once it has exited, squeue lists nothing of it, and it said so
+    in one line with exit code 143."""
+    command.send_signal(signal.SIGTERM)
+    out, err = command.communicate(timeout=60)
+    assert squeue(env, *squeue_args) == ""
+    assert command.returncode == 128 + signal.SIGTERM and out == ""
+    assert err.splitlines() == [
+        "Error: interrupted (SIGTERM): stopped before a verdict, nothing reported"]
+
+
+def test_a_stop_signal_withdraws_the_allocation_salloc_waits_for(cluster):
+    """SIGTERM while salloc waits (a maintenance starting in 5 minutes leaves no room for the
+    check's time; sinfo still says idle): salloc gets SIGTERM and withdraws its pending job.
+    envcheck used to die at once, leaving salloc waiting; SIGKILLed, salloc leaves the job
+    queued, to be granted later and held until its time limit."""
+    _, env = cluster
+    scontrol(env, "create", "reservationname=envcheck-later", "starttime=now+300",
+             "duration=10", "nodes=ALL", "users=root")
+    try:
+        stopped(fleet_until(env, ["-t", "PD"]), env)
+    finally:
+        subprocess.run(["scancel", "-n", "envcheck-fleet"], env=env, check=False, timeout=30)
+        scontrol(env, "delete", "reservationname=envcheck-later")
+
+
+def test_a_stop_signal_during_the_step_releases_the_allocation(cluster):
+    """SIGTERM while the nodes run the check: the allocation is cancelled, which ends the
+    step. envcheck used to die at once, leaving srun, its step and the allocation (salloc
+    --no-shell: until its time limit) behind."""
+    _, env = cluster
+    try:
+        stopped(fleet_until(env, ["-s"]), env, "-t", "PD,R")  # once a step is running
+    finally:
+        subprocess.run(["scancel", "-n", "envcheck-fleet"], env=env, check=False, timeout=30)
+        wait_for_states(env, {"n1": "idle", "n2": "idle", "n3": "idle"})
