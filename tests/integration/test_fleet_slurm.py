@@ -196,7 +196,12 @@ def test_a_node_whose_slurmd_died_never_answers(cluster):
 
 
 def fleet_until(env: dict, squeue_args: list[str]) -> subprocess.Popen:
-    """`envcheck fleet slurm` started, once `squeue … squeue_args` lists something."""
+    """`envcheck fleet slurm` started, once `squeue … squeue_args` lists something (after
+    the allocations of earlier tests have ended: they stay a while as completing)."""
+    deadline = time.monotonic() + 120
+    while squeue(env):
+        assert time.monotonic() < deadline, squeue(env)
+        time.sleep(0.5)
     command = subprocess.Popen(
         with_signals([sys.executable, "-m", "envcheck", "fleet", "slurm", "--json",
                       "--no-container", "--timeout-s", "300"], {signal.SIGTERM: signal.SIG_DFL}),
@@ -213,12 +218,13 @@ def squeue(env: dict, *args: str) -> str:
                           capture_output=True, text=True, timeout=30).stdout.strip()
 
 
-def stopped(command: subprocess.Popen, env: dict, *squeue_args: str) -> None:
-    """SIGTERM to `command`: once it has exited, squeue lists nothing of it, and it said so
-    in one line with exit code 143."""
+def stopped(command: subprocess.Popen, env: dict) -> None:
+    """SIGTERM to `command`: once it has exited, squeue lists no job of it pending or
+    running (a cancelled one may still be completing), and it said so in one line with exit
+    code 143."""
     command.send_signal(signal.SIGTERM)
     out, err = command.communicate(timeout=60)
-    assert squeue(env, *squeue_args) == ""
+    assert squeue(env, "-t", "PD,R") == ""
     assert command.returncode == 128 + signal.SIGTERM and out == ""
     assert err.splitlines() == [
         "Error: interrupted (SIGTERM): stopped before a verdict, nothing reported"]
@@ -245,7 +251,7 @@ def test_a_stop_signal_during_the_step_releases_the_allocation(cluster):
     --no-shell: until its time limit) behind."""
     _, env = cluster
     try:
-        stopped(fleet_until(env, ["-s"]), env, "-t", "PD,R")  # once a step is running
+        stopped(fleet_until(env, ["-s"]), env)  # once a step is running
     finally:
         subprocess.run(["scancel", "-n", "envcheck-fleet"], env=env, check=False, timeout=30)
         wait_for_states(env, {"n1": "idle", "n2": "idle", "n3": "idle"})
