@@ -50,10 +50,11 @@ def run(argv: list[str], timeout_s: float, env: Mapping[str, str] | None = None,
     with child:
         try:
             out, err = child.communicate(input_text, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            out, err = child.communicate()
-            return RunResult(RC_TIMEOUT, out, err + f"\n{argv[0]}: timed out after {timeout_s:g} s")
+        except subprocess.TimeoutExpired as expired:  # what it wrote so far, undecoded
+            child.kill()  # (not communicate: a grandchild may hold the pipes open for ever)
+            child.wait()
+            return RunResult(RC_TIMEOUT, _text(expired.stdout), _text(expired.stderr)
+                             + f"\n{argv[0]}: timed out after {timeout_s:g} s")
         except BaseException:
             stop(child)
             raise
@@ -68,3 +69,9 @@ def stop(child: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait()
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data if isinstance(data, str) else data.decode(errors="replace")

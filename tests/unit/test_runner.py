@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import pytest
 
@@ -27,12 +28,20 @@ def test_timeout_is_124_with_partial_output():
     assert "timed out after 1 s" in result.err
 
 
+def test_a_timeout_does_not_wait_for_a_grandchild_holding_the_pipes():
+    """The killed command's child keeps stdout open: its output so far comes back at once,
+    not when the grandchild ends."""
+    start = time.monotonic()
+    result = run(["sh", "-c", "echo started; sleep 30 & sleep 30"], timeout_s=1)
+    assert result.timed_out and result.out == "started\n"
+    assert time.monotonic() - start < 10
+
+
 def test_a_stop_signal_gives_the_command_a_sigterm_to_clean_up(tmp_path):
     """salloc withdraws its pending job on SIGTERM; SIGKILLed, the job would stay queued."""
     import os
     import signal
     import threading
-    import time
 
     from envcheck.cli import Interrupted
 
