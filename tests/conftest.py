@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
@@ -72,3 +73,19 @@ def with_signals(argv: list[str], dispositions: dict) -> list[str]:
     pairs = [name for number, how in dispositions.items()
              for name in (signal.Signals(number).name, signal.Handlers(how).name)]
     return [sys.executable, "-c", _SET_SIGNALS, str(len(dispositions)), *pairs, *argv]
+
+
+@contextlib.contextmanager
+def interrupting(number: int):
+    """Within the block, signal `number` raises envcheck's Interrupted in the main thread, as
+    a stop signal does under `envcheck` (tests send SIGUSR1: a SIGTERM would reach pytest)."""
+    from envcheck.cli import Interrupted
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    before = signal.signal(number, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(number, before)

@@ -32,7 +32,7 @@ from envcheck.fleet.slurm import (
 )
 from envcheck.runner import RunResult
 from envcheck.smoke import gpu_smoke
-from tests.conftest import REPO, planted
+from tests.conftest import REPO, interrupting, planted
 from tests.gpu_host import FakeDocker, connect_to, healthy_host
 
 FIXTURES = REPO / "tests/fixtures/fleet"
@@ -402,9 +402,6 @@ def test_a_stop_signal_releases_every_allocation_and_starts_no_other_batch(cpu_r
 
     from envcheck.cli import Interrupted
 
-    def interrupt(signum, frame):
-        raise Interrupted(signum)
-
     def step(nodes, output):  # runs until its allocation is cancelled (or 3 s have passed)
         with slurm.lock:
             if len(slurm.held) == 4 and not fired:
@@ -419,12 +416,8 @@ def test_a_stop_signal_releases_every_allocation_and_starts_no_other_batch(cpu_r
     monkeypatch.setattr(slurm_module, "BATCHES_AT_ONCE", 4)
     slurm, fired, ended = FakeSlurm(",".join(f"n{i}:idle" for i in range(12)), step,
                                     job_size="1"), [], []
-    before = signal.signal(signal.SIGUSR1, interrupt)
-    try:
-        with pytest.raises(Interrupted):
-            run_fleet(envcheck=["envcheck"], run=slurm)
-    finally:
-        signal.signal(signal.SIGUSR1, before)
+    with interrupting(signal.SIGUSR1), pytest.raises(Interrupted):
+        run_fleet(envcheck=["envcheck"], run=slurm)
     assert fired and len(slurm.allocations) == 4 and not slurm.held
     # (a batch whose allocation came as the stop did runs no step: 3 or 4 steps ran)
     assert set(ended) == {"cancelled"} and slurm.calls.count("scancel") == 4

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from envcheck.runner import RC_NOT_FOUND, RC_TIMEOUT, run
+from tests.conftest import interrupting
 
 
 def test_captures_output_and_rc():
@@ -45,9 +46,6 @@ def test_a_stop_signal_gives_the_command_a_sigterm_to_clean_up(tmp_path):
 
     from envcheck.cli import Interrupted
 
-    def interrupt(signum, frame):
-        raise Interrupted(signum)
-
     def interrupt_once_started():
         for _ in range(3000):
             if started.exists():
@@ -58,13 +56,12 @@ def test_a_stop_signal_gives_the_command_a_sigterm_to_clean_up(tmp_path):
     marker, started = tmp_path / "cleaned", tmp_path / "started"
     script = (f"trap 'echo cleaned > {marker}; kill $!; exit 3' TERM; touch {started}; "
               "sleep 30 & wait")
-    before = signal.signal(signal.SIGUSR1, interrupt)
     timer = threading.Thread(target=interrupt_once_started)
-    try:
-        timer.start()
-        with pytest.raises(Interrupted):
-            run(["sh", "-c", script], timeout_s=60)
-    finally:
-        timer.join()
-        signal.signal(signal.SIGUSR1, before)
+    with interrupting(signal.SIGUSR1):
+        try:
+            timer.start()
+            with pytest.raises(Interrupted):
+                run(["sh", "-c", script], timeout_s=60)
+        finally:
+            timer.join()
     assert marker.read_text() == "cleaned\n"
