@@ -5,15 +5,19 @@ image run with a GPU device request (what `docker run --gpus all` sends) and a s
 
 Every container runs least-privileged: a non-root user, all capabilities dropped, no new
 privileges, a read-only root filesystem with a /tmp tmpfs, no network, memory and pids limits and
-a timeout; it is always removed.
+a timeout; it is always removed. Only an envcheck killed outright (SIGKILL: the OOM killer, Slurm's
+KillWait) cannot remove its container: each is labelled with its owner process, and the next run
+removes those whose owner is gone (`remove_leftovers`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 import uuid
+from pathlib import Path
 
 from envcheck.build import DEFAULT_TAG
 from envcheck.catalog import CATALOG_BY_ID, UNKNOWN, classify
@@ -38,6 +42,8 @@ PROBE_SCRIPT = (
     "echo '== nvidia-smi'; nvidia-smi -L 2>&1 || true"
 )
 SECTION_RE = re.compile(r"^== (\S+)$", re.MULTILINE)
+OWN_LABEL = {"envcheck": "gpu-smoke"}
+OWNER_LABEL = "envcheck.owner"  # boot id/pid namespace/pid/start time of the envcheck that ran it
 # runc: exec: "sh": executable file not found in $PATH; crun: executable file `sh` not found
 # (older Docker escapes the quotes: exec: \"sh\": …)
 MISSING_PROGRAM_RE = re.compile(r'exec: \\?"([^"\\]+)\\?": executable file not found|'
@@ -109,7 +115,8 @@ def run_container(client, image: str, command: list[str], *, gpu: bool, env: dic
             environment={**BASE_ENV, **env}, network_mode="none", read_only=True,
             tmpfs=TMPFS, cap_drop=["ALL"], security_opt=["no-new-privileges"],
             mem_limit=memory_limit, pids_limit=PIDS_LIMIT, device_requests=requests_,
-            labels={"envcheck": "gpu-smoke"})
+            labels={**OWN_LABEL, **({OWNER_LABEL: owner} if (owner := process_identity())
+                                    else {})})
         container.start()
         rc, note = _wait(container, timeout_s, memory_limit)
         out = container.logs(stdout=True, stderr=False).decode(errors="replace")
@@ -146,15 +153,68 @@ def _wait(container, timeout_s: float, memory_limit: str) -> tuple[int, str]:
     return rc, ""
 
 
-def _remove(client, name: str) -> None:
-    """Kill and remove the container `name`, if it was created."""
+def _remove(client, name: str) -> bool:
+    """Kill and remove the container `name`, if it was created: whether it was there to go."""
     import docker
     import requests
 
     try:
         client.api.remove_container(name, force=True)
     except (docker.errors.APIError, requests.exceptions.RequestException):
-        pass  # never created, already gone, or the daemon is: nothing to remove through it
+        return False  # never created, already gone, or the daemon is: nothing to remove
+    return True
+
+
+def process_identity(pid: int | None = None, proc: str = "/proc") -> str | None:
+    """`BOOT-ID/PID-NAMESPACE/PID/START-TICKS` of a process (this one by default): which machine
+    boot and pid namespace the pid counts in, and its start time, so a pid reused by another
+    process does not pass for it. None off Linux, or for a process that is gone."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        boot = Path(proc, "sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink(f"{proc}/self/ns/pid")
+        stat = Path(proc, str(pid), "stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold anything
+    if len(fields) < 20 or fields[0] in ("Z", "X"):  # a zombie has ended already
+        return None
+    return f"{boot}/{namespace}/{pid}/{fields[19]}"  # field 22 of proc_pid_stat(5): starttime
+
+
+def orphaned(owner: str, proc: str = "/proc") -> bool:
+    """Whether the envcheck that `owner` (a process_identity) names is gone. Only a process of
+    this machine boot and pid namespace can be told gone; any other is taken to be running (a
+    daemon shared by several hosts or containers: their pids mean nothing here)."""
+    here = process_identity(proc=proc)
+    parts = owner.split("/")
+    if here is None or len(parts) != 4 or not parts[2].isdigit():
+        return False
+    if here.split("/")[:2] != parts[:2]:
+        return False
+    return process_identity(int(parts[2]), proc) != owner
+
+
+def remove_leftovers(client) -> list[dict]:
+    """Remove the containers of gpu-smoke runs whose envcheck is gone (killed before it could
+    remove them: one may still run its model test, holding the GPU). [{name, owner_pid}] of
+    each one removed; none when the daemon cannot be asked."""
+    import docker
+    import requests
+
+    removed = []
+    try:
+        listed = client.api.containers(all=True, filters={"label": [
+            f"{key}={value}" for key, value in OWN_LABEL.items()]})
+    except (docker.errors.APIError, requests.exceptions.RequestException):
+        return removed
+    for container in listed:
+        owner = (container.get("Labels") or {}).get(OWNER_LABEL)
+        if owner and orphaned(owner):
+            name = (container.get("Names") or ["/" + container["Id"][:12]])[0].lstrip("/")
+            if _remove(client, container["Id"]):
+                removed.append({"name": name, "owner_pid": int(owner.split("/")[2])})
+    return removed
 
 
 def missing_program(text: str) -> str | None:

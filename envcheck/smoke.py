@@ -101,6 +101,10 @@ def container_chain(client, image: str, driver: str | None, checks: list[Check],
                     stage, timeout_s: float) -> tuple[RunResult | None, str]:
     """Links 4-7 on a reachable daemon: image, GPU probe container, model test in the
     container (on the GPU when the probe got one, else the CPU fallback)."""
+    leftovers = passthrough.remove_leftovers(client)
+    if leftovers:  # not a fault of this host's passthrough: said, but no link depends on it
+        facts["leftovers_removed"] = leftovers
+        checks.append(leftovers_check(leftovers))
     stage("image", f"image {image}")
     config, present = passthrough.image_env(client, image)
     checks.append(present)
@@ -132,6 +136,18 @@ def container_chain(client, image: str, driver: str | None, checks: list[Check],
             break
     facts["container_seconds"] = round(model.seconds, 3)
     return model.as_run_result(), "container-gpu" if gpu else "container-cpu"
+
+
+def leftovers_check(leftovers: list[dict]) -> Check:
+    names = ", ".join(f"{c['name']} (envcheck pid {c['owner_pid']})" for c in leftovers)
+    return Check("docker.leftovers", "warn",
+                 f"removed {len(leftovers)} gpu-smoke container(s) whose envcheck was killed "
+                 f"before it could remove them: {names}",
+                 detail="an envcheck killed outright (SIGKILL: the OOM killer, `kill -9`, "
+                        "Slurm's KillWait) leaves its container running its test, holding the "
+                        "GPU, until the test ends (never, on a hung GPU)",
+                 fix="nothing to do now; if it recurs, find what kills envcheck (`dmesg` for "
+                     "the OOM killer, the job's time limit)")
 
 
 def node_facts() -> dict[str, str | None]:

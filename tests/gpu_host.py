@@ -7,6 +7,7 @@ in tests/fixtures/real (SOURCES.md there); every derived state is one visible ed
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -184,11 +185,12 @@ class FakeDocker:
     missing_image: bool = False
     model_wait_error: Exception | None = None
     created: list[dict] = dataclasses.field(default_factory=list)
+    list_error: Exception | None = None
 
     def __post_init__(self):
         self.images = self
         self.containers = self
-        self.api = self
+        self.api = FakeApi(self)
         self.by_name: dict[str, FakeContainer] = {}
 
     def info(self) -> dict:
@@ -210,14 +212,42 @@ class FakeDocker:
             report = self.model_out or model_report("gpu" if gpu else "cpu")
             container = FakeContainer(None, json.dumps(report) + "\n", self.model_err,
                                       wait_error=self.model_wait_error)
+        container.labels = options.get("labels") or {}
         self.by_name[options["name"]] = container
         return container
 
+    def leave(self, name: str, labels: dict) -> FakeContainer:
+        """A container of an earlier run, still there (as a killed envcheck leaves it)."""
+        container = FakeContainer(None, "", "", labels=labels)
+        self.by_name[name] = container
+        return container
+
+
+def _id(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+@dataclasses.dataclass
+class FakeApi:
+    """The low-level API calls envcheck makes, over FakeDocker's containers."""
+
+    docker: FakeDocker
+
+    def containers(self, filters: dict, **options) -> list[dict]:
+        assert options == {"all": True}  # stopped ones too
+        if self.docker.list_error is not None:
+            raise self.docker.list_error
+        wanted = [tuple(f.split("=", 1)) for f in filters.get("label", [])]
+        return [{"Id": _id(name), "Names": [f"/{name}"], "Labels": c.labels}
+                for name, c in self.docker.by_name.items()
+                if not c.removed and all(c.labels.get(k) == v for k, v in wanted)]
+
     def remove_container(self, name: str, force: bool) -> None:
-        container = self.by_name.get(name)
-        if container is None:
+        found = [c for n, c in self.docker.by_name.items()
+                 if name in (n, _id(n)) and not c.removed]
+        if not found:
             raise docker.errors.NotFound(f"No such container: {name}")
-        container.remove(force)
+        found[0].remove(force)
 
 
 @dataclasses.dataclass
@@ -228,6 +258,7 @@ class FakeContainer:
     removed: bool = False
     wait_error: Exception | None = None
     attrs: dict = dataclasses.field(default_factory=lambda: {"State": {"OOMKilled": False}})
+    labels: dict = dataclasses.field(default_factory=dict)
 
     def start(self):
         if self.start_error:

@@ -305,6 +305,21 @@ def hanging_python_image(client, base_image: str, tag: str) -> None:
         container.remove(force=True)
 
 
+LABELLED = {"label": "envcheck=gpu-smoke"}
+
+
+def model_container(client, smoke: subprocess.Popen):
+    """The model test's container, once gpu-smoke (running as `smoke`) has started it."""
+    deadline = time.monotonic() + 120
+    while True:
+        running = [c for c in client.containers.list(filters=LABELLED)
+                   if "model.smoke" in " ".join(c.attrs["Config"]["Cmd"])]
+        if running:
+            return running[0]
+        assert time.monotonic() < deadline and smoke.poll() is None, smoke.communicate()
+        time.sleep(0.2)
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_a_stop_signal_during_the_model_run_removes_its_container(engine, base_image, stop):
     """scancel, a Slurm time limit or kubectl delete send SIGTERM: envcheck dying at once left
@@ -313,25 +328,50 @@ def test_a_stop_signal_during_the_model_run_removes_its_container(engine, base_i
     client = docker.DockerClient(base_url=engine)
     tag = f"envcheck-test/hang:{stop.name.lower()}"
     hanging_python_image(client, base_image, tag)
-    labelled = {"label": "envcheck=gpu-smoke"}
     try:
         smoke = subprocess.Popen(
             with_signals([sys.executable, "-m", "envcheck", "gpu-smoke", "--image", tag,
                           "--json"], {stop: signal.SIG_DFL}),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "DOCKER_HOST": engine})
-        deadline = time.monotonic() + 120
-        while not any("model.smoke" in " ".join(c.attrs["Config"]["Cmd"])
-                      for c in client.containers.list(filters=labelled)):
-            assert time.monotonic() < deadline and smoke.poll() is None, smoke.communicate()
-            time.sleep(0.2)
+        model_container(client, smoke)
         smoke.send_signal(stop)
         out, err = smoke.communicate(timeout=60)
         assert smoke.returncode == 128 + stop, err
         assert out == "" and err.splitlines() == [
             f"Error: interrupted ({stop.name}): stopped before a verdict, nothing reported"]
-        assert client.containers.list(all=True, filters=labelled) == []
+        assert client.containers.list(all=True, filters=LABELLED) == []
     finally:
-        for container in client.containers.list(all=True, filters=labelled):
+        for container in client.containers.list(all=True, filters=LABELLED):
+            container.remove(force=True)
+        client.images.remove(tag, force=True)
+
+
+def test_the_container_of_a_killed_envcheck_is_removed_by_the_next_run(engine, base_image):
+    """SIGKILL (the OOM killer, Slurm's KillWait) gives envcheck no chance to remove its
+    container: it runs on, holding the GPU, until the model test ends (never, for a hung one).
+    The next gpu-smoke on the engine removes it, and says so."""
+    client = docker.DockerClient(base_url=engine)
+    tag = "envcheck-test/hang:sigkill"
+    hanging_python_image(client, base_image, tag)
+    try:
+        smoke = subprocess.Popen(
+            [sys.executable, "-m", "envcheck", "gpu-smoke", "--image", tag, "--json"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "DOCKER_HOST": engine})
+        left = model_container(client, smoke)
+        smoke.kill()
+        smoke.wait()
+        time.sleep(1)
+        left.reload()
+        assert left.status == "running"  # nothing could remove it
+        rc, report, checks = smoke_json(engine, "--image", tag, "--timeout-s", "2")
+        assert rc == 1 and checks["model.run"]["summary"] == "the model test timed out"
+        assert checks["docker.leftovers"]["status"] == "warn"
+        assert f"{left.name} (envcheck pid {smoke.pid})" in checks["docker.leftovers"]["summary"]
+        assert report["leftovers_removed"] == [{"name": left.name, "owner_pid": smoke.pid}]
+        assert client.containers.list(all=True, filters=LABELLED) == []
+    finally:
+        for container in client.containers.list(all=True, filters=LABELLED):
             container.remove(force=True)
         client.images.remove(tag, force=True)

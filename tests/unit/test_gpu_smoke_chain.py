@@ -97,6 +97,97 @@ def test_a_container_a_signal_cut_the_create_reply_of_is_removed():
     assert [container.removed for container in client.by_name.values()] == [True]
 
 
+def ended_process() -> str:
+    """The process identity of a process that has ended (and been waited for)."""
+    import subprocess
+
+    from envcheck.passthrough import process_identity
+
+    child = subprocess.Popen(["sleep", "30"])
+    identity = process_identity(child.pid)
+    child.kill()
+    child.wait()
+    assert identity is not None and process_identity(child.pid) is None
+    return identity
+
+
+def owned_by(owner: str) -> dict:
+    from envcheck.passthrough import OWN_LABEL, OWNER_LABEL
+
+    return {**OWN_LABEL, OWNER_LABEL: owner}
+
+
+def test_containers_are_labelled_with_the_envcheck_that_runs_them(tmp_path):
+    import os
+
+    from envcheck.passthrough import OWNER_LABEL, process_identity
+
+    client = FakeDocker()
+    smoke(healthy_host(tmp_path), client)
+    owners = {options["labels"][OWNER_LABEL] for options in client.created}
+    assert owners == {process_identity()} and process_identity().split("/")[2] == str(
+        os.getpid())
+    assert all(options["labels"]["envcheck"] == "gpu-smoke" for options in client.created)
+
+
+def test_the_containers_of_a_killed_envcheck_are_removed_by_the_next_run(tmp_path):
+    """A SIGKILLed envcheck cannot remove its container, which holds the GPU until its test
+    ends. The next run removes those whose envcheck is gone, and only those: a live envcheck's,
+    and any whose pid cannot be judged here (another pid namespace or machine boot: a daemon
+    shared by containers or hosts), stay."""
+    import os
+
+    from envcheck.passthrough import process_identity
+
+    boot, namespace, pid, start = process_identity().split("/")
+    gone = {"ended": ended_process(),
+            "pid-reused": f"{boot}/{namespace}/{os.getppid()}/1"}  # a start time not its own
+    kept = {"this-envcheck": process_identity(),
+            "other-namespace": f"{boot}/pid:[1]/{pid}/1",
+            "other-boot": f"{'0' * 8}-{boot[9:]}/{namespace}/{pid}/1",
+            "malformed": "not-an-owner"}
+    client = FakeDocker()
+    left = {key: client.leave(f"envcheck-gpu-smoke-{key}", owned_by(owner))
+            for key, owner in {**gone, **kept}.items()}
+    left["unowned"] = client.leave("envcheck-gpu-smoke-unowned", {"envcheck": "gpu-smoke"})
+    left["not-ours"] = client.leave("web", {"envcheck.owner": gone["ended"]})
+    report = smoke(healthy_host(tmp_path), client)
+    assert {key for key, container in left.items() if container.removed} == set(gone)
+    check = assert_link(report, "docker.leftovers", "warn", "OOM killer")
+    assert "removed 2 gpu-smoke container(s)" in check.summary
+    for key, owner in gone.items():
+        assert f"envcheck-gpu-smoke-{key} (envcheck pid {owner.split('/')[2]})" in check.summary
+    assert report.facts["leftovers_removed"] == [
+        {"name": f"envcheck-gpu-smoke-{key}", "owner_pid": int(owner.split("/")[2])}
+        for key, owner in gone.items()]
+    assert report.verdict == "gpu"  # not a fault of the passthrough chain
+    again = smoke(healthy_host(tmp_path / "again"), client)
+    assert "docker.leftovers" not in by_id(again) and "leftovers_removed" not in again.facts
+
+
+def test_a_zombie_owner_counts_as_ended():
+    import subprocess
+    import time
+
+    from envcheck.passthrough import orphaned, process_identity
+
+    child = subprocess.Popen(["sleep", "0.2"])
+    identity = process_identity(child.pid)
+    assert identity is not None and not orphaned(identity)
+    time.sleep(1)  # it has exited, and nobody has waited for it yet
+    assert orphaned(identity)
+    child.wait()
+
+
+def test_a_daemon_that_will_not_list_containers_leaves_the_run_as_it_was(tmp_path):
+    import docker
+
+    client = FakeDocker(list_error=docker.errors.APIError("500 Server Error"))
+    client.leave("envcheck-gpu-smoke-x", owned_by(ended_process()))
+    report = smoke(healthy_host(tmp_path), client)
+    assert "docker.leftovers" not in by_id(report) and report.verdict == "gpu"
+
+
 def test_no_gpu_on_the_pci_bus(tmp_path):
     report = smoke(bare_host(tmp_path), FakeDocker(
         gpu_error=real("docker-run-gpus_could-not-select-device-driver.txt")))
@@ -430,7 +521,8 @@ def test_missing_image_says_how_to_build_it(tmp_path):
     assert report.verdict == "fail"
 
 
-@pytest.mark.parametrize("case", ["healthy", "bare", "requirement", "missing-image"])
+@pytest.mark.parametrize("case", ["healthy", "bare", "requirement", "missing-image",
+                                  "leftovers"])
 def test_json_reports_validate_against_the_schema(tmp_path, case):
     import json
 
@@ -442,7 +534,10 @@ def test_json_reports_validate_against_the_schema(tmp_path, case):
     host = bare_host(tmp_path) if case == "bare" else healthy_host(tmp_path)
     client = FakeDocker(missing_image=case == "missing-image", gpu_error=real(
         "docker-compose-gpu_requirement-cuda12.8_driver550.txt") if case == "requirement" else None)
+    if case == "leftovers":
+        client.leave("envcheck-gpu-smoke-0123456789ab", owned_by(ended_process()))
     report = smoke(host, client).to_json()
+    assert ("leftovers_removed" in report) == (case == "leftovers")
     jsonschema.validate(json.loads(json.dumps(report)), schema)
     broken = {**report, "verdict": "maybe"}
     with pytest.raises(jsonschema.ValidationError):
