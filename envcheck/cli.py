@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
+import os
 import re
 import signal
 import sys
@@ -492,12 +494,65 @@ def catch_stop_signals() -> None:
             signal.signal(stop, _interrupt)
 
 
+class OutputFailed(BaseException):
+    """Writing to stdout failed: its reader has gone (`| head`, a closed ssh session), or the
+    file it goes to cannot take it (a full disk). Not an OSError, so that neither click (exit 1,
+    a failed check, for a broken pipe; a traceback for anything else) nor rich (exit 1) takes
+    it for theirs."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error)
+        self.error = error
+
+
+class CheckedStdout:
+    """sys.stdout, whose write errors raise OutputFailed."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as error:
+            raise OutputFailed(error) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as error:
+            raise OutputFailed(error) from None
+
+
+def _output_failed(error: OSError) -> int:
+    """The exit code for a failed write to stdout, after saying why (unless nobody reads)."""
+    with contextlib.suppress(OSError, ValueError):  # what is left in the buffer goes nowhere,
+        devnull = os.open(os.devnull, os.O_WRONLY)  # instead of failing again at exit
+        os.dup2(devnull, sys.__stdout__.fileno())
+    if error.errno == errno.EPIPE:  # as a shell reports a program SIGPIPE ended, silently
+        return EXIT_INTERRUPTED + signal.SIGPIPE
+    click.echo(f"Error: cannot write to standard output ({error.strerror or error}): what was "
+               "written is incomplete; write the output elsewhere", err=True)
+    return EXIT_USAGE
+
+
 def main() -> None:
     catch_stop_signals()
+    if sys.stdout is not None:  # None: started with stdout closed (`>&-`); click writes nothing
+        sys.stdout = CheckedStdout(sys.stdout)
     try:
-        cli()
+        try:
+            cli()
+        finally:
+            if sys.stdout is not None:  # what is still buffered fails here, not at the exit
+                sys.stdout.flush()
     except Interrupted as stop:
         name = signal.Signals(stop.signum).name
         click.echo(f"Error: interrupted ({name}): stopped before a verdict, nothing reported",
                    err=True)
         sys.exit(EXIT_INTERRUPTED + stop.signum)
+    except OutputFailed as failed:
+        sys.exit(_output_failed(failed.error))

@@ -310,3 +310,51 @@ def test_a_second_stop_signal_ends_envcheck_at_once():
                           timeout=60, cwd=REPO)
     assert done.stdout.split() == [str(int(signal.SIGTERM)), "True"]
     assert done.returncode == -signal.SIGINT
+
+
+@pytest.fixture(scope="module")
+def small_image(tmp_path_factory) -> str:
+    """The CUDA-like test image as an OCI layout: a reference inspect-image reads offline."""
+    from scripts import cuda_image
+
+    layout = tmp_path_factory.mktemp("output") / "layout"
+    cuda_image.build_layout(layout, tag="small")
+    return f"oci:{layout}:small"
+
+
+OUTPUT_COMMANDS = {"yaml": ["fleet", "k8s", "render"], "text": ["inspect-image", "IMAGE"],
+                   "json": ["inspect-image", "IMAGE", "--json"]}
+
+
+def envcheck_writing_to(stdout, args: list[str], image: str) -> subprocess.CompletedProcess:
+    command = Path(sys.executable).with_name("envcheck")  # the console script pip installed
+    argv = [str(command), *(image if arg == "IMAGE" else arg for arg in args)]
+    return subprocess.run(argv, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("output", OUTPUT_COMMANDS)
+def test_a_reader_that_has_gone_ends_envcheck_as_sigpipe_would(small_image, output):
+    """`envcheck … | head`: the reader leaves before the output ends. It exited 1 (click's and
+    rich's handling), which says a check failed; now 141 (128 + SIGPIPE, as a shell reports a
+    program SIGPIPE ended) and nothing on stderr, like other command-line tools."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = envcheck_writing_to(write, OUTPUT_COMMANDS[output], small_image)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (128 + signal.SIGPIPE, "")
+
+
+@pytest.mark.parametrize("output", OUTPUT_COMMANDS)
+def test_output_the_disk_cannot_take_is_one_line(small_image, output):
+    """A report redirected to a full disk was a traceback (click re-raises what is not a
+    broken pipe; rich too)."""
+    with open("/dev/full", "w") as full:
+        done = envcheck_writing_to(full, OUTPUT_COMMANDS[output], small_image)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "Error: cannot write to standard output (No space left on device): what was written "
+        "is incomplete; write the output elsewhere"]
