@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable
@@ -14,14 +15,43 @@ import numpy as np
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+EXIT_STOPPED = 128  # + the signal's number, as a shell reports a program a signal ended
+
+
+class Stopped(BaseException):
+    """A stop signal, raised in the main thread (between JAX calls: one running on the device
+    finishes first). Not a KeyboardInterrupt, whose traceback would be all the user sees."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame) -> None:
+    for stop in STOP_SIGNALS:  # a second signal ends the run at once
+        if signal.getsignal(stop) is _stop:
+            signal.signal(stop, signal.SIG_DFL)
+    raise Stopped(signum)
+
+
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
     """Run `main`; bad input (a ValueError such as CheckpointError, or an OSError) becomes one
-    `error: ...` line on stderr and exit 2, never a traceback."""
+    `error: ...` line on stderr and exit 2, never a traceback. A stop signal (Ctrl-C; SIGTERM
+    from `docker stop`, to which a container's PID 1 is deaf without a handler) is one line and
+    exit 128 + its number; one ignored at the start (nohup) stays ignored."""
+    for stop in STOP_SIGNALS:
+        if signal.getsignal(stop) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(stop, _stop)
     try:
         code = main(argv)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         code = EXIT_USAGE
+    except Stopped as stop:
+        print(f"error: interrupted ({signal.Signals(stop.signum).name}): no result",
+              file=sys.stderr)
+        code = EXIT_STOPPED + stop.signum
     sys.exit(code)
 
 

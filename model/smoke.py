@@ -4,7 +4,7 @@ Loads the bundled tiny GPT-2 with the real loader, checks its logits against gol
 HF transformers computed (scripts/make_tiny_checkpoint.py), checks a greedy generation against
 HF's, and times both on whatever device JAX picked. This is what `envcheck gpu-smoke` runs inside
 the container; it imports nothing from envcheck. Exit 0 when every check passes, 1 otherwise,
-2 when the checkpoint cannot be read.
+2 when the checkpoint cannot be read, 128 + N when signal N (Ctrl-C, SIGTERM) stopped it.
 """
 
 from __future__ import annotations

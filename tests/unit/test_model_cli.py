@@ -4,6 +4,7 @@ one-line errors and never a traceback."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -106,6 +107,34 @@ def test_smoke_json_passes_on_this_machine():
         assert report["impl_used"] == "xla"
     assert report["checks"][1]["max_abs_diff"] < 1e-4
     assert report["device"]["backend"] in ("cpu", "gpu")
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` (its SigCgt mask in /proc)."""
+    from pathlib import Path
+
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line.split()[1] for line in status.splitlines()
+                      if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (signum - 1) & 1)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_stop_signal_during_the_smoke_is_one_line(stop):
+    """Ctrl-C during the model test was a KeyboardInterrupt traceback from inside JAX; SIGTERM
+    (`docker stop`) was ignored where the test is the container's PID 1."""
+    import time
+
+    smoke = subprocess.Popen([sys.executable, "-m", "model.smoke", "--json"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not catches(smoke.pid, signal.SIGTERM):  # run_main has installed its handlers
+        assert time.monotonic() < deadline and smoke.poll() is None, smoke.communicate()
+        time.sleep(0.01)
+    smoke.send_signal(stop)
+    out, err = smoke.communicate(timeout=120)
+    assert smoke.returncode == 128 + stop and out == "", err
+    assert err.splitlines() == [f"error: interrupted ({stop.name}): no result"]
 
 
 def test_smoke_fails_with_exit_1_when_golden_disagrees(tmp_path):
