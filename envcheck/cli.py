@@ -534,8 +534,9 @@ def _output_failed(error: OSError) -> int:
         os.dup2(devnull, sys.__stdout__.fileno())
     if error.errno == errno.EPIPE:  # as a shell reports a program SIGPIPE ended, silently
         return EXIT_INTERRUPTED + signal.SIGPIPE
-    click.echo(f"Error: cannot write to standard output ({error.strerror or error}): what was "
-               "written is incomplete; write the output elsewhere", err=True)
+    with contextlib.suppress(OSError):  # stderr on the same full disk (`2>&1`): the code says it
+        click.echo(f"Error: cannot write to standard output ({error.strerror or error}): what "
+                   "was written is incomplete; write the output elsewhere", err=True)
     return EXIT_USAGE
 
 

@@ -358,3 +358,13 @@ def test_output_the_disk_cannot_take_is_one_line(small_image, output):
     assert done.stderr.splitlines() == [
         "Error: cannot write to standard output (No space left on device): what was written "
         "is incomplete; write the output elsewhere"]
+
+
+def test_output_and_errors_on_a_full_disk_still_exit_2(small_image):
+    """`envcheck … > /dev/full 2>&1`: the error line cannot be written either; the exit code
+    still says what happened (the unwritable error line was a traceback nobody saw, exit 1)."""
+    with open("/dev/full", "w") as full:
+        command = Path(sys.executable).with_name("envcheck")
+        done = subprocess.run([str(command), "fleet", "k8s", "render"], stdout=full,
+                              stderr=full, timeout=120)
+    assert done.returncode == 2
