@@ -192,7 +192,16 @@ def orphaned(owner: str, proc: str = "/proc") -> bool:
         return False
     if here.split("/")[:2] != parts[:2]:
         return False
-    return process_identity(int(parts[2]), proc) != owner
+    pid = int(parts[2])
+    if not Path(proc, str(pid)).exists():  # gone, or hidden (hidepid=: another user's process)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # PermissionError: there, another user's
+            pass
+        return False
+    return process_identity(pid, proc) != owner
 
 
 def remove_leftovers(client) -> list[dict]:

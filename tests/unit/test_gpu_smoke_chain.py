@@ -179,6 +179,34 @@ def test_a_zombie_owner_counts_as_ended():
     child.wait()
 
 
+def test_an_owner_hidden_by_hidepid_counts_as_running(tmp_path):
+    """/proc mounted with hidepid= (shared hosts) shows no other user's processes: an owner
+    missing from it is only gone if no process has its pid (a live envcheck of another user
+    kept its container)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from envcheck.passthrough import orphaned, process_identity
+
+    boot, namespace, _, _ = process_identity().split("/")
+    hiding = tmp_path / "proc"  # this /proc as such a mount shows it: no other process
+    (hiding / "sys/kernel/random").mkdir(parents=True)
+    (hiding / "sys/kernel/random/boot_id").write_text(boot + "\n")
+    (hiding / "self/ns").mkdir(parents=True)
+    (hiding / "self/ns/pid").symlink_to(namespace)
+    (hiding / str(os.getpid())).mkdir()  # its own processes it shows
+    (hiding / str(os.getpid()) / "stat").write_text(Path("/proc/self/stat").read_text())
+    hidden = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not orphaned(f"{boot}/{namespace}/{hidden.pid}/1", proc=str(hiding))
+    finally:
+        hidden.kill()
+        hidden.wait()
+    assert orphaned(f"{boot}/{namespace}/{hidden.pid}/1", proc=str(hiding))
+    assert not orphaned(process_identity(), proc=str(hiding))
+
+
 def test_a_daemon_that_will_not_list_containers_leaves_the_run_as_it_was(tmp_path):
     import docker
 
