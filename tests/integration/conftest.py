@@ -93,6 +93,27 @@ def base_image(engine) -> str:
         pytest.skip(f"cannot build the base image: {error}")
 
 
+def hanging_python_image(client, base_image: str, tag: str, program: str = "python") -> None:
+    """The Debian base with a `program` (python, python3) that only sleeps: the model test, or a
+    build step that runs it, never ends."""
+    import io
+    import tarfile
+
+    script = b"#!/bin/sh\nexec sleep 600\n"
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        entry = tarfile.TarInfo(f"usr/local/bin/{program}")
+        entry.size, entry.mode = len(script), 0o755
+        tar.addfile(entry, io.BytesIO(script))
+    container = client.containers.create(base_image, ["true"], network_mode="none")
+    try:
+        container.put_archive("/", layer.getvalue())
+        repository, name = tag.split(":")
+        container.commit(repository, name)
+    finally:
+        container.remove(force=True)
+
+
 @pytest.fixture(scope="session")
 def built_image(engine, base_image, tmp_path_factory):
     """The dev image built by `envcheck build` from the local base (CPU JAX, host network for

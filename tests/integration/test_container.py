@@ -123,6 +123,49 @@ def test_failing_dockerfile_step_is_one_error_with_its_last_lines(engine):
         client.images.remove("envcheck-test/empty:1", force=True)
 
 
+def test_a_stop_signal_during_a_build_step_stops_the_step(engine, base_image):
+    """SIGTERM (or Ctrl-C) while a RUN step runs: envcheck's one line and 143, and the step's
+    container goes with it (dockerd's builder cancels the build when its client leaves), so a
+    long pip install does not run on after envcheck has said it stopped."""
+    import signal
+
+    from tests.conftest import with_signals
+    from tests.integration.conftest import hanging_python_image
+
+    client = docker.DockerClient(base_url=engine)
+    base = "envcheck-test/hang:build"
+    hanging_python_image(client, base_image, base, program="python3")  # the first RUN hangs
+
+    def steps(**options):
+        return [c for c in client.containers.list(**options)
+                if "ensurepip" in " ".join(c.attrs["Config"]["Cmd"] or [])]
+
+    try:
+        build = subprocess.Popen(
+            with_signals([sys.executable, "-m", "envcheck", "build", "--base-image", base,
+                          "--jax-extra", "cpu", "--tag", "envcheck-test/never:2"],
+                         {signal.SIGTERM: signal.SIG_DFL}),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "DOCKER_HOST": engine})
+        deadline = time.monotonic() + 300
+        while not steps():
+            assert time.monotonic() < deadline and build.poll() is None, build.communicate()
+            time.sleep(0.2)
+        build.send_signal(signal.SIGTERM)
+        out, err = build.communicate(timeout=60)
+        assert build.returncode == 143 and out == "", err
+        assert err.splitlines() == [
+            "Error: interrupted (SIGTERM): stopped before a verdict, nothing reported"]
+        deadline = time.monotonic() + 30
+        while steps(all=True):
+            assert time.monotonic() < deadline, "the build step's container is still there"
+            time.sleep(0.5)
+    finally:
+        for container in steps(all=True):
+            container.remove(force=True)
+        client.images.remove(base, force=True)
+
+
 def test_unreachable_daemon(engine, tmp_path):
     done = envcheck(engine, "build", "--jax-extra", "cpu",
                     env={**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/none.sock"})

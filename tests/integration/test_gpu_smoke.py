@@ -20,7 +20,7 @@ import pytest
 
 from envcheck import passthrough
 from tests.conftest import REPO, with_signals
-from tests.integration.conftest import require_binary, run_as_nobody
+from tests.integration.conftest import hanging_python_image, require_binary, run_as_nobody
 from tests.integration.test_container import envcheck
 
 SCHEMA = json.loads((REPO / "envcheck/schemas/smoke.v1.json").read_text())
@@ -283,26 +283,6 @@ def test_a_daemon_killed_during_the_model_run():
         for mount in sorted((m for m in mounts if m.startswith(f"{state}/")), reverse=True):
             subprocess.run(["umount", "-l", mount], check=False)
         shutil.rmtree(state, ignore_errors=True)
-
-
-def hanging_python_image(client, base_image: str, tag: str) -> None:
-    """The Debian base with a `python` that only sleeps: the model test never ends."""
-    import io
-    import tarfile
-
-    script = b"#!/bin/sh\nexec sleep 600\n"
-    layer = io.BytesIO()
-    with tarfile.open(fileobj=layer, mode="w") as tar:
-        entry = tarfile.TarInfo("usr/local/bin/python")
-        entry.size, entry.mode = len(script), 0o755
-        tar.addfile(entry, io.BytesIO(script))
-    container = client.containers.create(base_image, ["true"], network_mode="none")
-    try:
-        container.put_archive("/", layer.getvalue())
-        repository, name = tag.split(":")
-        container.commit(repository, name)
-    finally:
-        container.remove(force=True)
 
 
 LABELLED = {"label": "envcheck=gpu-smoke"}
