@@ -326,10 +326,11 @@ OUTPUT_COMMANDS = {"yaml": ["fleet", "k8s", "render"], "text": ["inspect-image",
                    "json": ["inspect-image", "IMAGE", "--json"]}
 
 
-def envcheck_writing_to(stdout, args: list[str], image: str) -> subprocess.CompletedProcess:
+def envcheck_writing_to(stdout, args: list[str], image: str,
+                        stderr=subprocess.PIPE) -> subprocess.CompletedProcess:
     command = Path(sys.executable).with_name("envcheck")  # the console script pip installed
     argv = [str(command), *(image if arg == "IMAGE" else arg for arg in args)]
-    return subprocess.run(argv, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120)
+    return subprocess.run(argv, stdout=stdout, stderr=stderr, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("output", OUTPUT_COMMANDS)
@@ -364,7 +365,5 @@ def test_output_and_errors_on_a_full_disk_still_exit_2(small_image):
     """`envcheck … > /dev/full 2>&1`: the error line cannot be written either; the exit code
     still says what happened (the unwritable error line was a traceback nobody saw, exit 1)."""
     with open("/dev/full", "w") as full:
-        command = Path(sys.executable).with_name("envcheck")
-        done = subprocess.run([str(command), "fleet", "k8s", "render"], stdout=full,
-                              stderr=full, timeout=120)
+        done = envcheck_writing_to(full, OUTPUT_COMMANDS["yaml"], small_image, stderr=full)
     assert done.returncode == 2

@@ -168,14 +168,19 @@ def test_the_containers_of_a_killed_envcheck_are_removed_by_the_next_run(tmp_pat
 def test_a_zombie_owner_counts_as_ended():
     import subprocess
     import time
+    from pathlib import Path
 
     from envcheck.passthrough import orphaned, process_identity
 
     child = subprocess.Popen(["sleep", "0.2"])
     identity = process_identity(child.pid)
     assert identity is not None and not orphaned(identity)
-    time.sleep(1)  # it has exited, and nobody has waited for it yet
-    assert orphaned(identity)
+    deadline = time.monotonic() + 30
+    while not orphaned(identity):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    state = Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0]
+    assert state == "Z"  # it has exited, and nobody has waited for it yet
     child.wait()
 
 
