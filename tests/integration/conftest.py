@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,22 @@ def hanging_python_image(client, base_image: str, tag: str, program: str = "pyth
         container.commit(repository, name)
     finally:
         container.remove(force=True)
+
+
+def commanded(client, word: str, **options) -> list:
+    """The containers (running; all=True: any) whose command holds `word`."""
+    return [c for c in client.containers.list(**options)
+            if word in " ".join(c.attrs["Config"]["Cmd"] or [])]
+
+
+def once_started(client, process: subprocess.Popen, word: str, **options):
+    """The first running container whose command holds `word`, once `process` has started
+    it; a failure if `process` ends first, or after 300 s."""
+    deadline = time.monotonic() + 300
+    while not (found := commanded(client, word, **options)):
+        assert time.monotonic() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    return found[0]
 
 
 @pytest.fixture(scope="session")

@@ -130,16 +130,12 @@ def test_a_stop_signal_during_a_build_step_stops_the_step(engine, base_image):
     import signal
 
     from tests.conftest import with_signals
-    from tests.integration.conftest import hanging_python_image
+    from tests.integration.conftest import commanded, hanging_python_image, once_started
 
     client = docker.DockerClient(base_url=engine)
     base = "envcheck-test/hang:build"
     hanging_python_image(client, base_image, base, program="python3")  # the first RUN hangs
-
-    def steps(**options):
-        return [c for c in client.containers.list(**options)
-                if "ensurepip" in " ".join(c.attrs["Config"]["Cmd"] or [])]
-
+    step = "ensurepip"  # in the command of the first RUN step's container
     try:
         build = subprocess.Popen(
             with_signals([sys.executable, "-m", "envcheck", "build", "--base-image", base,
@@ -147,21 +143,18 @@ def test_a_stop_signal_during_a_build_step_stops_the_step(engine, base_image):
                          {signal.SIGTERM: signal.SIG_DFL}),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "DOCKER_HOST": engine})
-        deadline = time.monotonic() + 300
-        while not steps():
-            assert time.monotonic() < deadline and build.poll() is None, build.communicate()
-            time.sleep(0.2)
+        once_started(client, build, step)
         build.send_signal(signal.SIGTERM)
         out, err = build.communicate(timeout=60)
         assert build.returncode == 143 and out == "", err
         assert err.splitlines() == [
             "Error: interrupted (SIGTERM): stopped before a verdict, nothing reported"]
         deadline = time.monotonic() + 30
-        while steps(all=True):
+        while commanded(client, step, all=True):
             assert time.monotonic() < deadline, "the build step's container is still there"
             time.sleep(0.5)
     finally:
-        for container in steps(all=True):
+        for container in commanded(client, step, all=True):
             container.remove(force=True)
         client.images.remove(base, force=True)
 

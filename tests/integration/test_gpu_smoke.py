@@ -20,7 +20,12 @@ import pytest
 
 from envcheck import passthrough
 from tests.conftest import REPO, with_signals
-from tests.integration.conftest import hanging_python_image, require_binary, run_as_nobody
+from tests.integration.conftest import (
+    hanging_python_image,
+    once_started,
+    require_binary,
+    run_as_nobody,
+)
 from tests.integration.test_container import envcheck
 
 SCHEMA = json.loads((REPO / "envcheck/schemas/smoke.v1.json").read_text())
@@ -290,14 +295,7 @@ LABELLED = {"label": "envcheck=gpu-smoke"}
 
 def model_container(client, smoke: subprocess.Popen):
     """The model test's container, once gpu-smoke (running as `smoke`) has started it."""
-    deadline = time.monotonic() + 120
-    while True:
-        running = [c for c in client.containers.list(filters=LABELLED)
-                   if "model.smoke" in " ".join(c.attrs["Config"]["Cmd"])]
-        if running:
-            return running[0]
-        assert time.monotonic() < deadline and smoke.poll() is None, smoke.communicate()
-        time.sleep(0.2)
+    return once_started(client, smoke, "model.smoke", filters=LABELLED)
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
