@@ -137,6 +137,29 @@ def test_a_stop_signal_during_the_smoke_is_one_line(stop):
     assert err.splitlines() == [f"error: interrupted ({stop.name}): no result"]
 
 
+STOPPED_BESIDE_A_THREAD = """
+import os, signal, threading, time
+from model._cli import run_main
+
+def main(argv):
+    threading.Timer(60, print, ["the timer ran"]).start()  # a library's, the signal left running
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+    return 0
+
+run_main(main)
+"""
+
+
+def test_a_stop_signal_ends_the_run_without_waiting_for_threads_left_running():
+    """CI: a SIGINT landing inside `threading.Timer.start` in JAX's backend set-up left the
+    TPU-init timer uncancelled; the exit waited its 60 s and printed its warning after the line."""
+    stopped = subprocess.run([sys.executable, "-c", STOPPED_BESIDE_A_THREAD], capture_output=True,
+                             text=True, cwd=REPO, timeout=30, check=False)
+    assert stopped.returncode == 128 + signal.SIGTERM and stopped.stdout == "", stopped.stderr
+    assert stopped.stderr.splitlines() == ["error: interrupted (SIGTERM): no result"]
+
+
 def test_smoke_fails_with_exit_1_when_golden_disagrees(tmp_path):
     for name in ("config.json", "model.safetensors"):
         (tmp_path / name).write_bytes((TINY / name).read_bytes())
