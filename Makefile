@@ -6,8 +6,14 @@ PYTEST_ARGS ?=
 
 .PHONY: smoke test lint venv clean
 
+# The main job ends in a verdict on a Docker host without the image: gpu-smoke builds it first
+# (--build-missing; BASE_IMAGE, BUILD_NETWORK=host|default and CA_BUNDLE go to that build), and
+# where no base can be had it tests on this host and says the container path was not tested.
+SMOKE_ARGS = --build-missing $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE)) \
+	$(if $(BUILD_NETWORK),--network $(BUILD_NETWORK)) $(if $(CA_BUNDLE),--ca-bundle $(CA_BUNDLE))
+
 smoke: $(VENV)/.runtime-installed
-	$(VENV)/bin/envcheck gpu-smoke
+	$(VENV)/bin/envcheck gpu-smoke $(SMOKE_ARGS)
 
 # Real components the integration tests drive (Debian packages; installed when root or sudo).
 SYSTEM_PACKAGES := skopeo docker-registry docker.io docker-compose debootstrap apache2-utils gcc gzip zstd curl time \

@@ -10,36 +10,73 @@ import tarfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from envcheck.dev_image import CPU_BASE, CUDA_BASE, DEV_IMAGE
+from envcheck.docker_client import Unreachable, ping_client
+from envcheck.errors import EXIT_USAGE, EnvcheckError
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = "docker/Dockerfile"
-DEFAULT_TAG = "envcheck-dev:latest"
-DEFAULT_BASE = "nvidia/cuda:12.8.0-cudnn-devel-ubuntu24.04"
 EXTRA_CA_NAME = "docker/certs/envcheck-build-extra-ca.crt"
 CA_BUNDLE_BYTES_MAX = 16 << 20  # a system bundle is about 200 KiB
 STEP_RE = re.compile(r"^Step (\d+/\d+) : (.*)$")
 TAIL_LINES = 8
 
 
-class BuildError(Exception):
+class BuildError(EnvcheckError):
     """A build that cannot start or failed; `message` is one line, `tail` the last output."""
 
     def __init__(self, message: str, tail: list[str] | None = None):
         super().__init__(message)
         self.tail = tail or []
 
+    def lines(self) -> list[str]:
+        return [str(self)] + [f"  | {line}" for line in self.tail]
+
 
 class BundleError(BuildError):
     """A --ca-bundle that cannot serve pip: bad input, found before the build starts."""
 
+    exit_code = EXIT_USAGE
 
-@dataclasses.dataclass
-class BuildResult:
+
+class NoBase(BuildError):
+    """The base image is neither in the engine nor pullable (offline, no registry)."""
+
+
+class NoSources(BuildError):
+    """An installed envcheck (a wheel) has no build context: the image is built from a checkout."""
+
+    exit_code = EXIT_USAGE
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """How to build the dev image (`envcheck build`'s options), for gpu-smoke --build-missing."""
+
+    base_image: str | None = None  # None: CUDA_BASE on a GPU host, CPU_BASE without one
+    jax_extra: str | None = None  # None: cuda12 on a GPU host, cpu without one
+    network: str = "default"
+    ca_bundle: Path | None = None
+
+    def for_host(self, gpu_host: bool) -> BuildOptions:
+        return dataclasses.replace(
+            self, base_image=self.base_image or (CUDA_BASE if gpu_host else CPU_BASE),
+            jax_extra=self.jax_extra or ("cuda12" if gpu_host else "cpu"))
+
+
+class BuildReport(msgspec.Struct, kw_only=True):
+    """What `envcheck build --json` prints (`envcheck.build/v1`)."""
+
+    schema: Literal["envcheck.build/v1"] = "envcheck.build/v1"
     image_id: str
     tag: str
     size_bytes: int
     base_image: str
-    jax_extra: str
+    jax_extra: Literal["cuda12", "cpu"]
     seconds: float
     steps: int
 
@@ -47,8 +84,6 @@ class BuildResult:
 def docker_client(timeout_s: float):
     """A docker SDK client, or BuildError saying whether the daemon is down or the socket is
     not ours to use (the same words as gpu-smoke's docker.reachable)."""
-    from envcheck.host.daemon import Unreachable, ping_client
-
     try:
         return ping_client(timeout_s)
     except Unreachable as error:
@@ -69,7 +104,7 @@ def check_base_image(client, base_image: str) -> str:
         return "pullable"
     except docker.errors.DockerException as error:
         reason = getattr(error, "explanation", None) or str(error).splitlines()[0]
-        raise BuildError(f"base image {base_image} is not present locally and cannot be pulled "
+        raise NoBase(f"base image {base_image} is not present locally and cannot be pulled "
                          f"({str(reason)[:160]}): pull or build it first, or pass --base-image"
                          ) from None
 
@@ -108,9 +143,14 @@ def build_context(ca_bundle: Path | None):
     return context
 
 
-def build(*, base_image: str = DEFAULT_BASE, tag: str = DEFAULT_TAG, jax_extra: str = "cuda12",
+def build(*, base_image: str = CUDA_BASE, tag: str = DEV_IMAGE, jax_extra: str = "cuda12",
           ca_bundle: Path | None = None, network: str = "default", timeout_s: float = 3600,
-          on_step: Callable[[str], None] | None = None) -> BuildResult:
+          on_step: Callable[[str], None] | None = None) -> BuildReport:
+    if not all((REPO / name).is_file() for name in (DOCKERFILE, "pyproject.toml")):
+        raise NoSources(f"envcheck build builds the image from the project's sources ({DOCKERFILE}"
+                        f", pyproject.toml, envcheck/, model/), and this envcheck ({REPO}) is "
+                        "installed without them: run it from a checkout of the envcheck "
+                        "repository (`pip install -e .` there)")
     problem = ca_bundle_problem(ca_bundle) if ca_bundle is not None else None
     if problem:
         raise BundleError(problem)
@@ -124,8 +164,9 @@ def build(*, base_image: str = DEFAULT_BASE, tag: str = DEFAULT_TAG, jax_extra: 
         timeout=int(timeout_s))
     image_id, steps = follow(stream, on_step)
     image = client.images.get(image_id)
-    return BuildResult(image.id, tag, image.attrs.get("Size", 0), base_image, jax_extra,
-                       time.monotonic() - start_s, steps)
+    return BuildReport(image_id=image.id, tag=tag, size_bytes=image.attrs.get("Size", 0),
+                       base_image=base_image, jax_extra=jax_extra,
+                       seconds=time.monotonic() - start_s, steps=steps)
 
 
 def follow(stream, on_step: Callable[[str], None] | None) -> tuple[str, int]:

@@ -1,22 +1,27 @@
-"""The data model every pipeline shares: Checks in, a Report out; rendering and exit codes.
+"""The data model every pipeline shares: Checks in, a typed report out; rendering.
 
-Collect first, render last: pipelines build a `Report`; `render_text` is for people,
-`Report.to_json` for machines (top-level "schema": "envcheck.<kind>/v1").
+Collect first, render last: each report kind has one typed definition (a msgspec Struct: the
+image report in image/report.py, gpu-smoke's in gpu_smoke/report.py, fleet's in
+fleet/aggregate.py, the model test's in model/report.py) that writes its JSON (`to_json`, with a
+top-level "schema": "envcheck.<kind>/v1") and reads it back, validated, where it crosses a process
+(`read_report`, naming the bad path). Text is rendered from the same attributes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
+import msgspec
 from rich.console import Console
 from rich.markup import escape
 
+from model.report import ReportError, from_json, to_json
+
+__all__ = ["Check", "ReportError", "Status", "read_report", "to_json"]
 Status = Literal["pass", "warn", "fail", "skip"]
 STATUSES = ("pass", "warn", "fail", "skip")
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-EXIT_INTERRUPTED = 128  # + the signal's number, as a shell reports a command a signal ended
+CHECK_ID_PATTERN = r"^[a-z][a-z0-9-]*\.[a-z0-9.-]+$"
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
 REDACTED = "<redacted>"
 # Variable names that carry secrets (HF_TOKEN, AWS_SECRET_ACCESS_KEY, DB_PASSWORD, API_KEY, ...).
@@ -28,16 +33,16 @@ _VALUE = r"(\"[^\"]*\"|'[^']*'|\S+)"
 SECRET_ASSIGNMENT_RE = re.compile(rf"\b({SECRET_NAME}=){_VALUE}|\b(ENV\s+{SECRET_NAME}\s+){_VALUE}",
                                   re.IGNORECASE)
 GPU_UUID_RE = re.compile(r"\b(GPU|MIG)-[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}\b")
+R = TypeVar("R")
 
 
-@dataclasses.dataclass(frozen=True)
-class Check:
-    """One verdict on one fact. `id` is stable and dotted (documented in the README);
+class Check(msgspec.Struct, frozen=True):
+    """One verdict on one fact. `id` is stable and dotted (documented in docs/checks.md);
     `fix` says what to do when status is fail or warn."""
 
-    id: str
+    id: Annotated[str, msgspec.Meta(pattern=CHECK_ID_PATTERN)]
     status: Status
-    summary: str
+    summary: Annotated[str, msgspec.Meta(min_length=1)]
     detail: str = ""
     fix: str | None = None
 
@@ -45,20 +50,11 @@ class Check:
         assert self.status in STATUSES, self.status
         assert self.id and " " not in self.id, self.id
 
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-
-@dataclasses.dataclass
-class Report:
-    kind: str
-    verdict: str
-    checks: list[Check]
-    facts: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"schema": f"envcheck.{self.kind}/v1", "verdict": self.verdict,
-                "checks": [c.to_json() for c in self.checks], **self.facts}
+def read_report(kind: type[R], data: bytes | str | dict) -> R:
+    """A report another process wrote, validated against its definition (ReportError naming
+    the bad path otherwise)."""
+    return from_json(kind, data)
 
 
 def render_checks(checks: list[Check], console: Console) -> None:
@@ -92,25 +88,6 @@ def redact_uuids(value: Any) -> Any:
     return value
 
 
-def redacted_report(report: Report) -> Report:
-    checks = [Check(**redact_uuids(c.to_json())) for c in report.checks]
-    return Report(report.kind, report.verdict, checks, redact_uuids(report.facts))
-
-
-def field_problem(document: dict, fields: tuple, prefix: str = "") -> str | None:
-    """The first of `fields` ((dotted path, type or tuple of types), ...) that `document` lacks
-    or has of another type, said as "device.device_kind is missing" / "host.gpus is str" /
-    "timings_s.model is null" (None: all there). A path through a missing map is missing;
-    NoneType in the types makes a field optional; a bool is no int here (as in JSON Schema).
-    For documents another program (or envcheck version) wrote: checked, not asserted. A path
-    may be a tuple of keys instead (for keys that hold dots)."""
-    for path, kind in fields:
-        value, present = document, True
-        for key in path.split(".") if isinstance(path, str) else path:
-            present = isinstance(value, dict) and key in value
-            value = value[key] if present else None
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
-            said = "missing" if not present else "null" if value is None else type(value).__name__
-            return f"{prefix}{path if isinstance(path, str) else '.'.join(path)} is {said}"
-    return None
+def redacted_report(report: R) -> R:
+    """The report with every GPU/MIG UUID replaced, of the same type."""
+    return msgspec.convert(redact_uuids(to_json(report)), type(report))

@@ -17,10 +17,10 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-EXIT_STOPPED = 128  # + the signal's number, as a shell reports a program a signal ended
+EXIT_INTERRUPTED = 128  # + the signal's number, as a shell reports a program a signal ended
 
 
-class Stopped(BaseException):
+class Interrupted(BaseException):
     """A stop signal, raised in the main thread (between JAX calls: one running on the device
     finishes first). Not a KeyboardInterrupt, whose traceback would be all the user sees."""
 
@@ -29,11 +29,11 @@ class Stopped(BaseException):
         self.signum = signum
 
 
-def _stop(signum: int, frame) -> None:
+def _interrupt(signum: int, frame) -> None:
     for stop in STOP_SIGNALS:  # a second signal ends the run at once
-        if signal.getsignal(stop) is _stop:
+        if signal.getsignal(stop) is _interrupt:
             signal.signal(stop, signal.SIG_DFL)
-    raise Stopped(signum)
+    raise Interrupted(signum)
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
@@ -43,16 +43,16 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     exit 128 + its number; one ignored at the start (nohup) stays ignored."""
     for stop in STOP_SIGNALS:
         if signal.getsignal(stop) in (signal.SIG_DFL, signal.default_int_handler):
-            signal.signal(stop, _stop)
+            signal.signal(stop, _interrupt)
     try:
         code = main(argv)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         code = EXIT_USAGE
-    except Stopped as stop:
+    except Interrupted as stop:
         print(f"error: interrupted ({signal.Signals(stop.signum).name}): no result",
               file=sys.stderr)
-        _exit_now(EXIT_STOPPED + stop.signum)
+        _exit_now(EXIT_INTERRUPTED + stop.signum)
     sys.exit(code)
 
 

@@ -79,7 +79,7 @@ def with_signals(argv: list[str], dispositions: dict) -> list[str]:
 def interrupting(number: int):
     """Within the block, signal `number` raises envcheck's Interrupted in the main thread, as
     a stop signal does under `envcheck` (tests send SIGUSR1: a SIGTERM would reach pytest)."""
-    from envcheck.cli import Interrupted
+    from envcheck.process import Interrupted
 
     def interrupt(signum, frame):
         raise Interrupted(signum)

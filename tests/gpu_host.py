@@ -41,6 +41,32 @@ def proc_version(driver: str = H100_DRIVER) -> str:
     return real("proc-driver-nvidia-version_580-proprietary.txt").replace("580.173.02", driver)
 
 
+def smi_q_field(query_csv: str, field: str) -> str:
+    """A field of the `nvidia-smi -q` capture of the same GPU and driver as `query_csv`."""
+    text = real(query_csv.replace("query-gpu-allfields", "q").replace(".csv.txt", ".txt"))
+    return next(line.split(":", 1)[1].strip() for line in text.splitlines()
+                if line.strip().startswith(field))
+
+
+def cli_info(query_csv: str) -> str:
+    """`nvidia-container-cli info` on the host of `query_csv`: the layout of the real 4xT4
+    capture (nvidia-container-cli-info_fake-4xT4_575_ctk1.17.6.txt), filled in (edit) with the
+    driver, CUDA version, model, UUID, bus id and compute capability of that GPU's captures
+    (its query CSV, and Product Brand and CUDA Version of its `nvidia-smi -q`)."""
+    from envcheck.host.nvml import parse_query_csv
+
+    rows = parse_query_csv(real(query_csv))
+    text = (f"NVRM version:   {rows[0]['driver_version']}\n"
+            f"CUDA version:   {smi_q_field(query_csv, 'CUDA Version')}\n")
+    for row in rows:
+        text += (f"\nDevice Index:   {row['index']}\nDevice Minor:   {row['index']}\n"
+                 f"Model:          {row['name']}\n"
+                 f"Brand:          {smi_q_field(query_csv, 'Product Brand')}\n"
+                 f"GPU UUID:       {row['uuid']}\nBus Location:   {row['pci.bus_id']}\n"
+                 f"Architecture:   {row['compute_cap']}\n")
+    return text
+
+
 def cdi_spec(driver: str = H100_DRIVER) -> str:
     """The real spec nvidia-ctk 1.17.8 generated for driver 575.64.03, regenerated in words
     for `driver` (edit: the version strings)."""
@@ -87,28 +113,33 @@ def bare_host(tmp_path: Path) -> Host:
 def healthy_host(tmp_path: Path, query_csv: str = "nvidia-smi-query-gpu-allfields_h100_590.csv.txt"
                  ) -> Host:
     """One H100 on driver 590.48.01 (the GE capture set), toolkit 1.17.8 with the real
-    config.toml, CDI spec and daemon.json."""
+    config.toml, CDI spec and daemon.json; or the GPU and driver of another query CSV, every
+    part of the host agreeing on them (the kernel module, NVML, the toolkit, the CDI spec)."""
+    from envcheck.host.nvml import parse_query_csv
+
+    driver = parse_query_csv(real(query_csv))[0]["driver_version"]
     host = bare_host(tmp_path)
     for name, value in PCI_H100.items():
         host.write(f"/sys/bus/pci/devices/0000:00:09.0/{name}", value + "\n")
     host.write("/proc/modules", MODULES)
-    host.write("/proc/driver/nvidia/version", proc_version())
+    host.write("/proc/driver/nvidia/version", proc_version(driver))
     for node in ("nvidiactl", "nvidia0", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset"):
         host.write(f"/dev/{node}")
     for binary in TOOLKIT_BINARIES:
         host.write(f"/usr/bin/{binary}")
     host.write("/etc/nvidia-container-runtime/config.toml",
                real("config.toml_ctk1.17.6_cve-2025-23266-mitigated.toml.txt"))
-    host.write("/etc/cdi/nvidia.yaml", cdi_spec())
+    host.write("/etc/cdi/nvidia.yaml", cdi_spec(driver))
     host.write("/etc/docker/daemon.json",
                real("daemon.json_after-nvidia-ctk-runtime-configure.json.txt"))
     host.answer("nvidia-smi", "--query-gpu", real(query_csv))
-    host.answer("nvidia-smi", "--version", real("nvidia-smi-version_h100_590.txt"))
+    host.answer("nvidia-smi", "--version", real("nvidia-smi-version_h100_590.txt")  # edit:
+                .replace("590.48.01", driver).replace("590.48", driver.rsplit(".", 1)[0])
+                .replace("13.1", smi_q_field(query_csv, "CUDA Version")))
     host.answer("nvidia-ctk", "--version", piece("nvidia-ctk-version_1.17.8.txt"))
     host.answer("nvidia-container-cli", "--version",
                 piece("nvidia-container-cli-version_1.17.5.txt").replace("1.17.5", "1.17.8"))
-    host.answer("nvidia-container-cli", "info",
-                real("nvidia-container-cli-info_fake-4xT4_575_ctk1.17.6.txt"))
+    host.answer("nvidia-container-cli", "info", cli_info(query_csv))
     return host
 
 
@@ -149,7 +180,8 @@ def model_report(backend: str = "cpu", parity: str = "pass", diff: float = 4.8e-
          "fix": None if parity == "pass" else "the device computes wrong numbers"},
         {"id": "model.generate", "status": "pass", "summary": "greedy equal", "tokens_per_s": 99.0},
         {"id": "model.attention", "status": "pass", "summary": "xla 0.0e+00",
-         "implementations": [{"impl": "xla", "dtype": "float32", "max_abs_diff": 0.0}]},
+         "implementations": [{"impl": "xla", "dtype": "float32", "status": "pass",
+                              "max_abs_diff": 0.0, "tolerance": 1e-4}]},
     ]
     return {
         "schema": "envcheck.model-smoke/v1", "ok": parity == "pass", "impl": "auto",
@@ -157,8 +189,6 @@ def model_report(backend: str = "cpu", parity: str = "pass", diff: float = 4.8e-
         "checkpoint": "x", "checks": checks, "timings_s": {"forward": 0.001, "generate": 0.3},
         "device": {"backend": backend, "device_kind": "NVIDIA H100 80GB HBM3" if backend == "gpu"
                    else "cpu", "device_count": 1, "jax": "0.10.2"},
-        "throughput": {"forward_gflop": 0.0434, "achieved_tflops": 0.5,
-                       "matmul_bf16_tflops": 650.0, "fraction_of_matmul": 0.00077},
     }
 
 

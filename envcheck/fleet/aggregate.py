@@ -6,39 +6,30 @@ Engine-neutral: Slurm and Kubernetes collectors both produce `NodeResult`s.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import re
-from types import NoneType
-from typing import Any
+from typing import Any, Literal
 
-from envcheck.report import field_problem
+import msgspec
 
+from envcheck.gpu_smoke.report import SmokeReport
+from envcheck.report import ReportError, read_report
+
+SCHEMA = "envcheck.fleet/v1"
 OK_VERDICTS = ("gpu", "cpu-fallback")
-VERDICTS = (*OK_VERDICTS, "fail")
-# What from_report reads of a node's envcheck.smoke/v1 report, and of each of its checks: a
-# node may run another envcheck version (or print something else that looks like a report).
-REPORT_FIELDS = (("verdict", str), ("checks", list), ("first_failed", (dict, NoneType)),
-                 ("first_failed.id", (str, NoneType)), ("first_failed.summary", (str, NoneType)),
-                 ("node", (dict, NoneType)), ("node.name", (str, NoneType)),
-                 ("node.cuda_visible_devices", (str, NoneType)), ("host", (dict, NoneType)),
-                 ("host.driver", (str, NoneType)), ("host.gpus", (list, NoneType)),
-                 ("device", (dict, NoneType)), ("device.backend", (str, NoneType)),
-                 ("device.device_count", (int, NoneType)), ("timings_s", (dict, NoneType)),
-                 ("timings_s.model", (int, float, NoneType)))
-CHECK_FIELDS = (("id", str), ("fix", (str, NoneType)))
 UNREADABLE_REPORT = "unreadable gpu-smoke report"
 # status of a node row: "reported" (a gpu-smoke report came back) or why none did
-NO_REPORT_STATUSES = ("no-report", "drained", "down", "busy", "timeout", "pending")
+NodeStatus = Literal["reported", "no-report", "drained", "down", "busy", "timeout", "pending"]
 NODE_NAME_RE = re.compile(r"^(.*?)(\d+)$")
 ROWS_BY_DEFAULT = 50
 
 
-@dataclasses.dataclass
-class NodeResult:
+class NodeResult(msgspec.Struct):
+    """One node's row: its gpu-smoke verdict, or why there is none."""
+
     node: str
-    status: str
-    verdict: str | None = None
+    status: NodeStatus
+    verdict: Literal["gpu", "cpu-fallback", "fail"] | None = None
     gpus: int | None = None
     driver: str | None = None
     first_failed: str | None = None
@@ -56,40 +47,54 @@ class NodeResult:
         return self.status, self.verdict or "", self.first_failed or ""
 
 
-def from_report(node: str, report: dict[str, Any]) -> NodeResult:
-    """A node row from one `envcheck.smoke/v1` report (a no-report row, saying why, when the
-    report lacks or mistypes a field this reads)."""
-    problem = report_problem(report)
-    if problem:
-        return NodeResult(node, "no-report", detail=f"{UNREADABLE_REPORT} ({problem}): run "
-                                                    "the same envcheck version on every node")
-    checks = {c["id"]: c for c in report["checks"]}
-    first = report.get("first_failed") or {}
-    device = report.get("device") or {}
-    gpus = len((report.get("host") or {}).get("gpus") or [])
-    if device.get("backend") == "gpu":
-        gpus = max(gpus, device.get("device_count") or 0)
+class Group(msgspec.Struct, kw_only=True):
+    """Nodes that fail (or pass) the same way, in Slurm's compressed host list."""
+
+    nodes: str
+    count: int
+    status: NodeStatus
+    verdict: Literal["gpu", "cpu-fallback", "fail"] | None
+    first_failed: str | None
+    summary: str
+    fix: str | None
+
+
+class FleetReport(msgspec.Struct, kw_only=True):
+    schema: Literal["envcheck.fleet/v1"] = SCHEMA
+    engine: Literal["slurm", "kubernetes"]
+    ok: bool
+    node_count: int
+    totals: dict[str, int]
+    seconds: float | None
+    groups: list[Group]
+    nodes: list[NodeResult]
+
+    def to_json(self) -> dict:
+        return msgspec.to_builtins(self)
+
+
+def from_report(node: str, document: dict[str, Any]) -> NodeResult:
+    """A node row from one `envcheck.smoke/v1` report (a no-report row naming the bad field
+    when the report is not one this envcheck reads: a node may run another version)."""
+    try:
+        report = read_report(SmokeReport, document)
+    except ReportError as problem:
+        return NodeResult(node=node, status="no-report",
+                          detail=f"{UNREADABLE_REPORT} ({problem}): run the same envcheck "
+                                 "version on every node")
+    checks = {c.id: c for c in report.checks}
+    first = report.first_failed
+    device = report.device or None
+    gpus = len(report.host.gpus)
+    if device and device.backend == "gpu":
+        gpus = max(gpus, device.device_count)
     return NodeResult(
-        node=node, status="reported", verdict=report["verdict"], gpus=gpus,
-        driver=(report.get("host") or {}).get("driver"), first_failed=first.get("id"),
-        summary=first.get("summary") or "", fix=(checks.get(first.get("id")) or {}).get("fix"),
-        model_s=(report.get("timings_s") or {}).get("model"),
-        cuda_visible_devices=(report.get("node") or {}).get("cuda_visible_devices"))
-
-
-def report_problem(report: dict[str, Any]) -> str | None:
-    """What of the fields from_report reads is missing or mistyped (None: all there)."""
-    problem = field_problem(report, REPORT_FIELDS)
-    if problem:
-        return problem
-    if report["verdict"] not in VERDICTS:
-        return f"verdict is {report['verdict']!r}, not one of {', '.join(VERDICTS)}"
-    for index, check in enumerate(report["checks"]):
-        problem = (field_problem(check, CHECK_FIELDS, f"checks[{index}].")
-                   if isinstance(check, dict) else f"checks[{index}] is {type(check).__name__}")
-        if problem:
-            return problem
-    return None
+        node=node, status="reported", verdict=report.verdict, gpus=gpus,
+        driver=report.host.driver, first_failed=first and first.id,
+        summary=first.summary if first else "",
+        fix=checks[first.id].fix if first and first.id in checks else None,
+        model_s=report.timings_s.get("model"),
+        cuda_visible_devices=report.node.cuda_visible_devices)
 
 
 def report_node(report: dict[str, Any]) -> str | None:
@@ -141,7 +146,7 @@ def hostlist(names: list[str]) -> str:
 
 
 def summarize(nodes: list[NodeResult], engine: str, require_gpu: bool = False,
-              seconds: float | None = None) -> dict[str, Any]:
+              seconds: float | None = None) -> FleetReport:
     """The fleet report: rows (sorted by node), totals, failure groups (largest first)."""
     rows = sorted(nodes, key=_natural)
     totals = collections.Counter(n.verdict if n.status == "reported" else n.status for n in rows)
@@ -151,53 +156,53 @@ def summarize(nodes: list[NodeResult], engine: str, require_gpu: bool = False,
     ordered = sorted(groups.values(), key=lambda members: (-len(members), members[0].node))
     good = OK_VERDICTS[:1] if require_gpu else OK_VERDICTS
     ok = bool(rows) and all(n.status == "reported" and n.verdict in good for n in rows)
-    return {
-        "schema": "envcheck.fleet/v1", "engine": engine, "ok": ok, "node_count": len(rows),
-        "totals": dict(sorted(totals.items())), "seconds": seconds,
-        "groups": [_group(members) for members in ordered],
-        "nodes": [dataclasses.asdict(n) for n in rows],
-    }
+    return FleetReport(engine=engine, ok=ok, node_count=len(rows),
+                       totals=dict(sorted(totals.items())), seconds=seconds,
+                       groups=[_group(members) for members in ordered], nodes=rows)
 
 
-def _group(members: list[NodeResult]) -> dict[str, Any]:
+def _group(members: list[NodeResult]) -> Group:
     first = members[0]
-    return {"nodes": hostlist([m.node for m in members]), "count": len(members),
-            "status": first.status, "verdict": first.verdict,
-            "first_failed": first.first_failed, "summary": first.summary or first.detail,
-            "fix": first.fix}
+    return Group(nodes=hostlist([m.node for m in members]), count=len(members),
+                 status=first.status, verdict=first.verdict, first_failed=first.first_failed,
+                 summary=first.summary or first.detail, fix=first.fix)
 
 
 def _natural(node: NodeResult):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", node.node)]
 
 
-def render(fleet: dict[str, Any], show_all: bool = False) -> list[str]:
-    """Text lines: the node table (every node up to 50, or with --all), totals, groups."""
+def render(fleet: FleetReport, show_all: bool = False) -> str:
+    """The node table (every node up to 50, or with --all), totals, groups."""
+    return "\n".join(render_lines(fleet, show_all))
+
+
+def render_lines(fleet: FleetReport, show_all: bool = False) -> list[str]:
     lines = []
-    nodes = fleet["nodes"]
-    if show_all or len(nodes) <= ROWS_BY_DEFAULT:
+    if show_all or len(fleet.nodes) <= ROWS_BY_DEFAULT:
         lines.append(f"{'NODE':<16} {'RESULT':<13} {'GPUS':>4} {'CVD':<5} {'DRIVER':<11} "
                      f"{'MODEL S':>7}  FIRST FAILED CHECK")
-        for n in nodes:
-            result = n["verdict"] if n["status"] == "reported" else n["status"]
-            model = f"{n['model_s']:.1f}" if n["model_s"] is not None else "-"
-            failed = n["first_failed"] or (n["detail"][:60] if n["status"] != "reported" else "")
-            lines.append(f"{n['node']:<16} {result:<13} {_dash(n['gpus']):>4} "
-                         f"{_dash(n['cuda_visible_devices']):<5} {_dash(n['driver']):<11} "
+        for n in fleet.nodes:
+            result = n.verdict if n.status == "reported" else n.status
+            model = f"{n.model_s:.1f}" if n.model_s is not None else "-"
+            failed = n.first_failed or (n.detail[:60] if n.status != "reported" else "")
+            lines.append(f"{n.node:<16} {result:<13} {_dash(n.gpus):>4} "
+                         f"{_dash(n.cuda_visible_devices):<5} {_dash(n.driver):<11} "
                          f"{model:>7}  {failed}")
     else:
-        lines.append(f"({len(nodes)} nodes: the table is left out; --all prints every node)")
-    totals = ", ".join(f"{count} {name}" for name, count in fleet["totals"].items())
-    took = f" in {fleet['seconds']:.1f} s" if fleet.get("seconds") is not None else ""
-    lines.append(f"{fleet['node_count']} nodes{took}: {totals}")
-    for group in fleet["groups"]:
-        what = group["verdict"] or group["status"]
-        link = f" — first failed {group['first_failed']}" if group["first_failed"] else ""
-        lines.append(f"  {group['count']:>4} × {what}{link}: {group['nodes']}")
-        if group["summary"]:
-            lines.append(f"         {group['summary'][:160]}")
-        if group["fix"]:
-            lines.append(f"         fix: {group['fix'][:160]}")
+        lines.append(f"({len(fleet.nodes)} nodes: the table is left out; --all prints every "
+                     "node)")
+    totals = ", ".join(f"{count} {name}" for name, count in fleet.totals.items())
+    took = f" in {fleet.seconds:.1f} s" if fleet.seconds is not None else ""
+    lines.append(f"{fleet.node_count} nodes{took}: {totals}")
+    for group in fleet.groups:
+        what = group.verdict or group.status
+        link = f" — first failed {group.first_failed}" if group.first_failed else ""
+        lines.append(f"  {group.count:>4} × {what}{link}: {group.nodes}")
+        if group.summary:
+            lines.append(f"         {group.summary[:160]}")
+        if group.fix:
+            lines.append(f"         fix: {group.fix[:160]}")
     return lines
 
 

@@ -1,24 +1,26 @@
-"""`envcheck fleet k8s`: the DaemonSet / Job manifests of docker/k8s rendered for an image and a
-namespace, and the fleet table collected from the smoke pods' logs through the kubernetes
-client (nodes whose pod is pending, failed or silent are rows with that status).
+"""`envcheck fleet k8s`: the DaemonSet / Job manifests (package data, envcheck/data/k8s)
+rendered for an image and a namespace, and the fleet table collected from the smoke pods' logs
+through the kubernetes client (nodes whose pod is pending, failed or silent are rows with that
+status).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib import resources
 
 import yaml
 
+from envcheck.errors import UnreadableInput
 from envcheck.fleet.aggregate import NodeResult, from_report, parse_report
 
-MANIFESTS = Path(__file__).resolve().parent.parent.parent / "docker" / "k8s"
+MANIFESTS = resources.files("envcheck") / "data" / "k8s"
 KINDS = {"daemonset": "daemonset.yaml", "job": "job.yaml"}
 SELECTOR = "app.kubernetes.io/name=envcheck-gpu-smoke"
 GPU_NODES = "nvidia.com/gpu.present=true"
 CONTAINER = "gpu-smoke"
 
 
-class KubernetesError(Exception):
+class KubernetesError(UnreadableInput):
     """No kubeconfig / cluster, or the API refused (one line, with the fix)."""
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 
+import msgspec
+
+from envcheck.docker_client import DEFAULT_SOCKET, Unreachable, ping_client, unreachable_check
 from envcheck.host import Probe
 from envcheck.report import Check
 
-DEFAULT_SOCKET = "/var/run/docker.sock"
 DAEMON_JSON = "/etc/docker/daemon.json"
 CONFIGURE_FIX = ("run `sudo nvidia-ctk runtime configure --runtime=docker` and restart dockerd "
                  "(`sudo systemctl restart docker`)")
@@ -33,27 +35,6 @@ def connect(probe: Probe, timeout_s: float):
         return None, error.check
 
 
-class Unreachable(Exception):
-    """The daemon does not answer; `check` is the docker.reachable failure saying why."""
-
-    def __init__(self, check: Check):
-        super().__init__(f"{check.summary}: {check.fix}")
-        self.check = check
-
-
-def ping_client(timeout_s: float):
-    """A docker SDK client whose daemon answered a ping, or Unreachable (not running, or the
-    socket is not ours): one classifier for gpu-smoke, build and inspect-image."""
-    import docker
-
-    try:
-        client = docker.from_env(timeout=int(max(timeout_s, 1)))
-        client.ping()
-        return client
-    except docker.errors.DockerException as error:
-        raise Unreachable(unreachable_check(str(error))) from None
-
-
 def read_info(client, reach: Check | None) -> tuple[object | None, dict, Check | None]:
     """GET /info, or the daemon counted unreachable when it stops answering after the ping."""
     import docker
@@ -67,52 +48,48 @@ def read_info(client, reach: Check | None) -> tuple[object | None, dict, Check |
         return None, {}, unreachable_check(str(error))
 
 
-def docker_host() -> str:
-    """Where the docker SDK connects: DOCKER_HOST, else the default socket."""
-    return os.environ.get("DOCKER_HOST") or f"unix://{DEFAULT_SOCKET}"
+class DockerFacts(msgspec.Struct, kw_only=True):
+    """The GET /info fields the checks read (None: the engine left it out)."""
+
+    server_version: str | None
+    runtimes: list[str]
+    default_runtime: str | None
+    cgroup_driver: str | None
+    cgroup_version: str | None
+    rootless: bool
+    cdi_spec_dirs: list[str] | None
+    discovered_devices: list[str]
+    operating_system: str | None
+    docker_root_dir: str | None = None  # added to v1 later: older node reports lack it
 
 
-def unreachable_check(text: str) -> Check:
-    """A failed docker.reachable from the SDK's error text: permission vs not running."""
-    where = docker_host()
-    if "Permission denied" in text or "PermissionError" in text:
-        return Check("docker.reachable", "fail", f"permission denied on the Docker socket {where}",
-                     fix="add your user to the docker group (`sudo usermod -aG docker $USER`, "
-                         "then log in again), or run with sudo")
-    return Check("docker.reachable", "fail", f"the Docker daemon is not running at {where}",
-                 detail=text[:300],
-                 fix="start it (`sudo systemctl start docker`, or start Docker Desktop), or "
-                     "point DOCKER_HOST at a running engine")
-
-
-def probe_daemon(probe: Probe, info: dict, toolkit_hooks: bool) -> tuple[list[Check], dict]:
+def probe_daemon(probe: Probe, info: dict,
+                 toolkit_hooks: bool) -> tuple[list[Check], DockerFacts]:
     facts = info_facts(info)
-    shown = {key: value or "?" for key, value in facts.items()}  # what the engine left out
     reachable = Check("docker.reachable", "pass",
-                      f"Docker Engine {shown['server_version']} ({shown['operating_system']}), "
-                      f"cgroup v{shown['cgroup_version']} {shown['cgroup_driver']}"
-                      + (", rootless" if facts["rootless"] else ""))
+                      f"Docker Engine {facts.server_version or '?'} "
+                      f"({facts.operating_system or '?'}), cgroup v{facts.cgroup_version or '?'} "
+                      f"{facts.cgroup_driver or '?'}" + (", rootless" if facts.rootless else ""))
     return [reachable, runtime_check(probe, facts, toolkit_hooks), cdi_check(facts),
             engine_check(facts)], facts
 
 
-def info_facts(info: dict) -> dict:
+def info_facts(info: dict) -> DockerFacts:
     """The GET /info fields the checks read. A field of another shape than Docker's (another
     engine answering the Docker API, or another version) reads as absent."""
     devices = info.get("DiscoveredDevices")
-    return {
-        "server_version": _text(info.get("ServerVersion")),
-        "runtimes": sorted(_strings(info.get("Runtimes"))),
-        "default_runtime": _text(info.get("DefaultRuntime")),
-        "cgroup_driver": _text(info.get("CgroupDriver")),
-        "cgroup_version": _text(info.get("CgroupVersion")),
-        "rootless": is_rootless(info),
-        "cdi_spec_dirs": _strings(info.get("CDISpecDirs")) or None,
-        "discovered_devices": _strings([d.get("ID") for d in devices if isinstance(d, dict)]
-                                       if isinstance(devices, list) else []),
-        "operating_system": _text(info.get("OperatingSystem")),
-        "docker_root_dir": _text(info.get("DockerRootDir")),
-    }
+    return DockerFacts(
+        server_version=_text(info.get("ServerVersion")),
+        runtimes=sorted(_strings(info.get("Runtimes"))),
+        default_runtime=_text(info.get("DefaultRuntime")),
+        cgroup_driver=_text(info.get("CgroupDriver")),
+        cgroup_version=_text(info.get("CgroupVersion")),
+        rootless=is_rootless(info),
+        cdi_spec_dirs=_strings(info.get("CDISpecDirs")) or None,
+        discovered_devices=_strings([d.get("ID") for d in devices if isinstance(d, dict)]
+                                    if isinstance(devices, list) else []),
+        operating_system=_text(info.get("OperatingSystem")),
+        docker_root_dir=_text(info.get("DockerRootDir")))
 
 
 def is_rootless(info: dict) -> bool:
@@ -139,9 +116,9 @@ def configured_runtimes(probe: Probe) -> set[str]:
     return set(runtimes) if isinstance(runtimes, dict) else set()  # dockerd refuses other shapes
 
 
-def runtime_check(probe: Probe, facts: dict, toolkit_hooks: bool) -> Check:
-    default = facts["default_runtime"]
-    if "nvidia" in facts["runtimes"]:
+def runtime_check(probe: Probe, facts: DockerFacts, toolkit_hooks: bool) -> Check:
+    default = facts.default_runtime
+    if "nvidia" in facts.runtimes:
         return Check("docker.runtime", "pass", f"runtime nvidia registered (default: {default})")
     if "nvidia" in configured_runtimes(probe):
         return Check("docker.runtime", "fail", f"{DAEMON_JSON} registers the nvidia runtime but "
@@ -152,42 +129,42 @@ def runtime_check(probe: Probe, facts: dict, toolkit_hooks: bool) -> Check:
                                                "through the hook, `runtime: nvidia` does not",
                      fix=CONFIGURE_FIX)
     return Check("docker.runtime", "fail",
-                 f"runtime nvidia not registered (runtimes: {', '.join(facts['runtimes'])}) and "
+                 f"runtime nvidia not registered (runtimes: {', '.join(facts.runtimes)}) and "
                  "no toolkit hook: dockerd has no NVIDIA device driver for `--gpus`",
                  fix="install nvidia-container-toolkit, then " + CONFIGURE_FIX)
 
 
-def cdi_check(facts: dict) -> Check:
-    if not facts["cdi_spec_dirs"]:
+def cdi_check(facts: DockerFacts) -> Check:
+    if not facts.cdi_spec_dirs:
         return Check("docker.cdi", "skip", "CDI not enabled in this daemon (Docker < 28.2 needs "
                                            "\"features\": {\"cdi\": true}); --gpus uses the hook")
-    nvidia = [d for d in facts["discovered_devices"] if d and d.startswith("nvidia.com/")]
+    nvidia = [d for d in facts.discovered_devices if d and d.startswith("nvidia.com/")]
     if nvidia:
         return Check("docker.cdi", "pass", f"CDI devices: {', '.join(nvidia)}")
-    if facts["discovered_devices"] or _at_least(facts["server_version"], (28, 2)):
-        others = ", ".join(facts["discovered_devices"]) or "none"
+    if facts.discovered_devices or _at_least(facts.server_version, (28, 2)):
+        others = ", ".join(facts.discovered_devices) or "none"
         return Check("docker.cdi", "warn", f"CDI enabled but no nvidia.com/gpu device "
                                            f"discovered (devices: {others})",
                      fix="generate a spec: `sudo nvidia-ctk cdi generate "
                          "--output=/etc/cdi/nvidia.yaml`")
-    dirs = ", ".join(facts["cdi_spec_dirs"])
+    dirs = ", ".join(facts.cdi_spec_dirs)
     return Check("docker.cdi", "pass", f"CDI enabled (spec dirs {dirs}); this engine does not "
                                        "list discovered devices")
 
 
-def engine_check(facts: dict) -> Check:
-    if (facts["docker_root_dir"] or "").startswith("/var/snap/docker"):
+def engine_check(facts: DockerFacts) -> Check:
+    if (facts.docker_root_dir or "").startswith("/var/snap/docker"):
         return Check("docker.engine", "warn", "Docker from the snap: it cannot see the host's "
                                               "NVIDIA libraries or hooks",
                      fix="remove the snap (`sudo snap remove docker`) and install docker-ce from "
                          "Docker's apt repository")
-    if "Docker Desktop" in str(facts["operating_system"]):
+    if "Docker Desktop" in str(facts.operating_system):
         return Check("docker.engine", "warn", "Docker Desktop: GPUs only through the WSL2 "
                                               "backend on Windows (not on Linux or macOS)",
                      fix="on Linux use Docker Engine (docker-ce); on Windows update the NVIDIA "
                          "driver and WSL (`wsl --update`)")
-    return Check("docker.engine", "pass", f"{facts['operating_system'] or '?'}, "
-                                          f"cgroup driver {facts['cgroup_driver'] or '?'}")
+    return Check("docker.engine", "pass", f"{facts.operating_system or '?'}, "
+                                          f"cgroup driver {facts.cgroup_driver or '?'}")
 
 
 def _at_least(version: str | None, minimum: tuple[int, int]) -> bool:

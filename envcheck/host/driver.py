@@ -8,14 +8,14 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from envcheck.catalog import CATALOG_BY_ID
 from envcheck.host import Probe
-from envcheck.image.cuda import cuda_for_driver, version_text, version_tuple
+from envcheck.nvidia.catalog import CATALOG_BY_ID
+from envcheck.nvidia.cuda import cuda_for_driver, version_text, version_tuple
+from envcheck.nvidia.driver import VERSION_FILE, parse_driver_version
 from envcheck.report import Check
 
 NVIDIA_VENDOR = "0x10de"
 GPU_CLASSES = ("0x0300", "0x0302")  # VGA controller, 3D controller
-VERSION_RE = re.compile(r"NVRM version:.*?Kernel Module(?: for \S+)?\s+(\d+\.\d+(?:\.\d+)?)")
 GPU_NODE_RE = re.compile(r"^nvidia\d+$")
 
 
@@ -53,28 +53,20 @@ def loaded_modules(probe: Probe) -> set[str]:
     return {line.split()[0] for line in text.splitlines() if line.strip()}
 
 
-def parse_driver_version(text: str) -> tuple[str | None, str | None]:
-    """(version, "open" | "proprietary") from /proc/driver/nvidia/version."""
-    match = VERSION_RE.search(text)
-    if not match:
-        return None, None
-    return match.group(1), "open" if "Open Kernel Module" in text else "proprietary"
-
-
 def probe_driver(probe: Probe) -> tuple[list[Check], DriverFacts]:
     facts = DriverFacts(pci_gpus=pci_gpus(probe), wsl=probe.path("/dev/dxg").exists())
     modules = loaded_modules(probe)
     facts.nouveau = "nouveau" in modules
-    version_text_ = probe.read("/proc/driver/nvidia/version")
-    facts.module_loaded = "nvidia" in modules or version_text_ is not None
-    if version_text_:
-        facts.driver, facts.kernel_module = parse_driver_version(version_text_)
+    version_file = probe.read(VERSION_FILE)
+    facts.module_loaded = "nvidia" in modules or version_file is not None
+    if version_file:
+        facts.driver, facts.kernel_module = parse_driver_version(version_file)
         cuda = cuda_for_driver(version_tuple(facts.driver)) if facts.driver else None
         facts.driver_cuda = version_text(cuda) if cuda else None
     dev = probe.path("/dev")
     facts.device_nodes = sorted(p.name for p in dev.iterdir()
                                 if p.name.startswith("nvidia")) if dev.is_dir() else []
-    checks = [gpu_check(facts), module_check(facts), driver_check(facts, version_text_)]
+    checks = [gpu_check(facts), module_check(facts), driver_check(facts, version_file)]
     checks += device_checks(facts)
     return checks, facts
 

@@ -12,9 +12,11 @@ import csv
 import re
 from pathlib import Path
 
-from envcheck.catalog import CATALOG_BY_ID, classify
+import msgspec
+
 from envcheck.host import Probe
 from envcheck.host.driver import DriverFacts
+from envcheck.nvidia.catalog import CATALOG_BY_ID, classify
 from envcheck.report import Check
 
 FIELDS = ("index", "name", "uuid", "pci.bus_id", "driver_version", "compute_cap",
@@ -29,6 +31,25 @@ SLOWDOWN_BITS = {0x8: "HW slowdown", 0x20: "SW thermal slowdown", 0x40: "HW ther
                  0x80: "HW power brake"}
 MISMATCH_RE = re.compile(r"NVML library version:\s*(\d+\.\d+(?:\.\d+)?)")
 CUDA_VERSION_RE = re.compile(r"CUDA Version\s*:\s*(\d+\.\d+)")
+
+
+class GpuFacts(msgspec.Struct, kw_only=True):
+    """One GPU as NVML (or nvidia-smi) lists it."""
+
+    index: str | None
+    name: str | None
+    uuid: str | None
+    bus_id: str | None
+    compute_cap: str | None
+    memory: str | None
+    persistence_mode: str | None
+    mig_mode: str | None
+
+
+class NvmlFacts(msgspec.Struct, kw_only=True):
+    gpus: list[GpuFacts] = []
+    nvml_via: str | None = None  # nvidia-ml-py or nvidia-smi
+    driver_cuda: str | None = None  # the CUDA version nvidia-smi states for the driver
 
 
 def parse_query_csv(text: str) -> list[dict[str, str]]:
@@ -113,8 +134,8 @@ def _nvml_row(nvml, index: int) -> dict[str, str]:
     return row
 
 
-def probe_nvml(probe: Probe, driver: DriverFacts) -> tuple[list[Check], dict]:
-    facts: dict = {"gpus": [], "nvml_via": None, "driver_cuda": None}
+def probe_nvml(probe: Probe, driver: DriverFacts) -> tuple[list[Check], NvmlFacts]:
+    facts = NvmlFacts()
     if not driver.module_loaded and not driver.wsl:
         reason = "no NVIDIA GPU (host.gpu)" if not driver.pci_gpus else (
             "the nvidia kernel module is not loaded (host.kernel-module)")
@@ -122,19 +143,18 @@ def probe_nvml(probe: Probe, driver: DriverFacts) -> tuple[list[Check], dict]:
                                                    "host.health")], facts
     via_nvml = query_nvml(probe)
     rows, error = via_nvml if via_nvml is not None else query_nvidia_smi(probe)
-    facts["nvml_via"] = "nvidia-ml-py" if via_nvml is not None else "nvidia-smi"
+    facts.nvml_via = "nvidia-ml-py" if via_nvml is not None else "nvidia-smi"
     if not rows:  # None: an error; []: an answer that lists no GPU
         return failed_nvml_checks(error or "NVML listed no GPU", driver), facts
-    facts["gpus"] = [gpu_facts(row) for row in rows]
+    facts.gpus = [gpu_facts(row) for row in rows]
     version = probe.command(["nvidia-smi", "--version"])
     cuda = CUDA_VERSION_RE.search(version.out) if version.rc == 0 else None
-    facts["driver_cuda"] = cuda.group(1) if cuda else driver.driver_cuda
+    facts.driver_cuda = cuda.group(1) if cuda else driver.driver_cuda
     library = rows[0].get("driver_version") if rows else None
     return [mismatch_check(driver.driver, library),
             Check("host.nvml", "pass",
-                  f"NVML ({facts['nvml_via']}): {len(rows)} GPU(s): "
-                  + "; ".join(f"{g['name']} ({g['memory']}, sm {g['compute_cap']})"
-                              for g in facts["gpus"])),
+                  f"NVML ({facts.nvml_via}): {len(rows)} GPU(s): "
+                  + "; ".join(f"{g.name} ({g.memory}, sm {g.compute_cap})" for g in facts.gpus)),
             health_check(rows)], facts
 
 
@@ -169,11 +189,11 @@ def mismatch_check(kernel: str | None, library: str | None) -> Check:
     return Check("host.driver-mismatch", "pass", f"kernel module and NVML agree on {kernel}")
 
 
-def gpu_facts(row: dict[str, str]) -> dict:
-    return {"index": row.get("index"), "name": row.get("name"), "uuid": row.get("uuid"),
-            "bus_id": row.get("pci.bus_id"), "compute_cap": row.get("compute_cap"),
-            "memory": row.get("memory.total"), "persistence_mode": row.get("persistence_mode"),
-            "mig_mode": row.get("mig.mode.current")}
+def gpu_facts(row: dict[str, str]) -> GpuFacts:
+    return GpuFacts(index=row.get("index"), name=row.get("name"), uuid=row.get("uuid"),
+                    bus_id=row.get("pci.bus_id"), compute_cap=row.get("compute_cap"),
+                    memory=row.get("memory.total"), persistence_mode=row.get("persistence_mode"),
+                    mig_mode=row.get("mig.mode.current"))
 
 
 def gpu_problems(row: dict[str, str]) -> tuple[list[str], list[str], list[str]]:

@@ -14,10 +14,7 @@ import fnmatch
 import posixpath
 import re
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from envcheck.image.layers import LayerScan
+from typing import Protocol
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -243,6 +240,16 @@ def _merge(lower: Dir, upper: Dir) -> int:
     return replaced
 
 
+class LayerContent(Protocol):
+    """What the merged view takes of a layer (layers.LayerScan has it): its file tree, the paths
+    its whiteouts remove, its opaque directories and the small files kept from it."""
+
+    files: FileTree
+    whiteouts: list[str]
+    opaque_dirs: list[str]
+    kept: dict[str, bytes]
+
+
 class MergedView:
     """The files of all layers applied so far, and the small files kept from them."""
 
@@ -250,7 +257,7 @@ class MergedView:
         self.files = FileTree()
         self.kept: dict[str, bytes] = {}
 
-    def apply(self, scan: LayerScan) -> None:
+    def apply(self, scan: LayerContent) -> None:
         """Put one layer over the ones applied before it; its file tree moves into the view."""
         # Whiteouts hide only what lower layers wrote, so apply them before this layer's files.
         for path in scan.whiteouts:
@@ -269,7 +276,7 @@ class MergedView:
         return self.files.glob(pattern)
 
 
-def _hidden(path: str, scan: LayerScan) -> bool:
+def _hidden(path: str, scan: LayerContent) -> bool:
     for gone in scan.whiteouts:
         if path == gone or path.startswith(gone + "/"):
             return True

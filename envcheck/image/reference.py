@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from envcheck.errors import UnreadableInput
+
 DOCKER_HUB = "registry-1.docker.io"
 HUB_ALIASES = ("docker.io", "index.docker.io", "registry-1.docker.io")
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
@@ -21,7 +23,7 @@ _OCI_COMPONENT = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
 OCI_REF_NAME_RE = re.compile(rf"{_OCI_COMPONENT}(?:/{_OCI_COMPONENT})*")
 
 
-class RefSyntaxError(ValueError):
+class RefSyntaxError(UnreadableInput, ValueError):
     """A reference that cannot be parsed; the message says what form is expected."""
 
 

@@ -3,6 +3,10 @@ too; nvcr.io's challenge has no `service`), credentials from the Docker config (
 credential helpers), retries with backoff honouring Retry-After, resumable blob reads with Range,
 and every manifest checked against its digest. Redirects to blob storage are followed by
 `requests`, which drops Authorization when the host changes (distribution spec: MUST NOT forward).
+(credentials.py reads the Docker config.)
+
+Over 400 lines: the client, the one retry budget a fetch shares (Attempts) and the resuming blob
+reader are one request path; the reader resumes through the client's own request and back-off.
 """
 
 from __future__ import annotations
@@ -11,17 +15,15 @@ import base64
 import hashlib
 import io
 import json
-import os
 import re
 import socket
 import threading
 import time
-from pathlib import Path
 
 import requests
 
-from envcheck import runner as runner_module
 from envcheck.image.blobstream import Cancelled
+from envcheck.image.errors import SourceError
 
 MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -42,11 +44,10 @@ RESUME_PROGRESS_BYTES = 1 << 20
 MANIFEST_BYTES_MAX = 4 * 1024 * 1024
 TOKEN_BYTES_MAX = 1024 * 1024  # Docker Hub's token replies are 2-5 KB
 ERROR_BYTES_MAX = 64 * 1024  # what an error reply's JSON `errors` is read from
-HUB_CONFIG_KEY = "https://index.docker.io/v1/"
 CHALLENGE_RE = re.compile(r'(\w+)="([^"]*)"')
 
 
-class RegistryError(Exception):
+class RegistryError(SourceError):
     """A registry failure, one line: the reference and the cause (never a secret)."""
 
 
@@ -82,61 +83,6 @@ def base_url(registry: str) -> str:
     host = registry.split(":")[0] if not registry.startswith("[") else registry.split("]")[0] + "]"
     scheme = "http" if host in LOOPBACK_HOSTS else "https"
     return f"{scheme}://{registry}"
-
-
-def docker_credentials(registry: str, config_dir: str | None = None) -> tuple[str, str] | None:
-    """(username, secret) for `registry` from the Docker config: credHelpers, credsStore, auths
-    (`auth`, or `username` and `password` as docker reads them too). A part of the file that is
-    not shaped as docker writes it is skipped, as if absent."""
-    directory = Path(config_dir or os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker")
-    try:
-        config = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    config = config if isinstance(config, dict) else {}
-    keys = [registry, f"https://{registry}"] + (
-        [HUB_CONFIG_KEY, "docker.io", "index.docker.io"] if registry == "registry-1.docker.io"
-        else [])
-    helpers = _mapping(config, "credHelpers")
-    helper = next((helpers[k] for k in keys if k in helpers), None) or config.get("credsStore")
-    if isinstance(helper, str) and helper:
-        found = _from_helper(helper, HUB_CONFIG_KEY if registry == "registry-1.docker.io"
-                             else registry)
-        if found:
-            return found
-    auths = _mapping(config, "auths")
-    return next((found for key in keys if (found := _auth_entry(auths.get(key)))), None)
-
-
-def _mapping(config: dict, key: str) -> dict:
-    value = config.get(key)
-    return value if isinstance(value, dict) else {}
-
-
-def _auth_entry(entry) -> tuple[str, str] | None:
-    """An `auths` entry's (username, secret): its base64 `auth`, else its `username` and
-    `password` (docker decodes `auth` over them when both are there)."""
-    if not isinstance(entry, dict):
-        return None
-    if isinstance(entry.get("auth"), str) and entry["auth"]:
-        try:
-            user, _, secret = base64.b64decode(entry["auth"]).decode().partition(":")
-        except (ValueError, UnicodeDecodeError):
-            return None
-        return user, secret
-    user, secret = entry.get("username"), entry.get("password")
-    return (user, secret) if isinstance(user, str) and isinstance(secret, str) and user else None
-
-
-def _from_helper(helper: str, server: str) -> tuple[str, str] | None:
-    result = runner_module.run([f"docker-credential-{helper}", "get"], 10, input_text=server)
-    if result.rc != 0:
-        return None
-    try:
-        data = json.loads(result.out)
-        return data["Username"], data["Secret"]
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 class RegistryClient:

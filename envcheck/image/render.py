@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
+from msgspec import UNSET
 from rich.console import Console
 from rich.markup import escape
 
-from envcheck.report import Report, render_checks
+from envcheck.image.report import CudaFacts, ImageReport
+from envcheck.report import render_checks
 
 
 def _size(n: int | None) -> str:
@@ -32,64 +35,65 @@ def _argv(argv: list[str] | None) -> str:
     return json.dumps(argv) if argv is not None else "(none)"
 
 
-def render_image(report: Report, console: Console) -> None:
-    f = report.facts
+def render_image(report: ImageReport, console: Console) -> None:
     out = lambda text="": console.print(escape(text), highlight=False)  # noqa: E731
-    out(f"image     {f['reference']}")
-    if f["index_digest"]:
-        out(f"index     {f['index_digest']}")
-    out(f"manifest  {f['manifest']['digest'] or '(none: docker save archive)'}  "
-        f"{f['manifest']['media_type']}")
-    out(f"config    {f['config']['digest']}  {f['config']['platform']}  "
-        f"created {f['config']['created']}")
-    out(f"layers    {len(f['layers'])}")
-    for i, layer in enumerate(f["layers"]):
-        contents = ("not read (--no-layers)" if layer["files"] is None else
-                    f"{_size(layer['uncompressed_size'])}, {layer['files']} files")
-        compression = layer["compression"] or declared_compression(layer["media_type"])
-        out(f"  {i:>2} {layer['digest']}  {_size(layer['size']):>9} {compression}  → {contents}")
-        if layer["diff_id"]:
-            out(f"     diff_id {layer['diff_id']}")
-        if layer["created_by"]:
-            out(f"     {layer['created_by'][:110]}")
+    out(f"image     {report.reference}")
+    if report.index_digest:
+        out(f"index     {report.index_digest}")
+    out(f"manifest  {report.manifest.digest or '(none: docker save archive)'}  "
+        f"{report.manifest.media_type}")
+    out(f"config    {report.config.digest}  {report.config.platform}  "
+        f"created {report.config.created}")
+    out(f"layers    {len(report.layers)}")
+    for i, layer in enumerate(report.layers):
+        contents = ("not read (--no-layers)" if layer.files is None else
+                    f"{_size(layer.uncompressed_size)}, {layer.files} files")
+        compression = layer.compression or declared_compression(layer.media_type)
+        out(f"  {i:>2} {layer.digest}  {_size(layer.size):>9} {compression}  → {contents}")
+        if layer.diff_id:
+            out(f"     diff_id {layer.diff_id}")
+        if layer.created_by:
+            out(f"     {layer.created_by[:110]}")
     out("env")
-    for key, value in f["env"].items():
+    for key, value in report.env.items():
         out(f"  {key}={value if len(value) < 140 else value[:137] + '...'}")
-    out(f"entrypoint {_argv(f['entrypoint'])}  cmd {_argv(f['cmd'])}  "
-        f"user {f['user'] or '(root)'}")
-    render_cuda(f, out)
+    out(f"entrypoint {_argv(report.entrypoint)}  cmd {_argv(report.cmd)}  "
+        f"user {report.user or '(root)'}")
+    render_cuda(report.cuda, out)
+    render_libraries(report, out)
     render_checks(report.checks, console)
     out(f"VERDICT {report.verdict}")
 
 
-def render_cuda(f: dict, out) -> None:
-    info = f.get("cuda") or {}
-    packages = info.get("packages") or {}
-    versions = ", ".join(f"{k} {v['version']}" for k, v in packages.items())
-    out(f"cuda      CUDA_VERSION {info.get('cuda_version')}; packages: {versions or 'none'}")
-    if info.get("libraries"):
+def render_cuda(cuda: CudaFacts, out: Callable[[str], None]) -> None:
+    versions = ", ".join(f"{k} {v.version}" for k, v in (cuda.packages or {}).items())
+    out(f"cuda      CUDA_VERSION {cuda.cuda_version}; packages: {versions or 'none'}")
+    if cuda.libraries:
         out("          library files: " + ", ".join(f"{k} {v}" for k, v in
-                                                      info["libraries"].items()))
-    if "usr_local_cuda" in info:
-        out(f"          /usr/local/cuda {'present' if info['usr_local_cuda'] else 'absent'}, "
-            f"compat {'present' if info['compat_dir'] else 'absent'}; stubs: "
-            f"{', '.join(info['stubs']) or 'none'}")
-    for library in f.get("libraries", []):
-        where = library["resolves_to"] or "not in the image"
-        out(f"resolve   {library['soname']}: {where}" + (
-            f" (via {library['via']})" if library["via"] else ""))
-        for step in library["steps"]:
+                                                      cuda.libraries.items()))
+    if cuda.usr_local_cuda is not UNSET:
+        out(f"          /usr/local/cuda {'present' if cuda.usr_local_cuda else 'absent'}, "
+            f"compat {'present' if cuda.compat_dir else 'absent'}; stubs: "
+            f"{', '.join(cuda.stubs) or 'none'}")
+
+
+def render_libraries(report: ImageReport, out: Callable[[str], None]) -> None:
+    """Where each library resolves, what NVIDIA_REQUIRE_CUDA needs, the files asked for."""
+    for library in report.libraries or []:
+        where = library.resolves_to or "not in the image"
+        out(f"resolve   {library.soname}: {where}" + (
+            f" (via {library.via})" if library.via else ""))
+        for step in library.steps:
             out(f"            {step}")
-        if library.get("at_run_time"):
-            out(f"            {library['at_run_time']}")
-    requirement = f.get("requirement") or {}
-    for case in requirement.get("cases", [])[:3]:
-        out(f"require   {case['constraints']}  →  needs {case['needs']}")
-    if len(requirement.get("cases", [])) > 3:
-        out(f"          … {len(requirement['cases']) - 3} more alternatives (--json lists all)")
-    for row in f.get("files", []):
-        link = f" -> {row['link']}" if row["link"] else ""
-        out(f"file      {row['path']}{link}  {row['size']} B  mode {row['mode']}  "
-            f"layer {row['layer']}")
-    for pattern in f.get("files_unmatched", []):
+        if library.at_run_time:
+            out(f"            {library.at_run_time}")
+    cases = report.requirement.cases
+    for case in cases[:3]:
+        out(f"require   {case.constraints}  →  needs {case.needs}")
+    if len(cases) > 3:
+        out(f"          … {len(cases) - 3} more alternatives (--json lists all)")
+    for row in report.files or []:
+        link = f" -> {row.link}" if row.link else ""
+        out(f"file      {row.path}{link}  {row.size} B  mode {row.mode}  layer {row.layer}")
+    for pattern in report.files_unmatched or []:
         out(f"file      {pattern}: no match in the merged filesystem")

@@ -10,6 +10,8 @@ repetition penalty -> temperature -> top-k -> top-p -> sample (or argmax when gr
 from __future__ import annotations
 
 import functools
+import sys
+import types
 from typing import NamedTuple
 
 import jax
@@ -142,3 +144,15 @@ def pick(key, logits_BV, greedy: bool):
     if greedy:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+class _CallableModule(types.ModuleType):
+    """This package, callable as its `generate`: `model.generate(gpt2, ids_BT, n)` is the
+    documented call, and `model/__init__` loads its names lazily (so that `model.report` loads no
+    JAX), so once this package is imported the name `model.generate` is the package itself."""
+
+    def __call__(self, *args, **kwargs) -> np.ndarray:
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

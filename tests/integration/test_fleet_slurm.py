@@ -18,7 +18,7 @@ from tests.conftest import REPO, with_signals
 from tests.integration.conftest import require_binary
 
 SCRIPT = REPO / "scripts/fake_slurm_cluster.sh"
-SCHEMA = json.loads((REPO / "envcheck/schemas/fleet.v1.json").read_text())
+SCHEMA = json.loads((REPO / "envcheck/data/schemas/fleet.v1.json").read_text())
 BASE_PORT = 17300
 
 

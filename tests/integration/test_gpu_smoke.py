@@ -18,7 +18,7 @@ import docker
 import jsonschema
 import pytest
 
-from envcheck import passthrough
+from envcheck.gpu_smoke import passthrough
 from tests.conftest import REPO, with_signals
 from tests.integration.conftest import (
     hanging_python_image,
@@ -28,7 +28,7 @@ from tests.integration.conftest import (
 )
 from tests.integration.test_container import envcheck
 
-SCHEMA = json.loads((REPO / "envcheck/schemas/smoke.v1.json").read_text())
+SCHEMA = json.loads((REPO / "envcheck/data/schemas/smoke.v1.json").read_text())
 
 
 def smoke_json(engine: str, *args: str, env: dict | None = None):
@@ -59,6 +59,48 @@ def test_require_gpu_turns_the_fallback_into_exit_1(engine, built_image):
     done = envcheck(engine, "gpu-smoke", "--image", built_image["tag"], "--require-gpu")
     assert done.returncode == 1
     assert "VERDICT cpu-fallback" in done.stdout and "FAIL toolkit.docker-runtime" in done.stdout
+
+
+def make_smoke_args(**variables: str) -> list[str]:
+    """The options `make smoke` gives gpu-smoke with these make variables (its recipe, read by
+    `make -n`, so that the test runs what the README's command runs)."""
+    done = subprocess.run(["make", "-n", "smoke", *(f"{k}={v}" for k, v in variables.items())],
+                          capture_output=True, text=True, cwd=REPO, timeout=60, check=True)
+    return done.stdout.strip().splitlines()[-1].split("gpu-smoke", 1)[1].split()
+
+
+def test_make_smoke_builds_a_missing_image_first(engine, base_image, built_image):
+    """An engine without the image: gpu-smoke builds it (the local Debian base stands in for a
+    pullable one; built_image's layers are its cache), then runs the whole chain in it."""
+    import uuid
+
+    tag = f"envcheck-test/smoke-built:{uuid.uuid4().hex[:8]}"
+    args = make_smoke_args(BASE_IMAGE=base_image, BUILD_NETWORK="host",
+                           CA_BUNDLE="/etc/ssl/certs/ca-certificates.crt")
+    assert args[:2] == ["--build-missing", "--base-image"]
+    try:
+        rc, report, checks = smoke_json(engine, "--image", tag, *args)
+        assert rc == 0, checks
+        assert checks["image.present"]["status"] == "pass"
+        assert report["image"]["name"] == tag and "build" in report["timings_s"]
+        assert report["mode"] == "container-cpu" and report["verdict"] == "cpu-fallback"
+        assert "container_untested" not in report
+    finally:
+        docker.DockerClient(base_url=engine).images.remove(tag, force=True)
+
+
+def test_make_smoke_without_a_base_tests_on_the_host_and_says_so(engine):
+    """No base to be had (no registry reachable from this engine): the model test runs on this
+    host, the container links are skipped with the reason, and the report says so."""
+    args = make_smoke_args(BASE_IMAGE="envcheck-test/nothing:here")
+    rc, report, checks = smoke_json(engine, "--image", "envcheck-test/absent:built", *args)
+    assert rc == 0 and report["verdict"] == "cpu-fallback" and report["mode"] == "host"
+    present = checks["image.present"]
+    assert present["status"] == "skip" and "envcheck-test/nothing:here" in present["summary"]
+    assert report["container_untested"] == present["summary"]
+    for link in ("image.requirement", "container.passthrough", "container.libcuda"):
+        assert checks[link]["status"] == "skip" and "(image.present)" in checks[link]["summary"]
+    assert checks["model.parity"]["status"] == "pass"
 
 
 def test_missing_image_says_how_to_build_it(engine):
@@ -132,7 +174,7 @@ def run_in(engine, built_image, script: str, **options):
 
 
 def test_a_container_over_its_memory_limit_is_reported_as_oom(engine, built_image):
-    from envcheck.smoke import parse_model_report
+    from envcheck.gpu_smoke.judge import parse_model_report
 
     run = run_in(engine, built_image, "python -c 'x = bytearray(400 * 2**20); print(len(x))'",
                  memory_limit="128m")
@@ -149,7 +191,7 @@ def test_a_container_over_its_memory_limit_is_reported_as_oom(engine, built_imag
 ])
 def test_non_zero_exits_and_invalid_json_are_one_failed_check(engine, built_image, script,
                                                               summary):
-    from envcheck.smoke import parse_model_report
+    from envcheck.gpu_smoke.judge import parse_model_report
 
     report, check = parse_model_report(run_in(engine, built_image, script).as_run_result())
     assert report is None and check.id == "model.run" and check.status == "fail"
@@ -181,7 +223,7 @@ def test_an_image_without_python_names_what_is_missing(engine):
 
 
 def test_a_missing_module_is_named(engine, built_image):
-    from envcheck.smoke import parse_model_report
+    from envcheck.gpu_smoke.judge import parse_model_report
 
     run = run_in(engine, built_image, "python -m model_absent.smoke --json")
     _, check = parse_model_report(run.as_run_result())
@@ -248,7 +290,7 @@ def test_a_daemon_killed_during_the_model_run():
     import threading
     from pathlib import Path
 
-    from envcheck.smoke import parse_model_report
+    from envcheck.gpu_smoke.judge import parse_model_report
     from scripts import test_engine
 
     require_binary("dockerd")

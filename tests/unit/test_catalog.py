@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from envcheck.catalog import CATALOG, UNKNOWN, classify
+from envcheck.nvidia.catalog import CATALOG, UNKNOWN, classify
 from tests.conftest import REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "real"

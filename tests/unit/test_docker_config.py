@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from envcheck.image import registry
+from envcheck.image import credentials as registry
 from envcheck.runner import RunResult
 
 HOST = "127.0.0.1:5000"

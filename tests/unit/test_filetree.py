@@ -262,6 +262,6 @@ def test_files_globs_list_each_path_once_and_say_which_match_nothing():
                          ("usr/lib/libcuda.so.1", "file")]))
     rows, unmatched = files_matching(view, ("etc/ld.so.c?che", "/etc/ld.so.*", "/opt/*", "",
                                             "usr/lib/*"))
-    assert [row["path"] for row in rows] == ["/etc/ld.so.cache", "/etc/ld.so.conf",
+    assert [row.path for row in rows] == ["/etc/ld.so.cache", "/etc/ld.so.conf",
                                              "/usr/lib/libcuda.so.1"]
     assert unmatched == ["/opt/*", ""]

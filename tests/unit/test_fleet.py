@@ -21,22 +21,22 @@ from envcheck.cli import cli
 from envcheck.fleet import k8s
 from envcheck.fleet import slurm as slurm_module
 from envcheck.fleet.aggregate import NodeResult, from_report, hostlist, render, summarize
-from envcheck.fleet.slurm import (
+from envcheck.fleet.sinfo import (
     _gres_count,
     availability,
-    collect_step,
-    run_fleet,
     slurm_env,
     slurm_max_nodes,
     slurm_time_s,
 )
+from envcheck.fleet.slurm import collect_step, run_fleet
+from envcheck.gpu_smoke import gpu_smoke
+from envcheck.report import to_json
 from envcheck.runner import RunResult
-from envcheck.smoke import gpu_smoke
 from tests.conftest import REPO, interrupting, planted
 from tests.gpu_host import FakeDocker, connect_to, healthy_host
 
 FIXTURES = REPO / "tests/fixtures/fleet"
-SCHEMA = json.loads((REPO / "envcheck/schemas/fleet.v1.json").read_text())
+SCHEMA = json.loads((REPO / "envcheck/data/schemas/fleet.v1.json").read_text())
 # slurmd dead on n2 but still idle in slurmctld: srun aborts the step and kills n1's and n3's tasks
 ABORTED_STEP_ERR = FIXTURES / "srun-stderr_step-aborted-tasks-killed_22.05.txt"
 
@@ -106,47 +106,53 @@ def test_collect_step_task_exit(cpu_report):
 # A node running another envcheck version, or printing a look-alike: each was a traceback
 # (KeyError, AttributeError, TypeError, ValueError) out of `fleet slurm` / `fleet k8s collect`.
 @pytest.mark.parametrize("path,value,said", [
-    ("checks.0", "host.gpu", "checks[0] is str"),
-    ("checks.0.id", ..., "checks[0].id is missing"),
-    ("checks.0.fix", 3, "checks[0].fix is int"),
-    ("checks", {"host.gpu": "fail"}, "checks is dict"),
-    ("first_failed", "host.gpu", "first_failed is str"),
-    ("first_failed.summary", ["x"], "first_failed.summary is list"),
-    ("device", [], "device is list"),
-    ("device.device_count", "1", "device.device_count is str"),
-    ("host", "vm", "host is str"),
-    ("host.gpus", 2, "host.gpus is int"),
-    ("host.driver", 570, "host.driver is int"),
-    ("timings_s", [1.0], "timings_s is list"),
-    ("timings_s.model", "1.5", "timings_s.model is str"),
-    ("timings_s.model", False, "timings_s.model is bool"),
-    ("device.device_count", True, "device.device_count is bool"),
-    ("node", ["n1"], "node is list"),
-    ("node.cuda_visible_devices", 0, "node.cuda_visible_devices is int"),
-    ("verdict", ..., "verdict is missing"),
-    ("verdict", "ok", "verdict is 'ok', not one of gpu, cpu-fallback, fail"),
+    ("checks.0", "host.gpu", "checks[0]: expected an object, got a string"),
+    ("checks.0.id", ..., "checks[0].id: missing"),
+    ("checks.0.id", "host gpu", "checks[0].id: expected a string matching regex"),
+    ("checks.0.fix", 3, "checks[0].fix: expected a string or null, got an integer"),
+    ("checks", {"host.gpu": "fail"}, "checks: expected an array, got an object"),
+    ("first_failed", "host.gpu", "first_failed: expected an object or null, got a string"),
+    ("first_failed.summary", ["x"], "first_failed.summary: expected a string, got an array"),
+    ("device", [], "device: expected an object, got an array"),
+    ("device.device_count", "1", "device.device_count: expected an integer, got a string"),
+    ("host", "vm", "host: expected an object, got a string"),
+    ("host.gpus", 2, "host.gpus: expected an array, got an integer"),
+    ("host.driver", 570, "host.driver: expected a string or null, got an integer"),
+    ("timings_s", [1.0], "timings_s: expected an object, got an array"),
+    ("timings_s.model", "1.5", "timings_s.model: expected a number, got a string"),
+    ("timings_s.model", False, "timings_s.model: expected a number, got a boolean"),
+    ("device.device_count", True, "device.device_count: expected an integer, got a boolean"),
+    ("node", ["n1"], "node: expected an object, got an array"),
+    ("node.cuda_visible_devices", 0,
+     "node.cuda_visible_devices: expected a string or null, got an integer"),
+    ("verdict", ..., "verdict: missing"),
+    ("verdict", "ok", "verdict: invalid enum value 'ok'"),
 ])
 def test_a_report_of_another_shape_is_a_row_saying_so(cpu_report, path, value, said):
     row = from_report("n1", planted(cpu_report, path, value))
     assert row.status == "no-report" and row.verdict is None
-    assert row.detail == (f"unreadable gpu-smoke report ({said}): run the same envcheck "
-                          "version on every node")
-    jsonschema.validate(summarize([row], "slurm"), SCHEMA)
+    assert row.detail.startswith(f"unreadable gpu-smoke report ({said}")
+    assert row.detail.endswith("): run the same envcheck version on every node")
+    jsonschema.validate(to_json(summarize([row], "slurm")), SCHEMA)
 
 
 def test_optional_parts_of_a_report_may_be_absent_or_null(gpu_report):
-    for path in ("first_failed", "node", "host", "device", "timings_s", "checks.0.fix"):
-        row = from_report("n1", planted(gpu_report, path, None))
+    """What the smoke report's definition leaves optional: null where there is none, absent
+    where that stage did not run (a report without a model test has no device)."""
+    for path, value in (("first_failed", None), ("checks.0.fix", None), ("device", ...),
+                        ("docker", ...), ("image", ...), ("docker.docker_root_dir", ...)):
+        row = from_report("n1", planted(gpu_report, path, value))
         assert (row.status, row.verdict) == ("reported", "gpu"), path
-    assert from_report("n1", planted(gpu_report, "host", ...)).gpus == 1  # from device
+    assert from_report("n1", planted(gpu_report, "device", ...)).gpus == 1  # from NVML
 
 
 def test_collect_step_with_a_report_of_another_shape(cpu_report):
     odd = planted(planted(cpu_report, "node", ["n2"]), "device.device_count", "x")
     rows = collect_step(["n1", "n2"], {0: json.dumps(cpu_report), 1: json.dumps(odd)}, {}, 0, "")
     assert [(r.node, r.status) for r in rows] == [("n1", "reported"), ("n2", "no-report")]
-    assert rows[1].detail.startswith("unreadable gpu-smoke report (node is list): run the same")
-    assert rows[1].detail in [g["summary"] for g in summarize(rows, "slurm")["groups"]]
+    assert rows[1].detail.startswith("unreadable gpu-smoke report (node: expected an object, "
+                                     "got an array): run the same")
+    assert rows[1].detail in [g.summary for g in summarize(rows, "slurm").groups]
 
 
 def synthetic_fleet(cpu_report, gpu_report, count: int) -> list[NodeResult]:
@@ -400,7 +406,7 @@ def test_a_stop_signal_releases_every_allocation_and_starts_no_other_batch(cpu_r
     import os
     import signal
 
-    from envcheck.cli import Interrupted
+    from envcheck.process import Interrupted
 
     def step(nodes, output):  # runs until its allocation is cancelled (or 3 s have passed)
         with slurm.lock:
@@ -487,20 +493,20 @@ def test_an_allocation_refused_is_a_row_per_node():
 
 def test_thousand_nodes_are_grouped_not_listed(cpu_report, gpu_report):
     fleet = summarize(synthetic_fleet(cpu_report, gpu_report, 1000), "slurm", seconds=1.0)
-    jsonschema.validate(fleet, SCHEMA)
-    assert fleet["node_count"] == 1000 and not fleet["ok"]
-    assert fleet["totals"] == {"cpu-fallback": 300, "drained": 100, "gpu": 600}
-    assert [g["count"] for g in fleet["groups"]] == [600, 300, 100]
-    lines = render(fleet)
+    jsonschema.validate(to_json(fleet), SCHEMA)
+    assert fleet.node_count == 1000 and not fleet.ok
+    assert fleet.totals == {"cpu-fallback": 300, "drained": 100, "gpu": 600}
+    assert [g.count for g in fleet.groups] == [600, 300, 100]
+    lines = render(fleet).splitlines()
     assert len(lines) < 15 and "--all prints every node" in lines[0]
     assert "300 × cpu-fallback — first failed host.gpu" in "\n".join(lines)
-    assert len(render(fleet, show_all=True)) > 1000
+    assert len(render(fleet, show_all=True).splitlines()) > 1000
 
 
 def test_every_node_gpu_is_ok_and_require_gpu_is_strict(cpu_report, gpu_report):
     rows = [from_report("n1", gpu_report), from_report("n2", cpu_report)]
-    assert summarize(rows, "slurm")["ok"] is True
-    assert summarize(rows, "slurm", require_gpu=True)["ok"] is False
+    assert summarize(rows, "slurm").ok is True
+    assert summarize(rows, "slurm", require_gpu=True).ok is False
 
 
 def test_manifests_validate_against_the_kubernetes_schema():
@@ -577,8 +583,8 @@ def test_k8s_collect_builds_the_same_table(cpu_report, gpu_report):
     assert rows["gpu-node-4"].detail.startswith("CrashLoopBackOff")
     assert rows["gpu-node-3"].detail.startswith("no envcheck pod")
     fleet = summarize(list(rows.values()), "kubernetes")
-    jsonschema.validate(fleet, SCHEMA)
-    assert fleet["totals"] == {"cpu-fallback": 1, "gpu": 1, "no-report": 3, "pending": 1}
+    jsonschema.validate(to_json(fleet), SCHEMA)
+    assert fleet.totals == {"cpu-fallback": 1, "gpu": 1, "no-report": 3, "pending": 1}
 
 
 def test_k8s_collect_without_a_cluster_is_one_line(monkeypatch, tmp_path):
@@ -632,4 +638,5 @@ def test_k8s_collect_with_a_report_of_another_shape(cpu_report, gpu_report):
     rows = {r.node: r for r in k8s.collect(RecordedCoreV1(logs), "envcheck")}
     assert rows["gpu-node-2"].verdict == "cpu-fallback"
     assert rows["gpu-node-1"].status == "no-report"
-    assert rows["gpu-node-1"].detail.startswith("unreadable gpu-smoke report (host is str)")
+    assert rows["gpu-node-1"].detail.startswith(
+        "unreadable gpu-smoke report (host: expected an object, got a string)")

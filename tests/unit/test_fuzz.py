@@ -20,15 +20,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from envcheck.catalog import classify
 from envcheck.fleet.aggregate import from_report, parse_report, summarize
-from envcheck.host.driver import parse_driver_version
 from envcheck.host.nvml import parse_query_csv
-from envcheck.image import cuda, ldcache, reference
+from envcheck.image import ldcache, reference
 from envcheck.image.blobstream import zstd_module
+from envcheck.image.errors import SourceError
 from envcheck.image.inspect import resolve
 from envcheck.image.layers import LayerError, scan_layer
-from envcheck.image.sources import SourceError, Top
+from envcheck.image.sources import TopLevel
+from envcheck.nvidia import cuda
+from envcheck.nvidia.catalog import classify
+from envcheck.nvidia.driver import parse_driver_version
+from envcheck.report import to_json
 from scripts.cuda_image import REQUIRE
 from tests.conftest import REPO, planted
 
@@ -112,11 +115,11 @@ class FuzzSource:
     def __init__(self, top: dict, config):
         self._top, self._config = top, config
 
-    def top(self) -> Top:
-        return Top(self._top, str(self._top.get("mediaType", "")), None)
+    def top(self) -> TopLevel:
+        return TopLevel(self._top, str(self._top.get("mediaType", "")), None)
 
-    def manifest(self, digest: str) -> Top:
-        return Top(MANIFEST, MANIFEST["mediaType"], digest)
+    def manifest(self, digest: str) -> TopLevel:
+        return TopLevel(MANIFEST, MANIFEST["mediaType"], digest)
 
     def json_blob(self, digest: str) -> dict:
         if not isinstance(self._config, dict):
@@ -150,7 +153,7 @@ def test_fleet_reads_any_node_report(examples):
     import jsonschema
 
     fleet_schema = jsonschema.Draft202012Validator(
-        json.loads((REPO / "envcheck/schemas/fleet.v1.json").read_text()))
+        json.loads((REPO / "envcheck/data/schemas/fleet.v1.json").read_text()))
     seed = json.loads((REPO / "tests/fixtures/fleet/smoke_cpu-fallback_container.json")
                       .read_text())
     paths = st.sampled_from([
@@ -167,7 +170,7 @@ def test_fleet_reads_any_node_report(examples):
             report["checks"] = checks
         row = from_report("n1", report)
         assert row.status in ("reported", "no-report")
-        fleet_schema.validate(summarize([row], "slurm"))
+        fleet_schema.validate(to_json(summarize([row], "slurm")))
 
     run(examples, st.tuples(paths, JSON, st.one_of(st.none(), check_values)), check)
 
@@ -181,12 +184,12 @@ def test_gpu_smoke_reads_any_model_report(examples, tmp_path):
     import jsonschema
     from rich.console import Console
 
-    from envcheck.cli import render_smoke
-    from envcheck.smoke import gpu_smoke
+    from envcheck.gpu_smoke import gpu_smoke
+    from envcheck.gpu_smoke.render import render_smoke
     from tests.gpu_host import FakeDocker, connect_to, healthy_host, model_report
 
     smoke_schema = jsonschema.Draft202012Validator(
-        json.loads((REPO / "envcheck/schemas/smoke.v1.json").read_text()))
+        json.loads((REPO / "envcheck/data/schemas/smoke.v1.json").read_text()))
     host, seed = healthy_host(tmp_path), model_report("gpu")
     paths = st.sampled_from([
         "impl", "impl_used", "checks", "timings_s", "timings_s.forward", "timings_s.generate",
@@ -215,12 +218,12 @@ def test_gpu_smoke_reads_any_daemon_json_cdi_spec_and_docker_info(examples, tmp_
     import yaml
     from rich.console import Console
 
-    from envcheck.cli import render_smoke
-    from envcheck.smoke import gpu_smoke
+    from envcheck.gpu_smoke import gpu_smoke
+    from envcheck.gpu_smoke.render import render_smoke
     from tests.gpu_host import FakeDocker, cdi_spec, connect_to, healthy_host
 
     smoke_schema = jsonschema.Draft202012Validator(
-        json.loads((REPO / "envcheck/schemas/smoke.v1.json").read_text()))
+        json.loads((REPO / "envcheck/data/schemas/smoke.v1.json").read_text()))
     host = healthy_host(tmp_path)
     daemon_json = json.loads((host.root / "etc/docker/daemon.json").read_text())
     spec, info = yaml.safe_load(cdi_spec()), FakeDocker().info()
@@ -352,7 +355,8 @@ def _fields(name, kind, size, mode, link) -> tuple:
 def test_tar_headers_read_as_tarfile_reads_them(examples):
     """envcheck's own header reader (3x cheaper than TarInfo.frombuf) against the standard
     library's, on generated ustar, GNU and PAX archives with long and non-ASCII names."""
-    from envcheck.image.layers import _Chunks, walk_tar
+    from envcheck.image.tar import Chunks as _Chunks
+    from envcheck.image.tar import walk_tar
 
     def check(case) -> None:
         members, fmt = case
@@ -374,7 +378,8 @@ def test_tar_headers_read_as_tarfile_reads_them(examples):
 def test_header_checksum_agrees_with_tarfile(examples):
     """The adler32 shortcut accepts exactly the headers whose checksum tarfile accepts, signed
     sums (bytes with the high bit set) included."""
-    from envcheck.image.layers import LayerError, _checksum_ok
+    from envcheck.image.errors import LayerError
+    from envcheck.image.tar import _checksum_ok
 
     def check(case) -> None:
         (name, kind, size, mode, link), where, value = case

@@ -5,13 +5,16 @@ names the remedy."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from envcheck.report import Check
-from envcheck.smoke import gpu_smoke
+from envcheck.gpu_smoke import gpu_smoke
+from envcheck.report import Check, to_json
 from tests.gpu_host import (
     FakeDocker,
     bare_host,
+    cli_info,
     connect_to,
     healthy_host,
     model_report,
@@ -53,8 +56,8 @@ def test_healthy_h100_host_passes_every_link_and_runs_on_the_gpu(tmp_path):
         "toolkit.cdi"].summary
     assert checks["image.requirement"].status == "pass"  # 590 (CUDA 13.1) runs cuda>=12.8
     assert "GPU 0: NVIDIA H100 80GB HBM3" in checks["container.nvidia-smi"].summary
-    assert report.verdict == "gpu" and report.facts["mode"] == "container-gpu"
-    assert report.facts["host"]["driver_cuda"] == "13.1"
+    assert report.verdict == "gpu" and report.mode == "container-gpu"
+    assert report.host.driver_cuda == "13.1"
     gpu_probe, model = client.created
     assert gpu_probe["device_requests"][0].count == -1
     assert gpu_probe["device_requests"][0].capabilities == [["gpu"]]
@@ -82,8 +85,8 @@ def test_a_container_a_signal_cut_the_create_reply_of_is_removed():
     the name envcheck gave it."""
     import signal
 
-    from envcheck import passthrough
-    from envcheck.cli import Interrupted
+    from envcheck.gpu_smoke import passthrough
+    from envcheck.process import Interrupted
 
     class CutOff(FakeDocker):
         def create(self, image, command, **options):
@@ -101,7 +104,7 @@ def ended_process() -> str:
     """The process identity of a process that has ended (and been waited for)."""
     import subprocess
 
-    from envcheck.passthrough import process_identity
+    from envcheck.gpu_smoke.passthrough import process_identity
 
     child = subprocess.Popen(["sleep", "30"])
     identity = process_identity(child.pid)
@@ -112,7 +115,7 @@ def ended_process() -> str:
 
 
 def owned_by(owner: str) -> dict:
-    from envcheck.passthrough import OWN_LABEL, OWNER_LABEL
+    from envcheck.gpu_smoke.passthrough import OWN_LABEL, OWNER_LABEL
 
     return {**OWN_LABEL, OWNER_LABEL: owner}
 
@@ -120,7 +123,7 @@ def owned_by(owner: str) -> dict:
 def test_containers_are_labelled_with_the_envcheck_that_runs_them(tmp_path):
     import os
 
-    from envcheck.passthrough import OWNER_LABEL, process_identity
+    from envcheck.gpu_smoke.passthrough import OWNER_LABEL, process_identity
 
     client = FakeDocker()
     smoke(healthy_host(tmp_path), client)
@@ -137,7 +140,7 @@ def test_the_containers_of_a_killed_envcheck_are_removed_by_the_next_run(tmp_pat
     shared by containers or hosts), stay."""
     import os
 
-    from envcheck.passthrough import process_identity
+    from envcheck.gpu_smoke.passthrough import process_identity
 
     boot, namespace, pid, start = process_identity().split("/")
     gone = {"ended": ended_process(),
@@ -157,12 +160,12 @@ def test_the_containers_of_a_killed_envcheck_are_removed_by_the_next_run(tmp_pat
     assert "removed 2 gpu-smoke container(s)" in check.summary
     for key, owner in gone.items():
         assert f"envcheck-gpu-smoke-{key} (envcheck pid {owner.split('/')[2]})" in check.summary
-    assert report.facts["leftovers_removed"] == [
+    assert to_json(report)["leftovers_removed"] == [
         {"name": f"envcheck-gpu-smoke-{key}", "owner_pid": int(owner.split("/")[2])}
         for key, owner in gone.items()]
     assert report.verdict == "gpu"  # not a fault of the passthrough chain
     again = smoke(healthy_host(tmp_path / "again"), client)
-    assert "docker.leftovers" not in by_id(again) and "leftovers_removed" not in again.facts
+    assert "docker.leftovers" not in by_id(again) and not again.leftovers_removed
 
 
 def test_a_zombie_owner_counts_as_ended():
@@ -170,7 +173,7 @@ def test_a_zombie_owner_counts_as_ended():
     import time
     from pathlib import Path
 
-    from envcheck.passthrough import orphaned, process_identity
+    from envcheck.gpu_smoke.passthrough import orphaned, process_identity
 
     child = subprocess.Popen(["sleep", "0.2"])
     identity = process_identity(child.pid)
@@ -192,7 +195,7 @@ def test_an_owner_hidden_by_hidepid_counts_as_running(tmp_path):
     import subprocess
     from pathlib import Path
 
-    from envcheck.passthrough import orphaned, process_identity
+    from envcheck.gpu_smoke.passthrough import orphaned, process_identity
 
     boot, namespace, _, _ = process_identity().split("/")
     hiding = tmp_path / "proc"  # this /proc as such a mount shows it: no other process
@@ -227,7 +230,7 @@ def test_no_gpu_on_the_pci_bus(tmp_path):
     assert_link(report, "host.gpu", "fail", "NVIDIA GPU")
     assert by_id(report)["host.nvml"].status == "skip"
     assert_link(report, "toolkit.installed", "fail", "nvidia-container-toolkit")
-    assert report.verdict == "cpu-fallback" and report.facts["first_failed"]["id"] == "host.gpu"
+    assert report.verdict == "cpu-fallback" and report.first_failed.id == "host.gpu"
 
 
 def test_kernel_module_not_loaded(tmp_path):
@@ -351,7 +354,7 @@ def test_rootless_docker_needs_no_cgroups(tmp_path):
         "  cgroupns\n", "  cgroupns\n  rootless\n")  # edit: a rootless daemon
     report = smoke(healthy_host(tmp_path), FakeDocker(info_text=info))
     assert_link(report, "toolkit.config", "fail", "no-cgroups = true")
-    assert report.facts["docker"]["rootless"] is True
+    assert report.docker.rootless is True
 
 
 def test_stale_cdi_spec(tmp_path):
@@ -432,6 +435,41 @@ def test_cli_info_cannot_load_nvml(tmp_path):
     assert "libnvidia-ml.so.1" in check.summary
 
 
+def test_the_toolkit_sees_another_driver_and_other_gpus(tmp_path):
+    """The toolkit's `nvidia-container-cli info` (the real 4×T4 capture, driver 575) on a host
+    whose kernel module and NVML say one H100 on 590: a stale toolkit, a failed link."""
+    host = healthy_host(tmp_path)
+    host.answer("nvidia-container-cli", "info",
+                real("nvidia-container-cli-info_fake-4xT4_575_ctk1.17.6.txt"))
+    check = assert_link(smoke(host), "toolkit.cli-info", "fail", "libnvidia-container1",
+                        "ldconfig", "restart dockerd")
+    assert check.summary == ("the toolkit sees driver 575.57.08 (CUDA 12.2) and 4 GPU(s): NVIDIA "
+                             "Tesla T4, but the kernel module is 590.48.01 and NVML lists 1 "
+                             "GPU(s)")
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda text: text.replace("NVRM version:   590.48.01", "NVRM version:   580.105.08"),
+     "the kernel module is 590.48.01"),
+    (lambda text: text.replace("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"),
+     "NVML lists NVIDIA H100 80GB HBM3"),
+])
+def test_the_toolkit_disagrees_with_the_host_on_one_thing(tmp_path, edit, named):
+    """A driver upgraded under a toolkit that still reads the old one (edit: its version), or
+    a GPU model the host does not have (edit: the model name): each alone fails the link."""
+    host = healthy_host(tmp_path)
+    host.answer("nvidia-container-cli", "info",
+                edit(cli_info("nvidia-smi-query-gpu-allfields_h100_590.csv.txt")))
+    check = assert_link(smoke(host), "toolkit.cli-info", "fail", "restart dockerd")
+    assert named in check.summary
+
+
+def test_the_toolkit_agrees_with_the_host(tmp_path):
+    check = by_id(smoke(healthy_host(tmp_path)))["toolkit.cli-info"]
+    assert check.status == "pass" and check.summary == (
+        "the toolkit sees driver 590.48.01 (CUDA 13.1) and 1 GPU(s): NVIDIA H100 80GB HBM3")
+
+
 def test_daemon_json_configured_but_daemon_not_restarted(tmp_path):
     info = real("docker-info_docker28.1.1_nvidia-runtime.txt").replace(
         "Runtimes: io.containerd.runc.v2 nvidia runc", "Runtimes: io.containerd.runc.v2 runc")
@@ -457,7 +495,7 @@ def test_daemon_cannot_select_the_nvidia_driver(tmp_path, capture):
                         "restart dockerd")
     assert "could not select device driver" in check.summary
     assert by_id(report)["container.libcuda"].status == "skip"
-    assert report.verdict == "cpu-fallback" and report.facts["mode"] == "container-cpu"
+    assert report.verdict == "cpu-fallback" and report.mode == "container-cpu"
 
 
 @pytest.mark.parametrize("capture", [
@@ -481,14 +519,15 @@ def test_image_needs_a_newer_driver(tmp_path, capture, driver, brand):
         "proc-driver-nvidia-version_580-proprietary.txt").replace("580.173.02", driver))
     host.answer("nvidia-smi", "--query-gpu", real(
         "nvidia-smi-query-gpu-allfields_h100_590.csv.txt").replace("590.48.01", driver))
-    host.answer("nvidia-container-cli", "info", real(
-        "nvidia-container-cli-info_fake-4xT4_575_ctk1.17.6.txt").replace("Tesla", brand))
+    host.answer("nvidia-container-cli", "info", cli_info(
+        "nvidia-smi-query-gpu-allfields_h100_590.csv.txt").replace("590.48.01", driver)
+        .replace("Brand:          NVIDIA", f"Brand:          {brand}"))
     report = smoke(host, FakeDocker(gpu_error=real(capture)))
     preflight = assert_link(report, "image.requirement", "fail", "update the host driver")
     assert driver in preflight.summary and brand in preflight.summary
     inside = assert_link(report, "container.passthrough", "fail", "upgrade the host driver")
     assert "cuda>=12.8" in inside.summary
-    assert report.facts["first_failed"]["id"] == "image.requirement"
+    assert report.first_failed.id == "image.requirement"
 
 
 def test_nvml_unknown_error_inside_the_container(tmp_path):
@@ -524,7 +563,7 @@ def test_gpu_reached_but_jax_fell_back_to_cpu(tmp_path, capture, remedy):
     client = FakeDocker(model_out=model_report("cpu"), model_err=real(capture))
     report = smoke(healthy_host(tmp_path), client)
     assert_link(report, "jax.backend", "fail", remedy)
-    assert report.verdict == "cpu-fallback" and report.facts["first_failed"]["id"] == (
+    assert report.verdict == "cpu-fallback" and report.first_failed.id == (
         "jax.backend")
 
 
@@ -554,6 +593,95 @@ def test_missing_image_says_how_to_build_it(tmp_path):
     assert report.verdict == "fail"
 
 
+def fake_build(monkeypatch, docker, error: Exception | None = None) -> list[dict]:
+    """envcheck build at its seam: it records what it was asked, then fails with `error` or
+    makes the image appear in the fake engine."""
+    from envcheck import build as builder
+
+    asked = []
+
+    def build(**options):
+        asked.append(options)
+        options["on_step"]("step 1/20 (FROM base)")
+        if error is not None:
+            raise error
+        docker.missing_image = False
+
+    monkeypatch.setattr(builder, "build", build)
+    return asked
+
+
+def test_a_missing_image_is_built_first(tmp_path, monkeypatch):
+    """--build-missing on a GPU host: the CUDA base and jax[cuda12], then the whole chain."""
+    from envcheck.build import BuildOptions
+
+    docker, stages = FakeDocker(missing_image=True, model_out=model_report("gpu")), []
+    asked = fake_build(monkeypatch, docker)
+    report = smoke(healthy_host(tmp_path), docker, build=BuildOptions(network="host"),
+                   on_stage=stages.append)
+    assert [(a["base_image"], a["jax_extra"], a["network"], a["tag"]) for a in asked] == [
+        ("nvidia/cuda:12.8.0-cudnn-devel-ubuntu24.04", "cuda12", "host", "envcheck-dev:latest")]
+    present = by_id(report)["image.present"]
+    assert present.status == "pass" and present.summary.endswith(
+        "; built by this run from nvidia/cuda:12.8.0-cudnn-devel-ubuntu24.04")
+    assert report.verdict == "gpu" and report.mode == "container-gpu"
+    assert not report.container_untested and "build" in report.timings_s
+    assert "building envcheck-dev:latest: step 1/20 (FROM base)" in stages
+
+
+def test_a_host_without_a_gpu_builds_on_a_slim_base(tmp_path, monkeypatch):
+    from envcheck.build import BuildOptions
+
+    docker = FakeDocker(missing_image=True)
+    asked = fake_build(monkeypatch, docker)
+    smoke(bare_host(tmp_path), docker, build=BuildOptions())
+    assert [(a["base_image"], a["jax_extra"]) for a in asked] == [
+        ("python:3.12-slim-bookworm", "cpu")]
+
+
+def test_no_base_to_build_from_tests_on_the_host_and_says_so(tmp_path, monkeypatch):
+    """Offline, no registry: the model test runs on this host, every container link is
+    skipped with the reason, and the report says the container path was not tested."""
+    import io
+
+    from rich.console import Console
+
+    from envcheck import build as builder
+    from envcheck.build import BuildOptions
+    from envcheck.gpu_smoke import chain
+    from envcheck.gpu_smoke.render import render_smoke
+    from envcheck.runner import RunResult
+
+    docker = FakeDocker(missing_image=True)
+    fake_build(monkeypatch, docker, builder.NoBase("base image x:1 is not present locally and "
+                                                   "cannot be pulled (no such host)"))
+    monkeypatch.setattr(chain, "host_model_run", lambda timeout_s: RunResult(
+        0, json.dumps(model_report("cpu")), ""))
+    report = smoke(bare_host(tmp_path), docker, build=BuildOptions(base_image="x:1"))
+    present = by_id(report)["image.present"]
+    assert present.status == "skip" and "cannot be built here: base image x:1" in present.summary
+    assert all(by_id(report)[i].status == "skip" for i in chain.CONTAINER_IDS[1:])
+    assert report.mode == "host" and report.verdict == "cpu-fallback"
+    assert report.container_untested == present.summary
+    text = io.StringIO()
+    render_smoke(report, Console(file=text, width=400))
+    assert text.getvalue().splitlines()[-1].endswith(
+        "; the container path was not tested (image.present says why)")
+
+
+def test_a_build_that_fails_fails_the_image_link(tmp_path, monkeypatch):
+    from envcheck import build as builder
+    from envcheck.build import BuildOptions
+
+    docker = FakeDocker(missing_image=True)
+    fake_build(monkeypatch, docker, builder.BuildError("build failed at step 9/20 (RUN pip)",
+                                                       ["ERROR: No matching distribution"]))
+    report = smoke(healthy_host(tmp_path), docker, build=BuildOptions())
+    check = assert_link(report, "image.present", "fail", "envcheck build")
+    assert "building it failed: build failed at step 9/20" in check.summary
+    assert report.verdict == "fail" and not report.container_untested
+
+
 @pytest.mark.parametrize("case", ["healthy", "bare", "requirement", "missing-image",
                                   "leftovers"])
 def test_json_reports_validate_against_the_schema(tmp_path, case):
@@ -563,7 +691,7 @@ def test_json_reports_validate_against_the_schema(tmp_path, case):
 
     from tests.conftest import REPO
 
-    schema = json.loads((REPO / "envcheck/schemas/smoke.v1.json").read_text())
+    schema = json.loads((REPO / "envcheck/data/schemas/smoke.v1.json").read_text())
     host = bare_host(tmp_path) if case == "bare" else healthy_host(tmp_path)
     client = FakeDocker(missing_image=case == "missing-image", gpu_error=real(
         "docker-compose-gpu_requirement-cuda12.8_driver550.txt") if case == "requirement" else None)
@@ -594,7 +722,7 @@ def test_daemon_that_stops_answering_after_the_ping(tmp_path, monkeypatch):
 
     import requests
 
-    from envcheck import smoke as smoke_module
+    from envcheck.gpu_smoke import chain as smoke_module
     from envcheck.runner import RunResult
 
     class Dying(FakeDocker):
@@ -605,7 +733,7 @@ def test_daemon_that_stops_answering_after_the_ping(tmp_path, monkeypatch):
         0, json.dumps(model_report("cpu")), ""))
     report = smoke(healthy_host(tmp_path), Dying())
     assert_link(report, "docker.reachable", "fail", "systemctl start docker")
-    assert report.facts["mode"] == "host" and report.verdict == "fail"
+    assert report.mode == "host" and report.verdict == "fail"
 
 
 # What the OCI runtimes say when the image lacks the program (runc as Docker 28 words it; older

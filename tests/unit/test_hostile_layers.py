@@ -18,10 +18,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from envcheck.image import blobstream, layers
+from envcheck.image import blobstream, layers, tar
 from envcheck.image.blobstream import OUT_BYTES, zstd_module
+from envcheck.image.errors import LayerError
 from envcheck.image.filetree import MergedView
-from envcheck.image.layers import PAX_BYTES_MAX, LayerError, scan_layer
+from envcheck.image.layers import scan_layer
+from envcheck.image.tar import PAX_BYTES_MAX
 
 
 def tar_of(*members: tuple[tarfile.TarInfo, bytes], fmt=tarfile.PAX_FORMAT) -> bytes:
@@ -118,7 +120,7 @@ def test_number_fields_are_read_as_tarfile_reads_them(field):
     except tarfile.InvalidHeaderError:
         expected = None
     try:
-        got = layers._number(field)
+        got = tar._number(field)
     except LayerError:
         got = None
     assert got == expected

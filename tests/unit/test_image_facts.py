@@ -10,9 +10,12 @@ import tarfile
 
 import pytest
 
-from envcheck.image import cuda, filetree, layers, reference
+from envcheck.image import cuda as image_cuda
+from envcheck.image import filetree, layers, reference
 from envcheck.image.blobstream import zstd_module
+from envcheck.image.errors import LayerError
 from envcheck.image.render import declared_compression
+from envcheck.nvidia import cuda
 from scripts.cuda_image import REQUIRE
 
 
@@ -106,14 +109,14 @@ def test_the_real_12_8_requirement_string():
 ])
 def test_verdicts(driver, starts, runs):
     verdict = cuda.requirement_verdict(REQUIRE, "12.8.0", driver, compat_libcuda=None)
-    assert verdict["toolkit_starts"] is starts
+    assert verdict.toolkit_starts is starts
     if starts is not False:
-        assert verdict["cuda_runs"] is runs
+        assert verdict.cuda_runs is runs
 
 
 def test_forward_compat_makes_an_old_branch_run():
     verdict = cuda.requirement_verdict(REQUIRE, "12.8.0", "470.256.02", "570.124.06")
-    assert verdict["cuda_runs"] is None and "forward compatibility" in verdict["how"]
+    assert verdict.cuda_runs is None and "forward compatibility" in verdict.how
 
 
 def test_requirement_syntax_errors():
@@ -127,10 +130,10 @@ def test_dpkg_and_library_versions():
     status = ("Package: libcudnn9-cuda-12\nStatus: install ok installed\nVersion: 9.7.0.66-1\n\n"
               "Package: libnccl2\nStatus: deinstall ok config-files\nVersion: 2.0\n\n"
               "Package: cuda-cudart-12-8\nStatus: install ok installed\nVersion: 12.8.57-1\n")
-    found = cuda.package_versions(cuda.parse_dpkg_status(status))
+    found = image_cuda.package_versions(image_cuda.parse_dpkg_status(status))
     assert found == {"cuda": {"package": "cuda-cudart-12-8", "version": "12.8.57-1"},
                      "cudnn": {"package": "libcudnn9-cuda-12", "version": "9.7.0.66-1"}}
-    libs = cuda.library_versions(["usr/local/cuda/lib64/libcudart.so.12.8.57",
+    libs = image_cuda.library_versions(["usr/local/cuda/lib64/libcudart.so.12.8.57",
                                   "usr/lib/x86_64-linux-gnu/libcudnn.so.9",
                                   "usr/lib/x86_64-linux-gnu/libcudnn.so.9.7.0",
                                   "usr/local/cuda-12.8/compat/libcuda.so.570.124.06"])
@@ -182,7 +185,7 @@ def test_compressions_give_the_same_diff_id(compress, name):
 
 def test_digest_mismatch_is_an_error():
     blob = gzip.compress(tar_of([("a", b"1")]))
-    with pytest.raises(layers.LayerError, match="does not match"):
+    with pytest.raises(LayerError, match="does not match"):
         layers.scan_layer(io.BytesIO(blob), 2, expected_digest="sha256:" + "0" * 64)
 
 
@@ -190,7 +193,7 @@ def test_uncompressed_size_limit_stops_a_tar_bomb(monkeypatch):
     monkeypatch.setattr(layers, "UNCOMPRESSED_BYTES_MAX", 100_000)
     bomb = gzip.compress(tar_of([("zeros", b"\0" * 1_000_000)]))
     assert len(bomb) < 5000
-    with pytest.raises(layers.LayerError, match="more than 100000 bytes"):
+    with pytest.raises(LayerError, match="more than 100000 bytes"):
         layers.scan_layer(io.BytesIO(bomb), 0)
 
 
@@ -254,7 +257,7 @@ def test_file_list_equals_gnu_tar(tmp_path, fmt):
 ])
 def test_host_driver_version_from_real_proc_files(tmp_path, fixture, version):
     """Fixture roots built from real /proc/driver/nvidia/version texts (tests/fixtures/real)."""
-    from envcheck.image.inspect import host_driver_version
+    from envcheck.nvidia.driver import host_driver_version
     from tests.conftest import REPO
 
     proc = tmp_path / "proc/driver/nvidia"

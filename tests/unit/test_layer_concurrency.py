@@ -19,11 +19,12 @@ import time
 import pytest
 
 from envcheck.image.blobstream import HELPER_NICE, BlobStream
+from envcheck.image.errors import LayerError, SourceError
 from envcheck.image.inspect import Resolved, default_jobs, scan_all
-from envcheck.image.layers import LayerError
 from envcheck.image.reference import ImageRef
 from envcheck.image.registry import RegistryClient
-from envcheck.image.sources import DockerArchiveSource, SourceError
+from envcheck.image.sources.base import StreamedSource
+from envcheck.image.sources.docker_archive import DockerArchiveSource
 
 
 def gzip_layer(index: int) -> bytes:
@@ -53,7 +54,7 @@ class Endless(io.RawIOBase):
         return len(buffer)
 
 
-class FakeSource:
+class FakeSource(StreamedSource):
     """Layers from memory; counts how many are open at once."""
 
     description = "fake"

@@ -171,6 +171,25 @@ def test_smoke_fails_with_exit_1_when_golden_disagrees(tmp_path):
     assert "FAIL  model.parity" in done.stdout and done.stdout.strip().endswith("FAILED")
 
 
-def test_smoke_without_golden_is_a_usage_error(tmp_path):
-    done = run_module("model.smoke", "--checkpoint", str(tmp_path))
-    assert_one_line_error(done, "no golden.npz")
+@pytest.mark.parametrize("kept, named", [
+    ((), "config.json: missing; a checkpoint needs config.json"),
+    (("config.json", "model.safetensors"), "golden.npz: No such file or directory"),
+])
+def test_a_checkpoint_that_does_not_load_is_a_failed_model_load(tmp_path, kept, named):
+    """A report with model.load failed (the loader's error its summary) and the checks that
+    need the model skipped, exit 1: gpu-smoke reads it as a failed check, not a missing report."""
+    import shutil
+
+    from model.report import ModelReport, from_json
+    from model.smoke import BUNDLED
+
+    for name in kept:
+        shutil.copy(BUNDLED / name, tmp_path / name)
+    done = run_module("model.smoke", "--json", "--checkpoint", str(tmp_path))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    report = from_json(ModelReport, done.stdout.splitlines()[-1])
+    assert [(c.id, c.status) for c in report.checks] == [
+        ("model.load", "fail"), ("model.parity", "skip"), ("model.generate", "skip"),
+        ("model.attention", "skip")]
+    assert named in report.checks[0].summary and str(tmp_path) in report.checks[0].summary
+    assert report.ok is False and report.checkpoint == str(tmp_path)

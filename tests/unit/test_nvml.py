@@ -67,15 +67,15 @@ def no_smi(argv, timeout_s, env=None, input_text=None):
 def test_nvml_rows_match_the_recorded_csv_of_the_same_gpu(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml())
     checks, facts = probe_nvml(Probe(Path("/"), no_smi), loaded())
-    assert facts["nvml_via"] == "nvidia-ml-py"
+    assert facts.nvml_via == "nvidia-ml-py"
     csv_row = parse_query_csv(real("nvidia-smi-query-gpu-allfields_h100_590.csv.txt"))[0]
     expected = {k: csv_row[k] for k in ("index", "name", "uuid", "pci.bus_id", "compute_cap",
                                         "memory.total", "persistence_mode", "mig.mode.current")}
-    gpu = facts["gpus"][0]
-    assert (gpu["index"], gpu["name"], gpu["uuid"], gpu["bus_id"], gpu["compute_cap"],
-            gpu["memory"], gpu["persistence_mode"], gpu["mig_mode"]) == tuple(expected.values())
+    gpu = facts.gpus[0]
+    assert (gpu.index, gpu.name, gpu.uuid, gpu.bus_id, gpu.compute_cap,
+            gpu.memory, gpu.persistence_mode, gpu.mig_mode) == tuple(expected.values())
     assert [c.status for c in checks] == ["pass", "pass", "pass"]
-    assert facts["driver_cuda"] == "13.1"  # no nvidia-smi: from the driver branch table
+    assert facts.driver_cuda == "13.1"  # no nvidia-smi: from the driver branch table
 
 
 def test_nvml_mig_mode_warns(monkeypatch):

@@ -44,7 +44,7 @@ def test_a_stop_signal_gives_the_command_a_sigterm_to_clean_up(tmp_path):
     import signal
     import threading
 
-    from envcheck.cli import Interrupted
+    from envcheck.process import Interrupted
 
     def interrupt_once_started():
         for _ in range(3000):

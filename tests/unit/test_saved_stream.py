@@ -14,11 +14,14 @@ import threading
 
 import pytest
 
-from envcheck.image import sources
+from envcheck.image.blobstream import CHUNK_BYTES
+from envcheck.image.errors import LayerError, SourceError, UnreadableImage
 from envcheck.image.inspect import Resolved, scan_all
-from envcheck.image.layers import LayerError
 from envcheck.image.reference import ImageRef
-from envcheck.image.sources import DockerArchiveSource, SavedStreamSource, UnreadableInput
+from envcheck.image.sources import daemon as daemon_source_module
+from envcheck.image.sources import saved_stream
+from envcheck.image.sources.docker_archive import DockerArchiveSource, _chosen_entry
+from envcheck.image.sources.saved_stream import SavedStreamSource
 
 
 def layer(index: int) -> bytes:
@@ -88,13 +91,13 @@ def test_a_member_named_as_a_layer_that_is_no_tar():
     source = SavedStreamSource("saved", pieces(data), scan_layers=True, shown="x",
                                hint="save it again")
     with pytest.raises(LayerError, match=r"layer 0 \(notes.txt\): not a tar archive"):
-        source.scans(source.top().body["layers"])
+        source.layer_scans(source.top().body["layers"])
 
 
 def test_small_members_that_are_no_layers_are_kept_up_to_a_limit(monkeypatch):
-    monkeypatch.setattr(sources, "KEPT_BYTES_MAX", 1000)
+    monkeypatch.setattr(saved_stream, "KEPT_BYTES_MAX", 1000)
     data = saved([(f"n{i}.json", b"{}" * 200) for i in range(5)], [])
-    with pytest.raises(UnreadableInput, match="over 1000 bytes of small files that are no "
+    with pytest.raises(UnreadableImage, match="over 1000 bytes of small files that are no "
                                               "layers: not a docker save archive"):
         SavedStreamSource("saved", pieces(data), scan_layers=True, shown="x", hint="")
 
@@ -141,7 +144,6 @@ class _Image:
 def test_a_daemon_save_that_breaks_off_is_one_line(monkeypatch, where):
     """The daemon's save stream breaks (dockerd restarted): one error line, whether the break
     reaches the thread reading a layer or the one walking the archive."""
-    from envcheck.host import daemon
     from envcheck.image.reference import parse
 
     big = layer(0) + os.urandom(2 << 20)  # a tar, then more bytes: the layer is 2 MiB long
@@ -150,10 +152,10 @@ def test_a_daemon_save_that_breaks_off_is_one_line(monkeypatch, where):
     break_at = (1 << 20) if where == "inside a layer" else after_layer + 100
     image = _Image(data, break_at)
     client = type("Client", (), {"images": type("Images", (), {"get": lambda _, n: image})()})()
-    monkeypatch.setattr(daemon, "ping_client", lambda timeout_s: client)
-    with pytest.raises(sources.SourceError, match=r"^docker-daemon:x:1: docker save failed "
+    monkeypatch.setattr(daemon_source_module, "ping_client", lambda timeout_s: client)
+    with pytest.raises(SourceError, match=r"^docker-daemon:x:1: docker save failed "
                                                   r"\(Connection broken: IncompleteRead\)$"):
-        sources.daemon_source(parse("docker-daemon:x:1"))
+        daemon_source_module.daemon_source(parse("docker-daemon:x:1"))
 
 
 def test_a_compressed_archive_cut_in_its_last_bytes_is_no_report():
@@ -161,7 +163,7 @@ def test_a_compressed_archive_cut_in_its_last_bytes_is_no_report():
     them): every member was read whole, and still the file is damaged: one line."""
     data = gzip.compress(saved([(blob_name(layer(0)), layer(0))], [blob_name(layer(0))]))
     SavedStreamSource("saved", pieces(data), scan_layers=True, shown="x.tar.gz", hint="again")
-    with pytest.raises(UnreadableInput, match="^x.tar.gz: truncated gzip stream: the "
+    with pytest.raises(UnreadableImage, match="^x.tar.gz: truncated gzip stream: the "
                                               "compressed data ends early; save it again$"):
         SavedStreamSource("saved", pieces(data[:-8]), scan_layers=True, shown="x.tar.gz",
                           hint="save it again")
@@ -177,25 +179,24 @@ class _Pieces(_Image):
 def test_the_daemons_small_pieces_reach_the_reader_joined(monkeypatch):
     """Each piece costs the one-pass reader hand-offs between threads; 32 KiB ones made a
     1.8 GB save take 1.25x as long. Joined to CHUNK_BYTES (the last shorter), in order."""
-    from envcheck.host import daemon
     from envcheck.image.reference import parse
 
     big = layer(0) + os.urandom(1 << 20)
     data = saved([(blob_name(big), big)], [blob_name(big)])
     image = _Pieces(data, len(data))
     client = type("Client", (), {"images": type("Images", (), {"get": lambda _, n: image})()})()
-    monkeypatch.setattr(daemon, "ping_client", lambda timeout_s: client)
+    monkeypatch.setattr(daemon_source_module, "ping_client", lambda timeout_s: client)
     seen: list[bytes] = []
 
     class Recording(SavedStreamSource):
         def __init__(self, description, given, **kwargs):
             super().__init__(description, (seen.append(p) or p for p in given), **kwargs)
 
-    monkeypatch.setattr(sources, "SavedStreamSource", Recording)
-    source = sources.daemon_source(parse("docker-daemon:x:1"))
-    assert b"".join(seen) == data and len(seen) == -(-len(data) // sources.CHUNK_BYTES)
-    assert all(len(p) >= sources.CHUNK_BYTES for p in seen[:-1])
-    assert [s.diff_id for s in source.scans([{"member": blob_name(big)}])] == [
+    monkeypatch.setattr(daemon_source_module, "SavedStreamSource", Recording)
+    source = daemon_source_module.daemon_source(parse("docker-daemon:x:1"))
+    assert b"".join(seen) == data and len(seen) == -(-len(data) // CHUNK_BYTES)
+    assert all(len(p) >= CHUNK_BYTES for p in seen[:-1])
+    assert [s.diff_id for s in source.layer_scans([{"member": blob_name(big)}])] == [
         "sha256:" + hashlib.sha256(big).hexdigest()]
 
 
@@ -204,14 +205,14 @@ def test_the_image_chosen_in_a_manifest_json_of_odd_entries():
     names Docker would refuse; a choice is matched as Docker normalises names."""
     entries = [{"RepoTags": None}, {"RepoTags": "cuda:one"}, {"RepoTags": [7, "UPPER", "x:y"]},
                {"RepoTags": ["docker.io/library/busybox:latest"]}]
-    chosen = sources._chosen_entry
+    chosen = _chosen_entry
     assert chosen(entries, "x:y", "a") is entries[2]
     assert chosen(entries, "busybox", "a") is entries[3]
     assert chosen(entries, "@1", "a") is entries[1]
-    with pytest.raises(sources.SourceError, match=r"^a: the archive holds 4 images \(@0 "
+    with pytest.raises(SourceError, match=r"^a: the archive holds 4 images \(@0 "
                        r"\(untagged\); @1 \(untagged\); UPPER, x:y; "
                        r"docker.io/library/busybox:latest\): name one, adding :NAME\[:TAG\] "
                        r"or :@N$"):
         chosen(entries, None, "a")
-    with pytest.raises(sources.SourceError, match=r"^a: no image tagged cuda:one in the archive"):
+    with pytest.raises(SourceError, match=r"^a: no image tagged cuda:one in the archive"):
         chosen(entries, "cuda:one", "a")

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from envcheck.gpu_smoke import gpu_smoke
 from envcheck.report import GPU_UUID_RE, redact_env, redact_text, redacted_report
-from envcheck.smoke import gpu_smoke
 from tests.gpu_host import FakeDocker, connect_to, healthy_host
 
 PLANTED = "pl4nted-s3cret"

@@ -19,13 +19,14 @@ import time
 import uuid
 from pathlib import Path
 
-from envcheck.build import DEFAULT_TAG
-from envcheck.catalog import CATALOG_BY_ID, UNKNOWN, classify
-from envcheck.host.driver import parse_driver_version
-from envcheck.image.inspect import requirement_check
+from envcheck.dev_image import DEV_IMAGE
+from envcheck.nvidia.catalog import CATALOG_BY_ID, UNKNOWN, classify
+from envcheck.nvidia.cuda import requirement_check
+from envcheck.nvidia.driver import parse_driver_version
 from envcheck.report import Check
 from envcheck.runner import RC_TIMEOUT, RunResult
 
+MISSING = "the image is not in the engine"
 NOBODY = "65534:65534"
 MEMORY_LIMIT = "8g"
 PIDS_LIMIT = 1024
@@ -65,17 +66,20 @@ class ContainerRun:
 
 
 def image_env(client, image: str) -> tuple[dict | None, Check]:
-    """The image's config (env, user) through the SDK, or an image.present failure."""
+    """The image's config (env, user) through the SDK, or an image.present failure (whose
+    detail is MISSING when the engine does not have the image)."""
     import docker
 
     try:
         attrs = client.images.get(image).attrs
     except docker.errors.ImageNotFound:
+        fix = ("build it with `envcheck build` (or run gpu-smoke --build-missing)"
+               if image == DEV_IMAGE else f"pull it (`docker pull {image}`), or build the dev "
+                                          f"image with `envcheck build` and pass --image "
+                                          f"{DEV_IMAGE}")
         return None, Check("image.present", "fail", f"image {image} is not in this Docker engine",
-                           fix=("build it with `envcheck build`" if image == DEFAULT_TAG
-                                else f"pull it (`docker pull {image}`), or build the dev "
-                                     f"image with `envcheck build` and pass --image {DEFAULT_TAG}")
-                           + "; `--no-container` runs the model test on this host")
+                           detail=MISSING,
+                           fix=fix + "; `--no-container` runs the model test on this host")
     except docker.errors.DockerException as error:
         return None, Check("image.present", "fail", f"cannot read image {image}: {error}",
                            fix="check the image name and the daemon")
