@@ -64,9 +64,12 @@ def test_require_gpu_turns_the_fallback_into_exit_1(engine, built_image):
 def make_smoke_args(**variables: str) -> list[str]:
     """The options `make smoke` gives gpu-smoke with these make variables (its recipe, read by
     `make -n`, so that the test runs what the README's command runs)."""
-    done = subprocess.run(["make", "-n", "smoke", *(f"{k}={v}" for k, v in variables.items())],
+    done = subprocess.run(["make", "-n", "--no-print-directory", "smoke",
+                           *(f"{k}={v}" for k, v in variables.items())],
                           capture_output=True, text=True, cwd=REPO, timeout=60, check=True)
-    return done.stdout.strip().splitlines()[-1].split("gpu-smoke", 1)[1].split()
+    recipe = [line for line in done.stdout.splitlines() if "envcheck gpu-smoke " in line]
+    assert len(recipe) == 1, done.stdout  # (under `make test` this make is a sub-make)
+    return recipe[0].split("gpu-smoke", 1)[1].split()
 
 
 def test_make_smoke_builds_a_missing_image_first(engine, base_image, built_image):
