@@ -165,7 +165,3 @@ class ModelReport(msgspec.Struct, kw_only=True):
         """The one check of this type."""
         return next(check for check in self.checks if isinstance(check, kind))
 
-
-def schema() -> dict:
-    """The JSON Schema of the report (docs and tests; the definition above is the contract)."""
-    return msgspec.json.schema(ModelReport)

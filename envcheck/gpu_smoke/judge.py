@@ -22,8 +22,7 @@ from model.report import (
     ParityCheck,
 )
 
-MODEL_CHECK_IDS = CHECK_IDS
-BLOCKING = ("docker.reachable", "image.present", "model.run") + MODEL_CHECK_IDS
+BLOCKING = ("docker.reachable", "image.present", "model.run") + CHECK_IDS
 NO_MODULE_RE = re.compile(r"No module named '?([\w.]+)'?")
 MODEL_INSTALL_FIX = ("in a container: use the image `envcheck build` makes (Python, JAX, Flax "
                      "and the model package), or base yours on it; on the host "
