@@ -18,6 +18,7 @@ from envcheck.image.libraries import (
     read_ldcache,
 )
 from envcheck.image.manifest import Resolved, host_arch, resolve
+from envcheck.image.python import python_facts
 from envcheck.image.reference import ImageRef
 from envcheck.image.report import (
     ConfigFacts,
@@ -139,6 +140,8 @@ def build_report(ref: ImageRef, resolved: Resolved, scans: list[LayerScan],
         compat = files.compat
         checks += library_checks(report.libraries, files)
         report.cuda = cuda_facts(view, env, files)
+        report.python, python_check = python_facts(view.kept)
+        checks.append(python_check)
         report.files, report.files_unmatched = files_matching(view, file_globs)
     requirement, verdict = requirement_check(env, env.get("CUDA_VERSION"), driver, compat, layers)
     checks.append(requirement)

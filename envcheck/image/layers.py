@@ -2,8 +2,9 @@
 headers (tar.py) — without holding more than a few buffers of it, into the layer's file table
 (filetree.py folds the layers into the merged view).
 
-Only small files the facts need (ld.so.cache, dpkg status, ld.so.conf*) are kept, up to a size
-limit; everything else is a header in the file table.
+Only small files the facts need (ld.so.cache, dpkg status, ld.so.conf*, and the headers of
+Python packages' METADATA) are kept, up to a size limit; everything else is a header in the
+file table.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
+from envcheck.image import python
 from envcheck.image.blobstream import BlobStream, StreamError
 from envcheck.image.errors import LayerError
 from envcheck.image.filetree import FileInfo, FileTree
@@ -64,6 +66,7 @@ class LayerScan:
     whiteouts: list[str] = dataclasses.field(default_factory=list)
     opaque_dirs: list[str] = dataclasses.field(default_factory=list)
     kept: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    kept_bytes: int = 0
 
 
 def clean_path(name: str, layer: int) -> str:
@@ -143,11 +146,23 @@ def _record(scan: LayerScan, member: Header, data: MemberData, budget: FileBudge
     mode = _MODES.setdefault(member.mode, member.mode) if member.mode < _MODES_MAX else member.mode
     info = FileInfo(member.file_size(), mode, _kind(member), link, scan.index)
     budget.take(scan.files.add(path, info))
-    wanted = path in KEEP_FILES or path.startswith(KEEP_PREFIXES)
-    if wanted and member.isreg() and member.real_size < 0 and member.size <= KEEP_BYTES_MAX:
-        if sum(map(len, scan.kept.values())) + member.size > KEEP_TOTAL_MAX:
-            raise LayerError(f"{path}: the layer's ld.so.cache, ld.so.conf and dpkg status files "
-                             f"come to over {KEEP_TOTAL_MAX} bytes, the most held in memory")
-        scan.kept[path] = data.all()
+    if not member.isreg() or member.real_size >= 0:
+        return
+    if path in KEEP_FILES or path.startswith(KEEP_PREFIXES):
+        if member.size <= KEEP_BYTES_MAX:
+            _keep(scan, path, member.size, data.all)
+    elif path.endswith(python.METADATA_ENDINGS) and python.is_metadata(path):
+        head = data.head(python.METADATA_HEAD_BYTES)
+        _keep(scan, path, len(head), lambda: python.headers_only(head))
+
+
+def _keep(scan: LayerScan, path: str, size: int, read: Callable[[], bytes]) -> None:
+    """Hold a small file the facts need, within the layer's budget for them."""
+    if scan.kept_bytes + size > KEEP_TOTAL_MAX:
+        raise LayerError(f"{path}: the layer's ld.so.cache, ld.so.conf, dpkg status and Python "
+                         f"package metadata files come to over {KEEP_TOTAL_MAX} bytes, the most "
+                         "held in memory")
+    scan.kept[path] = read()
+    scan.kept_bytes += len(scan.kept[path])
 
 

@@ -9,6 +9,7 @@ from msgspec import UNSET
 from rich.console import Console
 from rich.markup import escape
 
+from envcheck.image.python import PythonFacts, family
 from envcheck.image.report import CudaFacts, ImageReport
 from envcheck.report import render_checks
 
@@ -60,6 +61,8 @@ def render_image(report: ImageReport, console: Console) -> None:
     out(f"entrypoint {_argv(report.entrypoint)}  cmd {_argv(report.cmd)}  "
         f"user {report.user or '(root)'}")
     render_cuda(report.cuda, out)
+    if report.python and (report.python.packages or report.python.unreadable):
+        render_python(report.python, out)
     render_libraries(report, out)
     render_checks(report.checks, console)
     out(f"VERDICT {report.verdict}")
@@ -75,6 +78,20 @@ def render_cuda(cuda: CudaFacts, out: Callable[[str], None]) -> None:
         out(f"          /usr/local/cuda {'present' if cuda.usr_local_cuda else 'absent'}, "
             f"compat {'present' if cuda.compat_dir else 'absent'}; stubs: "
             f"{', '.join(cuda.stubs) or 'none'}")
+
+
+def render_python(facts: PythonFacts, out: Callable[[str], None]) -> None:
+    """How many packages where; by name, the JAX family, the NVIDIA wheels and other CUDA
+    users."""
+    locations = sorted({p.location for p in facts.packages})
+    out(f"python    {len(facts.packages)} packages in " + (", ".join(locations) or "none"))
+    for kind, label in (("jax", "JAX"), ("nvidia", "NVIDIA wheels"),
+                        ("cuda", "other CUDA users")):
+        named = [f"{p.name} {p.version}" for p in facts.packages if family(p.name) == kind]
+        if named:
+            out(f"          {label}: {', '.join(named)}")
+    for problem in facts.unreadable[:5]:
+        out(f"          unreadable: {problem}")
 
 
 def render_libraries(report: ImageReport, out: Callable[[str], None]) -> None:

@@ -8,6 +8,7 @@ from typing import Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
+from envcheck.image.python import PythonFacts
 from envcheck.nvidia.cuda import RequirementVerdict
 from envcheck.report import Check
 
@@ -106,6 +107,7 @@ class ImageReport(msgspec.Struct, kw_only=True):
     cuda: CudaFacts
     files: list[FileRow] | UnsetType = UNSET
     files_unmatched: list[str] | UnsetType = UNSET
+    python: PythonFacts | UnsetType = UNSET  # not with --no-layers
     requirement: RequirementVerdict
 
     def to_json(self) -> dict:

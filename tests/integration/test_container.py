@@ -94,6 +94,26 @@ def test_inspect_the_built_image(engine, built_image):
     assert report["env"]["JAX_COMPILATION_CACHE_DIR"] == "/var/cache/jax"
     assert report["env"]["PATH"].startswith("/opt/venv/bin:")
     assert {c["id"]: c["status"] for c in report["checks"]}["image.diff-ids"] == "pass"
+    assert {c["id"]: c["status"] for c in report["checks"]}["image.python"] == "pass"
+
+
+def test_the_python_packages_read_from_the_layers_are_what_pip_lists(engine, built_image):
+    """image.python's packages of the venv, read from the layer stream, against `pip list` run
+    in a container of the same image (the oracle)."""
+    from envcheck.image.python import normalized
+
+    done = envcheck(engine, "inspect-image", f"docker-daemon:{built_image['tag']}", "--json")
+    packages = json.loads(done.stdout)["python"]["packages"]
+    client = docker.DockerClient(base_url=engine)
+    listed = json.loads(client.containers.run(
+        built_image["tag"], ["/opt/venv/bin/python", "-m", "pip", "list", "--format", "json"],
+        network_mode="none", remove=True, stderr=False))
+    assert {(p["name"], p["version"]) for p in packages if p["location"].startswith("/opt/venv")
+            } == {(normalized(p["name"]), p["version"]) for p in listed}
+    jax = next(p for p in packages if p["name"] == "jax")
+    assert jax["location"].startswith("/opt/venv/lib/python3.")
+    assert jax["location"].endswith("/site-packages")
+    assert any(r.startswith("jaxlib") for r in jax["requires"])
 
 
 def test_missing_base_image(engine):
