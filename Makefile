@@ -16,7 +16,8 @@ smoke: $(VENV)/.runtime-installed
 	$(VENV)/bin/envcheck gpu-smoke $(SMOKE_ARGS)
 
 # Real components the integration tests drive (Debian packages; installed when root or sudo).
-SYSTEM_PACKAGES := skopeo docker-registry docker.io docker-compose debootstrap apache2-utils gcc gzip zstd curl time \
+SYSTEM_PACKAGES := skopeo docker-registry docker.io docker-compose debootstrap apache2-utils gcc binutils \
+	patchelf gzip zstd curl time \
 	slurmctld slurmd slurm-client munge
 
 test: $(VENV)/.test-installed

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -89,3 +91,16 @@ def interrupting(number: int):
         yield
     finally:
         signal.signal(number, before)
+
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (make test installs it through apt-get as root)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

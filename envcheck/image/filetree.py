@@ -248,6 +248,7 @@ class LayerContent(Protocol):
     whiteouts: list[str]
     opaque_dirs: list[str]
     kept: dict[str, bytes]
+    elf: dict  # path -> elf.ElfFacts
 
 
 class MergedView:
@@ -256,6 +257,7 @@ class MergedView:
     def __init__(self) -> None:
         self.files = FileTree()
         self.kept: dict[str, bytes] = {}
+        self.elf: dict = {}  # path -> elf.ElfFacts of the layer that wrote it
 
     def apply(self, scan: LayerContent) -> None:
         """Put one layer over the ones applied before it; its file tree moves into the view."""
@@ -266,8 +268,20 @@ class MergedView:
             self.files.clear(directory)
         if scan.whiteouts or scan.opaque_dirs:
             self.kept = {p: data for p, data in self.kept.items() if not _hidden(p, scan)}
+            self.elf = {p: facts for p, facts in self.elf.items() if not _hidden(p, scan)}
         self.files.overlay(scan.files)
         self.kept.update(scan.kept)
+        self.elf.update(scan.elf)
+
+    def shared_objects(self) -> list:
+        """The ELF facts of the files still there as the layer that was read wrote them (a
+        later layer may have put another file, or a link, at the path)."""
+        found = []
+        for path, facts in sorted(self.elf.items()):
+            info = self.files.get(path)
+            if info is not None and info.kind == "file" and info.layer == facts.layer:
+                found.append(facts)
+        return found
 
     def resolve(self, path: str) -> str | None:
         return self.files.resolve(path)

@@ -141,6 +141,7 @@ def build_report(ref: ImageRef, resolved: Resolved, scans: list[LayerScan],
         checks += library_checks(report.libraries, files)
         report.cuda = cuda_facts(view, env, files)
         report.python, python_check = python_facts(view.kept)
+        report.shared_objects = view.shared_objects()
         checks.append(python_check)
         report.files, report.files_unmatched = files_matching(view, file_globs)
     requirement, verdict = requirement_check(env, env.get("CUDA_VERSION"), driver, compat, layers)

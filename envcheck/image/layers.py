@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
-from envcheck.image import python
+from envcheck.image import elf, python
 from envcheck.image.blobstream import BlobStream, StreamError
 from envcheck.image.errors import LayerError
 from envcheck.image.filetree import FileInfo, FileTree
@@ -67,6 +67,7 @@ class LayerScan:
     opaque_dirs: list[str] = dataclasses.field(default_factory=list)
     kept: dict[str, bytes] = dataclasses.field(default_factory=dict)
     kept_bytes: int = 0
+    elf: dict[str, elf.ElfFacts] = dataclasses.field(default_factory=dict)  # CUDA/JAX libraries
 
 
 def clean_path(name: str, layer: int) -> str:
@@ -154,6 +155,8 @@ def _record(scan: LayerScan, member: Header, data: MemberData, budget: FileBudge
     elif path.endswith(python.METADATA_ENDINGS) and python.is_metadata(path):
         head = data.head(python.METADATA_HEAD_BYTES)
         _keep(scan, path, len(head), lambda: python.headers_only(head))
+    elif elf.is_candidate(path):
+        scan.elf[path] = elf.read_elf(data, member.size, path, scan.index)
 
 
 def _keep(scan: LayerScan, path: str, size: int, read: Callable[[], bytes]) -> None:

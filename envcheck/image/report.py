@@ -8,6 +8,7 @@ from typing import Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
+from envcheck.image.elf import ElfFacts
 from envcheck.image.python import PythonFacts
 from envcheck.nvidia.cuda import RequirementVerdict
 from envcheck.report import Check
@@ -108,6 +109,9 @@ class ImageReport(msgspec.Struct, kw_only=True):
     files: list[FileRow] | UnsetType = UNSET
     files_unmatched: list[str] | UnsetType = UNSET
     python: PythonFacts | UnsetType = UNSET  # not with --no-layers
+    # SONAME, NEEDED, RPATH, RUNPATH of the JAX plugin's objects, the nvidia-* wheels' libraries
+    # and the system's CUDA libraries (not with --no-layers)
+    shared_objects: list[ElfFacts] | UnsetType = UNSET
     requirement: RequirementVerdict
 
     def to_json(self) -> dict:

@@ -278,6 +278,20 @@ class MemberData:
             raise LayerError("truncated tar stream")
         return data
 
+    def read(self, n: int) -> bytes:
+        """Up to n bytes from where the reading stands (fewer at the entry's end or a cut)."""
+        assert not self._head, "read() after head()"
+        got = self._chunks.read(min(n, self.size - self.taken))
+        self.taken += len(got)
+        return got
+
+    def skip(self, n: int) -> int:
+        """Move on by up to n bytes without copying them; how many were skipped."""
+        assert not self._head, "skip() after head()"
+        skipped = self._chunks.skip(min(n, self.size - self.taken))
+        self.taken += skipped
+        return skipped
+
     def readinto(self, buffer) -> int:
         if self._head:
             n = min(len(buffer), len(self._head))

@@ -5,7 +5,6 @@ is a failure, never a silent skip (`make test` installs them)."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -14,18 +13,7 @@ import pytest
 
 from scripts import cuda_image
 from scripts.local_registry import Registry
-
-IN_CI = os.environ.get("CI") == "true"
-
-
-def require_binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (make test installs it through apt-get as root)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
+from tests.conftest import IN_CI, require_binary  # noqa: F401 (re-exported to the tests)
 
 
 def start_registry(root: Path, htpasswd: Path | None = None) -> Registry:

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+import msgspec
+
 from envcheck.image.blobstream import (
     CHUNK_BYTES,
     GZIP_MAGIC,
@@ -111,7 +113,9 @@ class SavedStreamSource(DockerArchiveSource):
             placed.append(dataclasses.replace(
                 scan, index=index, files=scan.files.relabeled(index),
                 whiteouts=list(scan.whiteouts), opaque_dirs=list(scan.opaque_dirs),
-                kept=dict(scan.kept)))
+                kept=dict(scan.kept),
+                elf={path: msgspec.structs.replace(facts, layer=index)
+                     for path, facts in scan.elf.items()}))
         return placed
 
     def close(self) -> None:
