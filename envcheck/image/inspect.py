@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from envcheck.image import cuda, reference
+from envcheck.image import cuda, jaxstack, reference
 from envcheck.image.blobstream import tune_allocator
 from envcheck.image.errors import LayerError
 from envcheck.image.filetree import MergedView
@@ -26,6 +26,7 @@ from envcheck.image.report import (
     CudaFiles,
     FileRow,
     ImageReport,
+    JaxLibraries,
     LayerRow,
     ManifestFacts,
     PackageVersion,
@@ -133,17 +134,8 @@ def build_report(ref: ImageRef, resolved: Resolved, scans: list[LayerScan],
     compat: list[str] = []
     if layers:
         checks.append(diff_id_check(scans, resolved.config, resolved.manifest.get("layers") or []))
-        cache, cache_check = read_ldcache(view)
-        checks.append(cache_check)
-        report.libraries = [explain_library(s, view, cache, env, arch) for s in LIBRARIES]
-        files = cuda_files(view, env)
-        compat = files.compat
-        checks += library_checks(report.libraries, files)
-        report.cuda = cuda_facts(view, env, files)
-        report.python, python_check = python_facts(view.kept)
-        report.shared_objects = view.shared_objects()
-        checks.append(python_check)
-        report.files, report.files_unmatched = files_matching(view, file_globs)
+        checks += layer_facts(report, view, env, arch, file_globs)
+        compat = report.cuda.compat
     requirement, verdict = requirement_check(env, env.get("CUDA_VERSION"), driver, compat, layers)
     checks.append(requirement)
     report.requirement = verdict or RequirementVerdict(
@@ -151,6 +143,25 @@ def build_report(ref: ImageRef, resolved: Resolved, scans: list[LayerScan],
     report.checks = checks
     report.verdict = "fail" if any(c.status == "fail" for c in checks) else "ok"
     return report
+
+
+def layer_facts(report: ImageReport, view: MergedView, env: dict[str, str], arch: str,
+                file_globs: tuple[str, ...]) -> list[Check]:
+    """What the merged view of the layers shows: where the CUDA libraries resolve, the CUDA
+    files and versions, the Python packages, the JAX plugin's libraries, the files asked for;
+    into `report`, and their checks."""
+    cache, cache_check = read_ldcache(view)
+    report.libraries = [explain_library(s, view, cache, env, arch) for s in LIBRARIES]
+    files = cuda_files(view, env)
+    report.cuda = cuda_facts(view, env, files)
+    report.python, python_check = python_facts(view.kept)
+    report.shared_objects = view.shared_objects()
+    simulated = jaxstack.simulate(view, cache, env, arch, report.shared_objects, report.python)
+    if simulated:
+        report.jax_libraries = JaxLibraries(plugin=simulated[0], loads=simulated[1])
+    report.files, report.files_unmatched = files_matching(view, file_globs)
+    return [cache_check, *library_checks(report.libraries, files), python_check,
+            jaxstack.libraries_check(view, *(simulated or (None, [])))]
 
 
 def _safe_alternatives(require: str) -> list:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import posixpath
 from collections.abc import Callable
 
 from msgspec import UNSET
 from rich.console import Console
 from rich.markup import escape
 
+from envcheck.image.jaxstack import WHEEL_MODULE
 from envcheck.image.python import PythonFacts, family
-from envcheck.image.report import CudaFacts, ImageReport
+from envcheck.image.report import CudaFacts, ImageReport, JaxLibraries
 from envcheck.report import render_checks
 
 
@@ -64,6 +66,8 @@ def render_image(report: ImageReport, console: Console) -> None:
     if report.python and (report.python.packages or report.python.unreadable):
         render_python(report.python, out)
     render_libraries(report, out)
+    if report.jax_libraries:
+        render_jax_libraries(report.jax_libraries, out)
     render_checks(report.checks, console)
     out(f"VERDICT {report.verdict}")
 
@@ -92,6 +96,19 @@ def render_python(facts: PythonFacts, out: Callable[[str], None]) -> None:
             out(f"          {label}: {', '.join(named)}")
     for problem in facts.unreadable[:5]:
         out(f"          unreadable: {problem}")
+
+
+def render_jax_libraries(libraries: JaxLibraries, out: Callable[[str], None]) -> None:
+    """The CUDA libraries the JAX plugin loads, each once, where it resolves and how."""
+    out(f"jax       plugin {libraries.plugin}")
+    seen = set()
+    for load in libraries.loads:
+        if load.name in seen or (load.path and load.name not in WHEEL_MODULE):
+            continue  # libc and the like resolve as for any program
+        seen.add(load.name)
+        where = f"{load.path} ({load.via}" + (f", {load.version})" if load.version else ")")
+        out(f"          {posixpath.basename(load.name)}: "
+            + (where if load.path else "NOT FOUND"))
 
 
 def render_libraries(report: ImageReport, out: Callable[[str], None]) -> None:

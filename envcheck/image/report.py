@@ -9,6 +9,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from envcheck.image.elf import ElfFacts
+from envcheck.image.linker import Load
 from envcheck.image.python import PythonFacts
 from envcheck.nvidia.cuda import RequirementVerdict
 from envcheck.report import Check
@@ -89,6 +90,13 @@ class FileRow(msgspec.Struct, kw_only=True):
     layer: int  # the layer that last wrote it
 
 
+class JaxLibraries(msgspec.Struct, kw_only=True):
+    """What the JAX CUDA plugin would load, in order, each as glibc's loader resolves it."""
+
+    plugin: str
+    loads: list[Load]
+
+
 class ImageReport(msgspec.Struct, kw_only=True):
     schema: Literal["envcheck.image/v1"] = SCHEMA
     verdict: Literal["ok", "fail"]
@@ -112,6 +120,7 @@ class ImageReport(msgspec.Struct, kw_only=True):
     # SONAME, NEEDED, RPATH, RUNPATH of the JAX plugin's objects, the nvidia-* wheels' libraries
     # and the system's CUDA libraries (not with --no-layers)
     shared_objects: list[ElfFacts] | UnsetType = UNSET
+    jax_libraries: JaxLibraries | UnsetType = UNSET  # with layers, when there is a JAX plugin
     requirement: RequirementVerdict
 
     def to_json(self) -> dict:

@@ -90,3 +90,23 @@ def test_reading_them_costs_bounded_memory(plugin_layer):
     print(f"peak RSS scanning the plugin layer: {with_elf / 1024:.1f} MiB with ELF facts, "
           f"{without / 1024:.1f} MiB without")
     assert with_elf - without <= 6 * 1024
+
+
+def test_the_real_plugin_without_the_nvidia_wheels_finds_no_cuda(plugin_layer):
+    """`pip install jax-cuda12-plugin` without its with-cuda extra: the plugin's DT_RPATH points
+    into nvidia/*/lib, which is not there, and nothing else holds CUDA: every library XLA
+    dlopens is not found, and the check says what JAX will say."""
+    from envcheck.image import jaxstack
+    from envcheck.image.filetree import MergedView
+    from envcheck.image.layers import scan_layer
+
+    _, layer = plugin_layer
+    view = MergedView()
+    with layer.open("rb") as blob:
+        view.apply(scan_layer(blob, 0))
+    plugin, loads = jaxstack.simulate(view, None, {}, "amd64", view.shared_objects())
+    assert plugin == f"/{SITE}/jax_plugins/xla_cuda12/xla_cuda_plugin.so"
+    assert [load.name for load in loads if load.path is None
+            and load.name in jaxstack.WHEEL_MODULE] == list(jaxstack.DLOPENED)
+    check = jaxstack.libraries_check(view, plugin, loads)
+    assert check.status == "fail" and "Unable to load libcudart.so.12" in check.summary
