@@ -134,7 +134,7 @@ def build_report(ref: ImageRef, resolved: Resolved, scans: list[LayerScan],
     compat: list[str] = []
     if layers:
         checks.append(diff_id_check(scans, resolved.config, resolved.manifest.get("layers") or []))
-        checks += layer_facts(report, view, env, arch, file_globs)
+        checks += layer_facts(report, view, env, arch, file_globs, driver)
         compat = report.cuda.compat
     requirement, verdict = requirement_check(env, env.get("CUDA_VERSION"), driver, compat, layers)
     checks.append(requirement)
@@ -146,7 +146,7 @@ def build_report(ref: ImageRef, resolved: Resolved, scans: list[LayerScan],
 
 
 def layer_facts(report: ImageReport, view: MergedView, env: dict[str, str], arch: str,
-                file_globs: tuple[str, ...]) -> list[Check]:
+                file_globs: tuple[str, ...], driver: str | None) -> list[Check]:
     """What the merged view of the layers shows: where the CUDA libraries resolve, the CUDA
     files and versions, the Python packages, the JAX plugin's libraries, the files asked for;
     into `report`, and their checks."""
@@ -160,8 +160,10 @@ def layer_facts(report: ImageReport, view: MergedView, env: dict[str, str], arch
     if simulated:
         report.jax_libraries = JaxLibraries(plugin=simulated[0], loads=simulated[1])
     report.files, report.files_unmatched = files_matching(view, file_globs)
+    plugin, loads = simulated or (None, [])
     return [cache_check, *library_checks(report.libraries, files), python_check,
-            jaxstack.libraries_check(view, *(simulated or (None, [])))]
+            jaxstack.stack_check(report.python, loads, env, driver, view),
+            jaxstack.libraries_check(view, plugin, loads)]
 
 
 def _safe_alternatives(require: str) -> list:
