@@ -143,6 +143,7 @@ class DeviceFacts(msgspec.Struct, kw_only=True):
     machine: str | UnsetType = UNSET
     packages: dict[str, str] = {}  # jaxlib, the CUDA plugin and the NVIDIA wheels installed
     cuda_libraries: dict[str, int] = {}  # versions the loaded CUDA plugin reports
+    mapped_libraries: list[str] = []  # CUDA library files the process mapped (on a GPU)
 
 
 class ModelReport(msgspec.Struct, kw_only=True):

@@ -14,6 +14,7 @@ import argparse
 import importlib.metadata
 import json
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -55,7 +56,24 @@ def device_facts() -> DeviceFacts:
         backend=jax.default_backend(), device_kind=jax.devices()[0].device_kind,
         device_count=jax.device_count(), jax=jax.__version__,
         python=platform.python_version(), machine=platform.machine(),
-        packages=installed_versions(), cuda_libraries=loaded_cuda_versions())
+        packages=installed_versions(), cuda_libraries=loaded_cuda_versions(),
+        mapped_libraries=mapped_libraries())
+
+
+MAPPED_RE = re.compile(r"\s(/\S*/lib(?:cuda|cudart|cublas|cublasLt|cudnn\w*|cufft|cusolver|"
+                       r"cusparse|nccl|nvJitLink|nvrtc|cupti|nvshmem_host)\.so[.0-9]*)$")
+
+
+def mapped_libraries() -> list[str]:
+    """The CUDA library files this process has mapped (/proc/self/maps), each once: what the
+    loader really chose, for gpu-smoke to hold against its prediction. Empty off a GPU."""
+    if jax.default_backend() != "gpu":
+        return []
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    return sorted({m.group(1) for line in lines if (m := MAPPED_RE.search(line))})
 
 
 def installed_versions() -> dict[str, str]:

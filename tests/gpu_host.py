@@ -319,3 +319,15 @@ def connect_to(client):
     def connect(probe, timeout_s):
         return client, None
     return connect
+
+
+def predicted(checks: list | None = None, loads: list | None = None):
+    """gpu-smoke's pre-flight seam: the prediction for any image is `checks` and `loads` (the
+    unit tier reads no image's layers; tests/integration does, from the real daemon)."""
+    from envcheck.gpu_smoke.preflight import Prediction
+
+    def predict(image_id: str, driver: str | None) -> Prediction:
+        return Prediction(image_id=image_id, driver=driver, seconds=0.0,
+                          checks=list(checks or []), loads=list(loads or []))
+
+    return predict

@@ -27,7 +27,7 @@ from envcheck import build as builder
 from envcheck import runner as runner_module
 from envcheck.build import BuildOptions
 from envcheck.dev_image import DEV_IMAGE
-from envcheck.gpu_smoke import passthrough
+from envcheck.gpu_smoke import passthrough, preflight
 from envcheck.gpu_smoke.judge import judge, model_facts
 from envcheck.gpu_smoke.report import (
     HostFacts,
@@ -57,6 +57,7 @@ class ContainerPath:
     mode: Mode = "none"
     model_run: RunResult | None = None
     untested: str | None = None  # why the container path was not tested
+    prediction: preflight.Prediction | None = None  # the image's JAX stack, predicted
     image: ImageFacts | None = None
     seconds: float | None = None
     leftovers: list[Leftover] = dataclasses.field(default_factory=list)
@@ -64,13 +65,14 @@ class ContainerPath:
 
 def gpu_smoke(*, image: str = DEV_IMAGE, no_container: bool = False,
               timeout_s: float = 600.0, build: BuildOptions | None = None,
-              probe: Probe | None = None, connect=None,
+              probe: Probe | None = None, connect=None, predict=None,
               on_stage: Callable[[str], None] | None = None) -> SmokeReport:
     """The whole chain. With `build`, an image the engine lacks is built first (as `docker
     run` pulls one); where it cannot be (no base image to be had), the model test runs on this
     host and the report says the container path was not tested. `probe` (root + runner) and
     `connect` (the docker seam) let tests run the same code on fixture roots and recorded
-    daemon answers."""
+    daemon answers; `predict` (image ID, driver) -> preflight.Prediction, the static JAX-stack
+    prediction's."""
     probe = probe or Probe()
     stage = _Stages(on_stage)
     stage("host", "host: GPU, driver, NVML")
@@ -100,7 +102,7 @@ def gpu_smoke(*, image: str = DEV_IMAGE, no_container: bool = False,
         checks += daemon_checks
         build = build and build.for_host(bool(nvml.gpus or driver.pci_gpus))
         path = container_chain(client, image, driver.driver, toolkit, checks, stage, timeout_s,
-                               build)
+                               build, predict or preflight.predict)
         if path.untested:
             stage("model", "model test on this host")
             path.mode, path.model_run = "host", host_model_run(timeout_s)
@@ -113,6 +115,9 @@ def smoke_report(checks: list[Check], path: ContainerPath, gpu_expected: bool,
                  host: HostFacts, toolkit: ToolkitFacts, docker, timings_s: dict
                  ) -> SmokeReport:
     verdict, model_report, first = judge(checks, path.model_run, gpu_expected)
+    mapped = preflight.mapped_check(path.prediction, model_report.device.mapped_libraries
+                                    if model_report else [])
+    checks += [mapped] if mapped else []
     return SmokeReport(
         verdict=verdict, checks=checks, node=node_facts(), mode=path.mode, host=host,
         toolkit=toolkit, docker=docker or UNSET,
@@ -134,7 +139,8 @@ def host_facts(driver: DriverFacts, nvml: NvmlFacts) -> HostFacts:
 
 def container_chain(client, image: str, driver: str | None, toolkit: ToolkitFacts,
                     checks: list[Check], stage, timeout_s: float,
-                    build: BuildOptions | None = None) -> ContainerPath:
+                    build: BuildOptions | None = None, predict=preflight.predict
+                    ) -> ContainerPath:
     """Links 4-7 on a reachable daemon: image (built first when missing and `build` says
     how), GPU probe container, model test in the container (on the GPU when the probe got
     one, else the CPU fallback)."""
@@ -160,6 +166,9 @@ def container_chain(client, image: str, driver: str | None, toolkit: ToolkitFact
                                                              "JAX_", "XLA_"))}))
     brands = (toolkit.cli_info.brands if toolkit.cli_info else None) or [None]
     checks.append(passthrough.preflight_check(config["env"], driver, brands[0]))
+    stage("preflight", "the image's JAX stack, predicted (cached per image)")
+    path.prediction = predict(config["id"], driver)
+    checks += path.prediction.checks
     stage("passthrough", "GPU passthrough probe container")
     probe_run = passthrough.run_container(client, image, ["sh", "-c", passthrough.PROBE_SCRIPT],
                                           gpu=True, env=passthrough.GPU_ENV,

@@ -55,6 +55,21 @@ def test_device_request_fails_for_real_and_the_fallback_runs_in_the_container(en
     assert client.containers.list(all=True, filters={"label": "envcheck=gpu-smoke"}) == []
 
 
+def test_the_jax_stack_is_predicted_once_per_image(engine, built_image, tmp_path):
+    """The first run streams the image's layers from the daemon for the pre-flight; the next
+    one reads the prediction from the cache (under 0.2 s), with the same checks."""
+    env = {**os.environ, "DOCKER_HOST": engine, "XDG_CACHE_HOME": str(tmp_path)}
+    runs = [smoke_json(engine, "--image", built_image["tag"], env=env) for _ in range(2)]
+    (_, first, checks), (_, again, checks_again) = runs
+    stack = [(i, checks[i]["status"]) for i in ("image.python", "image.jax-stack",
+                                                "image.jax-libraries")]
+    assert stack == [("image.python", "pass"), ("image.jax-stack", "pass"),
+                     ("image.jax-libraries", "skip")]  # CPU JAX: no CUDA plugin to load
+    assert [(i, checks_again[i]["status"]) for i, _ in stack] == stack
+    assert first["timings_s"]["preflight"] > 1.0 and again["timings_s"]["preflight"] < 0.2
+    assert len(list((tmp_path / "envcheck/preflight").glob("*.json"))) == 1
+
+
 def test_require_gpu_turns_the_fallback_into_exit_1(engine, built_image):
     done = envcheck(engine, "gpu-smoke", "--image", built_image["tag"], "--require-gpu")
     assert done.returncode == 1

@@ -33,7 +33,7 @@ from envcheck.gpu_smoke import gpu_smoke
 from envcheck.report import to_json
 from envcheck.runner import RunResult
 from tests.conftest import REPO, interrupting, planted
-from tests.gpu_host import FakeDocker, connect_to, healthy_host
+from tests.gpu_host import FakeDocker, connect_to, healthy_host, predicted
 
 FIXTURES = REPO / "tests/fixtures/fleet"
 SCHEMA = json.loads((REPO / "envcheck/data/schemas/fleet.v1.json").read_text())
@@ -49,7 +49,8 @@ def cpu_report() -> dict:
 @pytest.fixture
 def gpu_report(tmp_path) -> dict:
     host = healthy_host(tmp_path)
-    return gpu_smoke(probe=host.probe, connect=connect_to(FakeDocker())).to_json()
+    return gpu_smoke(probe=host.probe, connect=connect_to(FakeDocker()),
+                     predict=predicted()).to_json()
 
 
 def test_a_node_row_from_a_real_report(cpu_report):

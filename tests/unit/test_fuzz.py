@@ -186,7 +186,7 @@ def test_gpu_smoke_reads_any_model_report(examples, tmp_path):
 
     from envcheck.gpu_smoke import gpu_smoke
     from envcheck.gpu_smoke.render import render_smoke
-    from tests.gpu_host import FakeDocker, connect_to, healthy_host, model_report
+    from tests.gpu_host import FakeDocker, connect_to, healthy_host, model_report, predicted
 
     smoke_schema = jsonschema.Draft202012Validator(
         json.loads((REPO / "envcheck/data/schemas/smoke.v1.json").read_text()))
@@ -201,7 +201,7 @@ def test_gpu_smoke_reads_any_model_report(examples, tmp_path):
     def check(case) -> None:
         path, value = case
         docker = FakeDocker(model_out=planted(seed, path, value))
-        report = gpu_smoke(probe=host.probe, connect=connect_to(docker))
+        report = gpu_smoke(probe=host.probe, connect=connect_to(docker), predict=predicted())
         smoke_schema.validate(json.loads(json.dumps(report.to_json())))
         render_smoke(report, Console(file=io.StringIO(), width=200))
 
@@ -220,7 +220,7 @@ def test_gpu_smoke_reads_any_daemon_json_cdi_spec_and_docker_info(examples, tmp_
 
     from envcheck.gpu_smoke import gpu_smoke
     from envcheck.gpu_smoke.render import render_smoke
-    from tests.gpu_host import FakeDocker, cdi_spec, connect_to, healthy_host
+    from tests.gpu_host import FakeDocker, cdi_spec, connect_to, healthy_host, predicted
 
     smoke_schema = jsonschema.Draft202012Validator(
         json.loads((REPO / "envcheck/data/schemas/smoke.v1.json").read_text()))
@@ -246,7 +246,7 @@ def test_gpu_smoke_reads_any_daemon_json_cdi_spec_and_docker_info(examples, tmp_
         host.write("/etc/cdi/nvidia.yaml", yaml.safe_dump(now["cdi"]))
         docker = FakeDocker()
         docker.info = lambda: now["info"]
-        report = gpu_smoke(probe=host.probe, connect=connect_to(docker))
+        report = gpu_smoke(probe=host.probe, connect=connect_to(docker), predict=predicted())
         smoke_schema.validate(json.loads(json.dumps(report.to_json())))
         render_smoke(report, Console(file=io.StringIO(), width=200))
 

@@ -19,12 +19,14 @@ from tests.gpu_host import (
     healthy_host,
     model_report,
     piece,
+    predicted,
     real,
 )
 
 
 def smoke(host, client=None, **options):
     client = client if client is not None else FakeDocker()
+    options.setdefault("predict", predicted())
     return gpu_smoke(probe=host.probe, connect=connect_to(client), **options)
 
 

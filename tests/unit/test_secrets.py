@@ -9,7 +9,7 @@ import pytest
 
 from envcheck.gpu_smoke import gpu_smoke
 from envcheck.report import GPU_UUID_RE, redact_env, redact_text, redacted_report
-from tests.gpu_host import FakeDocker, connect_to, healthy_host
+from tests.gpu_host import FakeDocker, connect_to, healthy_host, predicted
 
 PLANTED = "pl4nted-s3cret"
 
@@ -37,7 +37,8 @@ def test_ordinary_lines_are_left_alone(line):
 
 
 def test_gpu_uuids_are_redacted_everywhere(tmp_path):
-    report = gpu_smoke(probe=healthy_host(tmp_path).probe, connect=connect_to(FakeDocker()))
+    report = gpu_smoke(probe=healthy_host(tmp_path).probe, connect=connect_to(FakeDocker()),
+                       predict=predicted())
     text = json.dumps(report.to_json())
     assert GPU_UUID_RE.search(text)  # the fixture host has UUIDs in facts and check summaries
     clean = json.dumps(redacted_report(report).to_json())
