@@ -146,3 +146,37 @@ def test_a_library_version_comes_from_its_wheel_or_its_name(path, python, versio
     facts = PythonFacts(packages=[PythonPackage(
         name="nvidia-cudnn-cu12", version="9.7.0.66", location=f"/{SITE}", metadata="x")])
     assert jaxstack.library_version(path, facts if python else None) == version
+
+
+def test_an_older_system_cudnn_part_shadows_the_wheels_through_ld_library_path(tmp_path):
+    """libcudnn.so.9 itself comes from the wheel (preloaded by path), but it dlopens its parts
+    by name, and its RUNPATH comes after LD_LIBRARY_PATH: the system's part is what loads."""
+    root = tree(tmp_path, system=("libcudnn_graph.so.9",))
+    env = {"LD_LIBRARY_PATH": f"/{SYSTEM}"}
+    simulated, check = predicted(root, env)
+    assert resolved(simulated)["libcudnn.so.9"] == f"/{SITE}/nvidia/cudnn/lib/libcudnn.so.9"
+    assert resolved(simulated)["libcudnn_graph.so.9"] == f"/{SYSTEM}/libcudnn_graph.so.9"
+    assert glibc_maps(root, env)["libcudnn_graph.so.9"] == f"/{SYSTEM}/libcudnn_graph.so.9"
+    assert check.status == "fail" and check.summary.startswith("libcudnn_graph.so.9 resolves to")
+
+
+def test_a_loop_of_needed_libraries_ends():
+    """A needs B and B needs A (or an RPATH chain that comes back): each SONAME is loaded once,
+    as ld.so reuses a loaded object."""
+    from envcheck.image.elf import ElfFacts
+    from envcheck.image.linker import Loader
+
+    view = MergedView()
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name in ("libA.so.1", "libB.so.1"):
+            tar.addfile(tarfile.TarInfo(f"usr/lib/{name}"), io.BytesIO(b""))
+    view.apply(scan_layer(io.BytesIO(raw.getvalue()), 0))
+    facts = {f"/usr/lib/{a}": ElfFacts(path=f"/usr/lib/{a}", layer=0, elf_class=64, machine=62,
+                                      soname=a, needed=[b], rpath=["$ORIGIN", "$ORIGIN/.."])
+             for a, b in (("libA.so.1", "libB.so.1"), ("libB.so.1", "libA.so.1"))}
+    loader = Loader(view=view, cache=None, ld_library_path=[], arch="amd64", elf=facts)
+    loader.open_path("/usr/lib/libA.so.1", chain=[])
+    assert [(load.name, load.via) for load in loader.loads] == [
+        ("/usr/lib/libA.so.1", "path"), ("libB.so.1", "DT_RPATH of /usr/lib/libA.so.1"),
+        ("libA.so.1", "loaded")]
