@@ -35,6 +35,11 @@ def cli() -> None:
 @click.option("--timeout-s", type=click.FloatRange(min=1), default=600, show_default=True,
               help="Limit for the model test.")
 @click.option("--redact-uuids", is_flag=True, help="Replace GPU/MIG UUIDs (to share a report).")
+@click.option("--level", type=click.Choice(["quick", "medium", "long"]), default="quick",
+              show_default=True, help="quick: every device's numerics and a short matmul; "
+              "medium: + memory/transfer bandwidth, all-reduce sweep, siblings; long: + burn-in.")
+@click.option("--duration", type=click.FloatRange(min=1), default=600, show_default=True,
+              help="With --level long: the burn-in's seconds (added to --timeout-s).")
 @click.option("--build-missing", is_flag=True,
               help="Build the image first when the engine lacks it (as `envcheck build`); "
                    "where no base can be had, test on this host and say so.")
@@ -45,7 +50,8 @@ def cli() -> None:
 @click.option("--network", type=click.Choice(["host", "default"]), default="default",
               show_default=True, help="With --build-missing: as `envcheck build --network`.")
 def gpu_smoke_command(image: str, no_container: bool, as_json: bool, require_gpu: bool,
-                      timeout_s: float, redact_uuids: bool, build_missing: bool,
+                      timeout_s: float, redact_uuids: bool, level: str, duration: float,
+                      build_missing: bool,
                       base_image: str | None, ca_bundle: Path | None, network: str) -> None:
     """Check the GPU passthrough chain link by link, then run the bundled GPT-2 test in the
     container (on the GPU, or the labelled CPU fallback).
@@ -55,17 +61,21 @@ def gpu_smoke_command(image: str, no_container: bool, as_json: bool, require_gpu
         envcheck gpu-smoke --json
         envcheck gpu-smoke --image envcheck-dev:latest --require-gpu
         envcheck gpu-smoke --build-missing
+        envcheck gpu-smoke --level medium --require-gpu
     """
     from envcheck.build import BuildOptions
     from envcheck.gpu_smoke import gpu_smoke
+    from envcheck.gpu_smoke.chain import Level
     from envcheck.gpu_smoke.render import render_smoke
 
     build = BuildOptions(base_image=base_image, network=network,
                          ca_bundle=ca_bundle) if build_missing else None
     with spinner("checking the host") as update:
         on_stage = (lambda name: update(f"gpu-smoke: {name}")) if update else None
-        report = gpu_smoke(image=image, no_container=no_container, timeout_s=timeout_s,
-                           build=build, on_stage=on_stage)
+        # the burn-in's duration comes on top of the model test's own limit
+        limit_s = timeout_s + (duration if level == "long" else 0)
+        report = gpu_smoke(image=image, no_container=no_container, timeout_s=limit_s,
+                           build=build, on_stage=on_stage, level=Level(level, duration))
     if redact_uuids:
         report = redacted_report(report)
     if as_json:

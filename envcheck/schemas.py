@@ -21,7 +21,7 @@ from model.report import ModelReport
 
 REPORTS = {"envcheck.smoke/v1": SmokeReport, "envcheck.fleet/v1": FleetReport,
            "envcheck.image/v1": ImageReport, "envcheck.build/v1": BuildReport,
-           "envcheck.model-smoke/v1": ModelReport}
+           "envcheck.model-smoke/v2": ModelReport}
 
 
 def file_name(schema: str) -> str:

@@ -29,11 +29,31 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+_pending: list[int] = []  # the stop signal received, kept in case its exception was swallowed
+
+
 def _interrupt(signum: int, frame) -> None:
     for stop in STOP_SIGNALS:  # a second signal ends the run at once
         if signal.getsignal(stop) is _interrupt:
             signal.signal(stop, signal.SIG_DFL)
+    _pending.append(signum)
     raise Interrupted(signum)
+
+
+def _quiet_if_interrupted(unraisable) -> None:
+    """Our own Interrupted, swallowed where Python cannot raise (a gc callback, a __del__), is
+    not printed as "Exception ignored in …" with a traceback: checkpoint() raises it again."""
+    if not isinstance(unraisable.exc_value, Interrupted):
+        sys.__unraisablehook__(unraisable)
+
+
+def checkpoint() -> None:
+    """Raise the stop signal again if its exception was swallowed: a signal that lands while
+    the garbage collector runs a library's callback (JAX's `_xla_gc_callback`) or a `__del__`
+    raises there, and Python only prints "Exception ignored in …" and goes on. The model test
+    calls this between its stages, and run_main once main has returned."""
+    if _pending:
+        raise Interrupted(_pending[0])
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
@@ -44,8 +64,10 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     for stop in STOP_SIGNALS:
         if signal.getsignal(stop) in (signal.SIG_DFL, signal.default_int_handler):
             signal.signal(stop, _interrupt)
+    sys.unraisablehook = _quiet_if_interrupted
     try:
         code = main(argv)
+        checkpoint()
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         code = EXIT_USAGE

@@ -12,7 +12,8 @@ Implementations (IMPLEMENTATIONS), all checked against `reference`:
 - flash      our blockwise attention with online softmax (model/flash.py): O(T·D) memory,
              query and key tiles, fully-masked causal blocks skipped, recomputing backward pass;
 - pallas     the same algorithm as a Pallas kernel (model/flash.py); interpreted on CPU;
-- auto       the best available for the backend, dtype and length (`resolve_impl`).
+- auto       the vendor path on GPU (cudnn for bf16/fp16, xla for fp32), flash or xla on
+             CPU by length (`resolve_impl`).
 """
 
 from __future__ import annotations
@@ -100,13 +101,15 @@ def unavailable_reason(impl: str, dtype, backend: str | None = None) -> str | No
 
 
 def resolve_impl(impl: str, dtype, T: int, backend: str | None = None) -> str:
-    """The concrete implementation `impl` means here: `auto` picks cudnn (bf16/fp16) or pallas
-    on GPU, flash on CPU for long sequences, xla otherwise."""
+    """The concrete implementation `impl` means here: `auto` picks the vendor paths on GPU
+    (cudnn for bf16/fp16, xla for fp32), so that the default verdict never rests on our own
+    kernels (flash, pallas: checked beside them as extra implementations); flash on CPU for long
+    sequences, xla otherwise."""
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
     if backend == "gpu":
-        return "pallas" if unavailable_reason("cudnn", dtype, backend) else "cudnn"
+        return "xla" if unavailable_reason("cudnn", dtype, backend) else "cudnn"
     return "flash" if T >= FLASH_MIN_LENGTH else "xla"
 
 

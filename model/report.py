@@ -1,6 +1,7 @@
-"""The model test's report (`envcheck.model-smoke/v1`): one typed definition that `python -m
-model.smoke` writes and `envcheck gpu-smoke` reads back from the container, so a field is named
-once. Imports nothing of envcheck (and no JAX): envcheck reads the definition from here.
+"""The model test's report (`envcheck.model-smoke/v2`; v1 had no per-device results or
+levels): one typed definition that `python -m model.smoke` writes and `envcheck gpu-smoke` reads
+back from the container, so a field is named once. Imports nothing of envcheck (and no JAX):
+envcheck reads the definition from here.
 
 Also the two helpers every envcheck report uses to cross a process boundary: `to_json` and
 `from_json`, which validates while it decodes and names the bad path
@@ -15,9 +16,18 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import UNSET, UnsetType
 
-SCHEMA = "envcheck.model-smoke/v1"
+SCHEMA = "envcheck.model-smoke/v2"
 Status = Literal["pass", "warn", "fail", "skip"]
+Level = Literal["quick", "medium", "long"]
+LEVELS = ("quick", "medium", "long")
 CHECK_IDS = ("model.load", "model.parity", "model.generate", "model.attention")
+# by level, on top of CHECK_IDS (container.nccl only in a container)
+LEVEL_CHECK_IDS = {"quick": ("perf.matmul", "interconnect.allreduce"),
+                   "medium": ("perf.matmul", "perf.memory", "perf.transfer",
+                              "interconnect.allreduce"),
+                   "long": ("perf.matmul", "perf.memory", "perf.transfer",
+                            "interconnect.allreduce", "perf.burn-in")}
+ALL_CHECK_IDS = (*CHECK_IDS, *LEVEL_CHECK_IDS["long"], "container.nccl")
 T = TypeVar("T")
 _TYPE_WORDS = {"float": "a number", "int": "an integer", "str": "a string", "bool": "a boolean",
                "null": "null", "array": "an array", "object": "an object"}
@@ -131,7 +141,94 @@ class AttentionCheck(CheckBase, kw_only=True, tag_field="id", tag="model.attenti
     implementations: list[ImplResult]
 
 
-ModelCheck = LoadCheck | ParityCheck | GenerateCheck | AttentionCheck
+class PerfEntry(msgspec.Struct, kw_only=True):
+    """One device's figure for one measure, and how it was judged."""
+
+    device: int  # index in the report's devices
+    value: float  # in the check's unit
+    status: Status
+    peak: float | None = None  # the datasheet's, in the same unit
+    floor: float | None = None  # the least that passes (a share of peak, or of the median)
+    median: float | None = None  # of the same-kind siblings (medium and long levels)
+    said: str | None = None  # why it is judged as it is (a device's problem, or no datasheet)
+
+
+class PerfBase(CheckBase, kw_only=True):
+    unit: str
+    entries: list[PerfEntry]
+
+
+class MatmulCheck(PerfBase, kw_only=True, tag_field="id", tag="perf.matmul"):
+    """Dense matmul rate per device (bf16; fp16 where the GPU has no bf16 tensor cores)."""
+
+    dtype: str
+    size: int  # N of the N×N×N product
+
+
+class MemoryCheck(PerfBase, kw_only=True, tag_field="id", tag="perf.memory"):
+    """Device memory bandwidth per device: a copy kernel, bytes read + written."""
+
+    size_bytes: int
+
+
+class TransferCheck(PerfBase, kw_only=True, tag_field="id", tag="perf.transfer"):
+    """Host->device and device->host bandwidth per device (entries: h2d then d2h per device)."""
+
+    size_bytes: int
+    directions: list[Literal["h2d", "d2h"]]  # entries[i]'s direction
+
+
+class SweepPoint(msgspec.Struct, kw_only=True):
+    size_bytes: int  # per device
+    time_s: float
+    algbw_gbps: float
+    busbw_gbps: float  # algbw × 2(n−1)/n, as nccl-tests computes it
+
+
+class AllReduceCheck(CheckBase, kw_only=True, tag_field="id", tag="interconnect.allreduce"):
+    devices: int
+    exact: bool | None  # every device holds the exact sum (None: not run)
+    sweep: list[SweepPoint] = []
+    link: str | None = None  # what the busbw is judged against
+    expected_gbps: float | None = None
+
+
+class BurnInCheck(CheckBase, kw_only=True, tag_field="id", tag="perf.burn-in"):
+    duration_s: float
+    iterations: dict[str, int]  # device index -> matmuls checked
+    mismatches: list[str] = []  # "device 2, iteration 17: checksum … ≠ golden …"
+
+
+class NcclCheck(CheckBase, kw_only=True, tag_field="id", tag="container.nccl"):
+    shm_bytes: int | None  # /dev/shm's size (None: no /dev/shm)
+    memlock_bytes: int | None  # RLIMIT_MEMLOCK (None: unlimited)
+    ipc_namespace: str | None
+    infiniband: list[str] = []  # RDMA devices visible (/sys/class/infiniband)
+
+
+ModelCheck = (LoadCheck | ParityCheck | GenerateCheck | AttentionCheck | MatmulCheck
+              | MemoryCheck | TransferCheck | AllReduceCheck | BurnInCheck | NcclCheck)
+DeviceCheck = ParityCheck | GenerateCheck | AttentionCheck
+
+
+class DeviceInfo(msgspec.Struct, kw_only=True):
+    """One device as JAX (and, on an NVIDIA GPU, the CUDA driver) names it."""
+
+    index: int  # position in jax.devices()
+    id: int  # JAX's device id
+    platform: str
+    kind: str
+    uuid: str | None = None
+    pci_bus_id: str | None = None
+
+
+class DeviceRun(msgspec.Struct, kw_only=True):
+    """The model checks placed on one device."""
+
+    device: DeviceInfo
+    ok: bool
+    checks: list[DeviceCheck]
+    timings_s: dict[str, float]
 
 
 class DeviceFacts(msgspec.Struct, kw_only=True):
@@ -147,20 +244,22 @@ class DeviceFacts(msgspec.Struct, kw_only=True):
 
 
 class ModelReport(msgspec.Struct, kw_only=True):
-    schema: Literal["envcheck.model-smoke/v1"] = SCHEMA
+    schema: Literal["envcheck.model-smoke/v2"] = SCHEMA
     ok: bool
+    level: Level = "quick"
     impl: str
     impl_used: str
     checkpoint: str
     device: DeviceFacts
-    checks: list[ModelCheck]
+    devices: list[DeviceRun] = []  # per device (empty when the checkpoint did not load)
+    checks: list[ModelCheck]  # over all devices: each names the devices that failed it
     timings_s: dict[str, float]
 
     def __post_init__(self) -> None:
         ids = [check.id for check in self.checks]
-        if sorted(ids) != sorted(CHECK_IDS):
+        if not set(CHECK_IDS) <= set(ids) or len(set(ids)) != len(ids):
             raise ValueError(f"checks are {', '.join(ids) or 'none'}, not "
-                             f"{', '.join(CHECK_IDS)}")
+                             f"{', '.join(CHECK_IDS)} and each once")
 
     def check(self, kind: type[T]) -> T:
         """The one check of this type."""

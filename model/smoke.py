@@ -1,11 +1,17 @@
-"""`python -m model.smoke [--json] [--impl NAME] [--checkpoint DIR]`: the bundled model test.
+"""`python -m model.smoke [--json] [--impl NAME] [--checkpoint DIR] [--level L]`: the bundled
+model test, on every device JAX sees.
 
-Loads the bundled tiny GPT-2 with the real loader, checks its logits against golden logits that
-HF transformers computed (scripts/make_tiny_checkpoint.py), checks a greedy generation against
-HF's, and times both on whatever device JAX picked. This is what `envcheck gpu-smoke` runs inside
-the container; it imports nothing from envcheck. The report is model/report.py's. Exit 0 when
-every check passes, 1 otherwise (a checkpoint that does not load is a failed `model.load`),
-128 + N when signal N (Ctrl-C, SIGTERM) stopped it.
+Loads the bundled tiny GPT-2 with the real loader and, on each visible device in turn (weights
+and inputs placed there explicitly), checks its logits against golden logits that HF
+transformers computed (scripts/make_tiny_checkpoint.py), a greedy generation against HF's, and
+every attention implementation against the reference. Then, by level: quick (default) a short
+dense matmul per device judged against its datasheet, and an exact all-reduce; medium adds
+memory and transfer bandwidth, an all-reduce sweep and the comparison of each device with its
+siblings; long adds a burn-in of --duration seconds with a golden checksum every iteration. In
+a container (--in-container) NCCL's prerequisites are checked too. This is what `envcheck
+gpu-smoke` runs inside the container; it imports nothing from envcheck. The report is
+model/report.py's. Exit 0 when no check fails, 1 otherwise (a checkpoint that does not load is
+a failed `model.load`), 128 + N when signal N (Ctrl-C, SIGTERM) stopped it.
 """
 
 from __future__ import annotations
@@ -21,16 +27,23 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import msgspec
 import numpy as np
+from flax import nnx
 
+from model import _cli, burnin, collective, devices, faults, nccl, perf
 from model import report as contract
 from model._cli import EXIT_FAILED, EXIT_OK, add_impl_option, run_main
 from model.attention import IMPLEMENTATIONS, resolve_impl, unavailable_reason
+from model.devices import label
 from model.generate import generate
 from model.params import CheckpointError, from_pretrained
 from model.report import (
+    LEVELS,
     AttentionCheck,
     DeviceFacts,
+    DeviceInfo,
+    DeviceRun,
     GenerateCheck,
     ImplResult,
     LoadCheck,
@@ -110,7 +123,8 @@ def timed(fn, *args) -> tuple[object, float]:
 
 
 def check_parity(gpt2, golden, impl: str, timings_s: dict) -> ParityCheck:
-    forward = jax.jit(lambda m, ids: m(ids, impl=impl))
+    """The documented call, `gpt2(ids_BT)`, against HF's golden logits."""
+    forward = lambda m, ids: m(ids, impl=impl)  # noqa: E731
     logits_BTV, timings_s["forward_first_call"] = timed(forward, gpt2, golden["ids_BT"])
     runs_s = [timed(forward, gpt2, golden["ids_BT"])[1] for _ in range(TIMED_RUNS)]
     timings_s["forward"] = statistics.median(runs_s)
@@ -129,8 +143,7 @@ def implementation_results(gpt2, ids_BT, tolerance: float,
     """One model dtype: each implementation's logits against `reference`'s (max |Δ|), or why it
     cannot run here ("unavailable: ...")."""
     dtype = jnp.dtype(gpt2.dtype).name
-    reference_BTV = np.asarray(jax.jit(lambda m, ids: m(ids, impl="reference"))(gpt2, ids_BT),
-                               np.float32)
+    reference_BTV = np.asarray(gpt2(ids_BT, impl="reference"), np.float32)
     results = []
     for name in IMPLEMENTATIONS:
         reason = unavailable_reason(name, gpt2.dtype)
@@ -140,7 +153,7 @@ def implementation_results(gpt2, ids_BT, tolerance: float,
             continue
         if name == "reference":
             continue
-        forward = jax.jit(lambda m, ids, name=name: m(ids, impl=name))
+        forward = lambda m, ids, name=name: m(ids, impl=name)  # noqa: E731
         logits_BTV, _ = timed(forward, gpt2, ids_BT)
         _, timings_s[f"forward_{name}_{dtype}"] = timed(forward, gpt2, ids_BT)
         diff = float(np.max(np.abs(np.asarray(logits_BTV, np.float32) - reference_BTV)))
@@ -150,10 +163,9 @@ def implementation_results(gpt2, ids_BT, tolerance: float,
     return results
 
 
-def check_implementations(checkpoint: Path, gpt2, golden, timings_s: dict) -> AttentionCheck:
+def check_implementations(gpt2, bf16, golden, timings_s: dict) -> AttentionCheck:
     """Every attention implementation on the model's logits, in float32 and bfloat16 (where
     cuDNN runs), against the reference implementation in the same dtype."""
-    bf16 = from_pretrained(checkpoint, dtype=jnp.bfloat16)
     results = (implementation_results(gpt2, golden["ids_BT"], PARITY_TOLERANCE, timings_s)
                + implementation_results(bf16, golden["ids_BT"], BF16_TOLERANCE, timings_s))
     failed = sorted({f"{r.impl} ({r.dtype})" for r in results if r.status == "fail"})
@@ -186,40 +198,117 @@ def check_generate(gpt2, golden, impl: str, timings_s: dict) -> GenerateCheck:
         fix=None if ok else "KV-cache decoding disagrees with HF: rerun with --impl reference")
 
 
-def run_smoke(checkpoint: Path, impl: str) -> ModelReport:
+def place(gpt2, device, perturb: bool = False):
+    """A copy of `gpt2` whose weights live on `device` (the fault seam: perturbed there)."""
+    graphdef, state = nnx.split(gpt2)
+    state = jax.device_put(state, device)
+    if perturb:
+        state = jax.tree.map(lambda w: w * (1 + 1e-3), state)
+    return nnx.merge(graphdef, state)
+
+
+def run_on_device(info: DeviceInfo, models: tuple, golden, impl: str, fault) -> DeviceRun:
+    """The model checks with the weights and ids placed on one device."""
+    device = jax.devices()[info.index]
+    perturb = faults.perturbs(fault, info.index)
+    gpt2, bf16 = (place(m, device, perturb) for m in models)
+    placed = {**golden, "ids_BT": jax.device_put(golden["ids_BT"], device)}
+    timings_s: dict[str, float] = {}
+    checks = [check_parity(gpt2, placed, impl, timings_s),
+              check_generate(gpt2, golden, impl, timings_s),
+              check_implementations(gpt2, bf16, placed, timings_s)]
+    return DeviceRun(device=info, ok=all(c.status == "pass" for c in checks), checks=checks,
+                     timings_s={k: round(v, 6) for k, v in timings_s.items()})
+
+
+def overall(kind: type, runs: list[DeviceRun]):
+    """One model check over every device: the worst device's, naming each that failed."""
+    mine = [(run.device, next(c for c in run.checks if isinstance(c, kind))) for run in runs]
+    failed = [(info, check) for info, check in mine if check.status == "fail"]
+    first = (failed or mine)[0][1]
+    fields = {}
+    if kind is ParityCheck:
+        diffs = [c.max_abs_diff for _, c in mine]
+        fields["max_abs_diff"] = next((d for d in diffs if d != d), max(diffs))  # NaN first
+    if kind is GenerateCheck:
+        fields["tokens_per_s"] = min(c.tokens_per_s for _, c in mine)
+    if failed:
+        summary = "; ".join(f"{label(info)}: {c.summary}" for info, c in failed)
+    else:
+        summary = (f"{first.summary} on every one of {len(mine)} devices" if len(mine) > 1
+                   else first.summary)
+    if kind is ParityCheck and not failed and len(mine) > 1:
+        summary = (f"logits vs HF golden on {len(mine)} devices: max |Δ| "
+                   f"{fields['max_abs_diff']:.2e} (tolerance {PARITY_TOLERANCE:.0e})")
+    return msgspec.structs.replace(first, summary=summary, **fields)
+
+
+def run_smoke(checkpoint: Path, impl: str, level: str = "quick", duration_s: float = 600.0,
+              in_container: bool = False) -> ModelReport:
     # Parity is judged at full float32: TF32 (the GPU default) would blur a 1e-4 check.
     jax.config.update("jax_default_matmul_precision", "highest")
-    timings_s: dict[str, float] = {}
+    fault = faults.configured()
     start_s = time.perf_counter()
     try:
         gpt2 = from_pretrained(checkpoint)
+        bf16 = from_pretrained(checkpoint, dtype=jnp.bfloat16)
         with np.load(checkpoint / GOLDEN_FILE) as data:
             golden = {key: data[key] for key in data.files}
     except (CheckpointError, OSError, ValueError) as error:
-        return unloaded_report(checkpoint, impl, error)
-    timings_s["load"] = time.perf_counter() - start_s
+        return unloaded_report(checkpoint, impl, level, error)
+    stages = {"load": time.perf_counter() - start_s}
     cfg = gpt2.config
     load = LoadCheck(status="pass", summary=f"{checkpoint.name}: {cfg.n_layer} layers, "
                                             f"{cfg.n_head} heads, d={cfg.n_embd}, vocab "
                                             f"{cfg.vocab_size}")
-    checks = [load, check_parity(gpt2, golden, impl, timings_s),
-              check_generate(gpt2, golden, impl, timings_s),
-              check_implementations(checkpoint, gpt2, golden, timings_s)]
+    infos = devices.visible()
+    runs, stages["model"] = timed_stage(
+        lambda: [_cli.checkpoint() or run_on_device(info, (gpt2, bf16), golden, impl, fault)
+                 for info in infos])
+    checks = [load, *(overall(kind, runs) for kind in (ParityCheck, GenerateCheck,
+                                                        AttentionCheck))]
+    checks += level_checks(infos, level, duration_s, fault, stages)
+    if in_container:
+        checks.append(nccl.container_check())
+    timings = {**runs[0].timings_s, **{f"stage_{k}": v for k, v in stages.items()}}
     return ModelReport(
-        ok=all(c.status == "pass" for c in checks), impl=impl,
+        ok=all(c.status != "fail" for c in checks),
+        level=level, impl=impl,
         impl_used=resolve_impl(impl, gpt2.dtype, golden["ids_BT"].shape[1]),
-        checkpoint=str(checkpoint), device=device_facts(), checks=checks,
-        timings_s={k: round(v, 6) for k, v in timings_s.items()})
+        checkpoint=str(checkpoint), device=device_facts(), devices=runs, checks=checks,
+        timings_s={k: round(v, 6) for k, v in timings.items()})
 
 
-def unloaded_report(checkpoint: Path, impl: str, error: Exception) -> ModelReport:
+def level_checks(infos: list[DeviceInfo], level: str, duration_s: float, fault,
+                 stages: dict) -> list:
+    """perf.*, interconnect.allreduce and (long) perf.burn-in, each stage timed."""
+    _cli.checkpoint()
+    checks, stages["perf"] = timed_stage(lambda: perf.perf_checks(infos, level, fault))
+    _cli.checkpoint()
+    reduce, stages["interconnect"] = timed_stage(
+        lambda: collective.allreduce_check(infos, level))
+    checks.append(reduce)
+    if level == "long":
+        _cli.checkpoint()
+        burn, stages["burn_in"] = timed_stage(lambda: burnin.burn_in(infos, duration_s, fault))
+        checks.append(burn)
+    return checks
+
+
+def timed_stage(run):
+    start_s = time.perf_counter()
+    result = run()
+    return result, round(time.perf_counter() - start_s, 6)
+
+
+def unloaded_report(checkpoint: Path, impl: str, level: str, error: Exception) -> ModelReport:
     """The report of a checkpoint that did not load: a failed model.load whose summary is the
     loader's error, and the checks that need the model skipped."""
     if isinstance(error, OSError) and not isinstance(error, CheckpointError):
         error = f"{checkpoint / GOLDEN_FILE}: {error.strerror or error}"
     why = "the checkpoint did not load (model.load)"
     return ModelReport(
-        ok=False, impl=impl, impl_used=resolve_impl(impl, jnp.float32, 1),
+        ok=False, level=level, impl=impl, impl_used=resolve_impl(impl, jnp.float32, 1),
         checkpoint=str(checkpoint), device=device_facts(),
         checks=[LoadCheck(status="fail", summary=str(error),
                           fix="point --checkpoint at a directory with config.json, "
@@ -234,12 +323,16 @@ def unloaded_report(checkpoint: Path, impl: str, error: Exception) -> ModelRepor
 
 def render_text(report: ModelReport) -> str:
     device = report.device
-    lines = [f"model smoke on {device.backend} ({device.device_kind}), "
-             f"jax {device.jax}, attention impl {report.impl} → {report.impl_used}"]
+    lines = [f"model smoke ({report.level}) on {device.device_count}× {device.backend} "
+             f"({device.device_kind}), jax {device.jax}, attention impl {report.impl} → "
+             f"{report.impl_used}"]
     for check in report.checks:
-        lines.append(f"  {check.status.upper():<5} {check.id:<16} {check.summary}")
+        lines.append(f"  {check.status.upper():<5} {check.id:<22} {check.summary}")
         if check.fix:
             lines.append(f"        fix: {check.fix}")
+    for run in report.devices if len(report.devices) > 1 else []:
+        bad = [c.id for c in run.checks if c.status != "pass"]
+        lines.append(f"  {label(run.device)}: {'FAILED ' + ', '.join(bad) if bad else 'ok'}")
     timings = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in report.timings_s.items()) or "none"
     lines.append(f"  timings: {timings}")
     lines.append("OK" if report.ok else "FAILED")
@@ -252,8 +345,19 @@ def main(argv: list[str] | None = None) -> int:
     add_impl_option(parser)
     parser.add_argument("--checkpoint", type=Path, default=BUNDLED,
                         help="a directory with config.json, model.safetensors and golden.npz")
+    parser.add_argument("--level", choices=LEVELS, default="quick",
+                        help="quick (seconds), medium (+ bandwidths, all-reduce sweep, "
+                             "siblings), long (+ burn-in)")
+    parser.add_argument("--duration", type=float, default=600.0, metavar="SECONDS",
+                        help="the burn-in's length at --level long (default 600)")
+    parser.add_argument("--in-container", action="store_true",
+                        help="also check NCCL's prerequisites in this container (/dev/shm, "
+                             "memlock)")
     args = parser.parse_args(argv)
-    report = run_smoke(args.checkpoint, args.impl)
+    if args.duration <= 0:
+        raise ValueError(f"--duration {args.duration:g}: give a positive number of seconds")
+    report = run_smoke(args.checkpoint, args.impl, args.level, args.duration, args.in_container)
+    _cli.checkpoint()  # a stop signal a library swallowed: no report
     print(json.dumps(contract.to_json(report)) if args.json else render_text(report))
     return EXIT_OK if report.ok else EXIT_FAILED
 

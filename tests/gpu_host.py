@@ -184,7 +184,7 @@ def model_report(backend: str = "cpu", parity: str = "pass", diff: float = 4.8e-
                               "max_abs_diff": 0.0, "tolerance": 1e-4}]},
     ]
     return {
-        "schema": "envcheck.model-smoke/v1", "ok": parity == "pass", "impl": "auto",
+        "schema": "envcheck.model-smoke/v2", "ok": parity == "pass", "impl": "auto",
         "impl_used": "cudnn" if backend == "gpu" else "xla",
         "checkpoint": "x", "checks": checks, "timings_s": {"forward": 0.001, "generate": 0.3},
         "device": {"backend": backend, "device_kind": "NVIDIA H100 80GB HBM3" if backend == "gpu"

@@ -38,7 +38,7 @@ from envcheck.gpu_smoke.report import (
     PciGpu,
     SmokeReport,
 )
-from envcheck.host import Probe, daemon
+from envcheck.host import Probe, counters, daemon
 from envcheck.host.driver import DriverFacts, probe_driver
 from envcheck.host.nvml import NvmlFacts, probe_nvml
 from envcheck.host.toolkit import HOOKS, ToolkitFacts, probe_toolkit
@@ -46,6 +46,19 @@ from envcheck.report import Check, redact_env
 from envcheck.runner import RunResult
 
 MODEL_ARGV = ["python", "-m", "model.smoke", "--json"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    """How deep the model test goes (model.smoke --level), and the burn-in's length."""
+
+    name: str = "quick"
+    duration_s: float = 600.0
+
+    def argv(self, in_container: bool) -> list[str]:
+        extra = ["--level", self.name]
+        extra += ["--duration", f"{self.duration_s:g}"] if self.name == "long" else []
+        return [*MODEL_ARGV, *extra, *(["--in-container"] if in_container else [])]
 CONTAINER_IDS = ("image.present", "image.requirement", "container.passthrough",
                  *passthrough.INSIDE_IDS)
 
@@ -66,7 +79,8 @@ class ContainerPath:
 def gpu_smoke(*, image: str = DEV_IMAGE, no_container: bool = False,
               timeout_s: float = 600.0, build: BuildOptions | None = None,
               probe: Probe | None = None, connect=None, predict=None,
-              on_stage: Callable[[str], None] | None = None) -> SmokeReport:
+              on_stage: Callable[[str], None] | None = None,
+              level: Level = Level()) -> SmokeReport:
     """The whole chain. With `build`, an image the engine lacks is built first (as `docker
     run` pulls one); where it cannot be (no base image to be had), the model test runs on this
     host and the report says the container path was not tested. `probe` (root + runner) and
@@ -79,6 +93,7 @@ def gpu_smoke(*, image: str = DEV_IMAGE, no_container: bool = False,
     checks, driver = probe_driver(probe)
     nvml_checks, nvml = probe_nvml(probe, driver)
     checks += nvml_checks
+    before = counters.read(probe) if level.name == "long" and nvml.gpus else None
     stage("docker", "Docker daemon")
     if no_container:
         client, reach = None, Check("docker.reachable", "skip", "--no-container: the model test "
@@ -95,31 +110,34 @@ def gpu_smoke(*, image: str = DEV_IMAGE, no_container: bool = False,
         checks += [reach] + skipped(("docker.runtime", "docker.cdi", "docker.engine",
                                      *CONTAINER_IDS), reach)
         stage("model", "model test on this host")
-        path = ContainerPath(mode="host", model_run=host_model_run(timeout_s))
+        path = ContainerPath(mode="host", model_run=host_model_run(timeout_s, level))
     else:
         hooks = any(toolkit.binaries.get(h) for h in HOOKS)
         daemon_checks, docker = daemon.probe_daemon(probe, info, hooks)
         checks += daemon_checks
         build = build and build.for_host(bool(nvml.gpus or driver.pci_gpus))
         path = container_chain(client, image, driver.driver, toolkit, checks, stage, timeout_s,
-                               build, predict or preflight.predict)
+                               build, predict or preflight.predict, level)
         if path.untested:
             stage("model", "model test on this host")
-            path.mode, path.model_run = "host", host_model_run(timeout_s)
+            path.mode, path.model_run = "host", host_model_run(timeout_s, level)
     gpu_expected = path.mode == "container-gpu" or (path.mode == "host" and bool(nvml.gpus))
+    if before is not None:
+        checks.append(counters.counters_check(before, counters.read(probe)))
     return smoke_report(checks, path, gpu_expected, host_facts(driver, nvml), toolkit, docker,
-                        stage.done())
+                        stage.done(), level.name)
 
 
 def smoke_report(checks: list[Check], path: ContainerPath, gpu_expected: bool,
-                 host: HostFacts, toolkit: ToolkitFacts, docker, timings_s: dict
-                 ) -> SmokeReport:
+                 host: HostFacts, toolkit: ToolkitFacts, docker, timings_s: dict,
+                 level: str = "quick") -> SmokeReport:
     verdict, model_report, first = judge(checks, path.model_run, gpu_expected)
     mapped = preflight.mapped_check(path.prediction, model_report.device.mapped_libraries
                                     if model_report else [])
     checks += [mapped] if mapped else []
     return SmokeReport(
-        verdict=verdict, checks=checks, node=node_facts(), mode=path.mode, host=host,
+        verdict=verdict, level=level, checks=checks, node=node_facts(), mode=path.mode,
+        host=host,
         toolkit=toolkit, docker=docker or UNSET,
         leftovers_removed=path.leftovers or UNSET, image=path.image or UNSET,
         container_seconds=UNSET if path.seconds is None else path.seconds,
@@ -139,8 +157,8 @@ def host_facts(driver: DriverFacts, nvml: NvmlFacts) -> HostFacts:
 
 def container_chain(client, image: str, driver: str | None, toolkit: ToolkitFacts,
                     checks: list[Check], stage, timeout_s: float,
-                    build: BuildOptions | None = None, predict=preflight.predict
-                    ) -> ContainerPath:
+                    build: BuildOptions | None = None, predict=preflight.predict,
+                    level: Level = Level()) -> ContainerPath:
     """Links 4-7 on a reachable daemon: image (built first when missing and `build` says
     how), GPU probe container, model test in the container (on the GPU when the probe got
     one, else the CPU fallback)."""
@@ -180,7 +198,8 @@ def container_chain(client, image: str, driver: str | None, toolkit: ToolkitFact
         passthrough.missing_program(probe_run.error or ""))
     stage("model", "model test in the container" + (" on the GPU" if gpu else
                                                                " (CPU fallback)"))
-    for argv in (MODEL_ARGV, ["python3", *MODEL_ARGV[1:]]):  # Debian/Ubuntu: python3 only
+    python = level.argv(in_container=True)
+    for argv in (python, ["python3", *python[1:]]):  # Debian/Ubuntu: python3 only
         model = passthrough.run_container(
             client, image, argv, gpu=gpu, env=passthrough.GPU_ENV if gpu else
             passthrough.CPU_ENV, user=config["user"], timeout_s=timeout_s)
@@ -233,8 +252,8 @@ def node_facts() -> NodeFacts:
                      cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
-def host_model_run(timeout_s: float) -> RunResult:
-    return runner_module.run([sys.executable, *MODEL_ARGV[1:]], timeout_s)
+def host_model_run(timeout_s: float, level: Level = Level()) -> RunResult:
+    return runner_module.run([sys.executable, *level.argv(in_container=False)[1:]], timeout_s)
 
 
 def skipped(ids, cause: Check) -> list[Check]:

@@ -13,7 +13,7 @@ from envcheck.nvidia.catalog import UNKNOWN, classify
 from envcheck.report import Check, ReportError, read_report
 from envcheck.runner import RunResult
 from model.report import (
-    CHECK_IDS,
+    ALL_CHECK_IDS,
     SCHEMA,
     AttentionCheck,
     DeviceFacts,
@@ -22,8 +22,12 @@ from model.report import (
     ParityCheck,
 )
 
-BLOCKING = ("docker.reachable", "image.present", "model.run") + CHECK_IDS
+# A failed check of the model report fails the verdict: a wrong device, one below its floors.
+BLOCKING = ("docker.reachable", "image.present", "model.run") + ALL_CHECK_IDS
 NO_MODULE_RE = re.compile(r"No module named '?([\w.]+)'?")
+OLDER_MODEL_RE = re.compile(r"model\.smoke: error: unrecognized arguments: (.+)")
+REBUILD_FIX = ("the model test is of another envcheck version: rebuild the image with `envcheck "
+               "build` (on the host: reinstall envcheck)")
 MODEL_INSTALL_FIX = ("in a container: use the image `envcheck build` makes (Python, JAX, Flax "
                      "and the model package), or base yours on it; on the host "
                      "(--no-container): `pip install envcheck`")
@@ -66,6 +70,11 @@ def parse_model_report(result: RunResult) -> tuple[ModelReport | None, Check | N
     unusable = _cannot_start(result)
     if unusable:
         return None, Check("model.run", "fail", unusable, _tail(result.err), MODEL_INSTALL_FIX)
+    older = OLDER_MODEL_RE.search(result.err) if result.rc == 2 else None
+    if older:
+        return None, Check("model.run", "fail", f"the image's model test is of an older envcheck "
+                                                f"(it does not take {older.group(1)})",
+                           _tail(result.err), REBUILD_FIX)
     document = _last_json_line(result.out)
     if document is None or not str(document.get("schema")).startswith("envcheck.model-smoke/"):
         return None, Check("model.run", "fail",
@@ -77,9 +86,7 @@ def parse_model_report(result: RunResult) -> tuple[ModelReport | None, Check | N
         problem = (f"schema {document['schema']}, not {SCHEMA}"
                    if document["schema"] != SCHEMA else str(error))
         return None, Check("model.run", "fail", f"the model test's report is not one this "
-                                                f"envcheck reads: {problem}",
-                           fix="the model test is of another envcheck version: rebuild the "
-                               "image with `envcheck build` (on the host: reinstall envcheck)")
+                                                f"envcheck reads: {problem}", fix=REBUILD_FIX)
 
 
 def _last_json_line(out: str) -> dict | None:
@@ -131,7 +138,7 @@ def model_facts(report: ModelReport) -> ModelFacts:
                       attention=report.check(AttentionCheck).implementations,
                       max_abs_diff=parity.max_abs_diff, tolerance=parity.tolerance,
                       generate_tokens_per_s=report.check(GenerateCheck).tokens_per_s,
-                      timings_s=report.timings_s)
+                      timings_s=report.timings_s, devices=report.devices)
 
 
 def verdict(checks: list[Check], model_report: ModelReport | None) -> Verdict:

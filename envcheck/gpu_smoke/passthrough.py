@@ -31,6 +31,7 @@ NOBODY = "65534:65534"
 MEMORY_LIMIT = "8g"
 PIDS_LIMIT = 1024
 TMPFS = {"/tmp": "rw,exec,nosuid,size=2g,mode=1777"}
+SHM_SIZE = "1g"  # NCCL's buffers (container.nccl); Docker's default 64 MB is too small
 GPU_ENV = {"NVIDIA_DRIVER_CAPABILITIES": "compute,utility"}
 CPU_ENV = {"JAX_PLATFORMS": "cpu"}
 BASE_ENV = {"HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache",
@@ -117,7 +118,7 @@ def run_container(client, image: str, command: list[str], *, gpu: bool, env: dic
             image, command, name=name,
             user=user if user not in ("", "root", "0", "0:0") else NOBODY,
             environment={**BASE_ENV, **env}, network_mode="none", read_only=True,
-            tmpfs=TMPFS, cap_drop=["ALL"], security_opt=["no-new-privileges"],
+            tmpfs=TMPFS, shm_size=SHM_SIZE, cap_drop=["ALL"], security_opt=["no-new-privileges"],
             mem_limit=memory_limit, pids_limit=PIDS_LIMIT, device_requests=requests_,
             labels={**OWN_LABEL, **({OWNER_LABEL: owner} if (owner := process_identity())
                                     else {})})

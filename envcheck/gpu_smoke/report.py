@@ -13,7 +13,7 @@ from envcheck.host.daemon import DockerFacts
 from envcheck.host.nvml import GpuFacts
 from envcheck.host.toolkit import ToolkitFacts
 from envcheck.report import Check
-from model.report import DeviceFacts, ImplResult
+from model.report import DeviceFacts, DeviceRun, ImplResult, Level
 
 SCHEMA = "envcheck.smoke/v1"
 Verdict = Literal["gpu", "cpu-fallback", "fail"]
@@ -63,6 +63,7 @@ class ModelFacts(msgspec.Struct, kw_only=True):
     tolerance: float | None
     generate_tokens_per_s: float | None
     timings_s: dict[str, float]
+    devices: list[DeviceRun] = []  # the model checks per device
 
 
 class FirstFailed(msgspec.Struct, kw_only=True):
@@ -78,6 +79,7 @@ class Leftover(msgspec.Struct, kw_only=True):
 class SmokeReport(msgspec.Struct, kw_only=True):
     schema: Literal["envcheck.smoke/v1"] = SCHEMA
     verdict: Verdict
+    level: Level = "quick"
     checks: list[Check]
     node: NodeFacts
     mode: Mode

@@ -50,6 +50,25 @@ def test_model_smoke_in_the_container(engine, built_image):
     assert uid.strip() != b"0"
 
 
+@pytest.mark.parametrize("shm_size, status", [(None, "warn"), ("8g", "pass")])
+def test_nccls_prerequisites_read_inside_a_real_container(engine, built_image, shm_size, status):
+    """container.nccl as the model test reads it in a container: Docker's default 64 MB
+    /dev/shm is a warn naming the fix; 8 GB passes. memlock and the IPC namespace are this
+    engine's."""
+    client = docker.DockerClient(base_url=engine)
+    program = ("import json; from model.nccl import container_check; from model.report import "
+               "to_json; print(json.dumps(to_json(container_check())))")
+    out = client.containers.run(built_image["tag"], ["python", "-c", program],
+                                network_mode="none", read_only=True, remove=True, stderr=False,
+                                **({"shm_size": shm_size} if shm_size else {}))
+    check = json.loads(out)
+    assert check["id"] == "container.nccl" and check["status"] == status, check
+    assert check["shm_bytes"] == (8 << 30 if shm_size else 64 << 20)
+    assert check["ipc_namespace"].startswith("ipc:[")
+    if status == "warn":
+        assert "/dev/shm is 64 MiB" in check["summary"] and "--shm-size=1g" in check["fix"]
+
+
 def compose(engine: str, image: str, *args: str):
     require_binary("docker-compose")
     env = {**os.environ, "DOCKER_HOST": engine, "ENVCHECK_IMAGE": image,

@@ -202,7 +202,7 @@ def test_a_container_over_its_memory_limit_is_reported_as_oom(engine, built_imag
 
 
 @pytest.mark.parametrize("script,summary", [
-    ("echo '{\"schema\": \"envcheck.model-smoke/v1\", \"checks\": [' ; exit 3",
+    ("echo '{\"schema\": \"envcheck.model-smoke/v2\", \"checks\": [' ; exit 3",
      "gave no report (exit code 3)"),
     ("echo 'not json at all'", "gave no report (exit code 0)"),
     ("echo 'Traceback: boom' >&2; exit 1", "gave no report (exit code 1)"),

@@ -142,7 +142,7 @@ def test_cudnn_reports_unavailable_off_gpu():
 
 @pytest.mark.parametrize("backend,dtype,T,expected", [
     ("gpu", jnp.bfloat16, 128, "cudnn"), ("gpu", jnp.float16, 8, "cudnn"),
-    ("gpu", jnp.float32, 128, "pallas"), ("cpu", jnp.float32, 4096, "flash"),
+    ("gpu", jnp.float32, 128, "xla"), ("cpu", jnp.float32, 4096, "flash"),
     ("cpu", jnp.float32, 128, "xla"), ("cpu", jnp.bfloat16, 1, "xla"),
 ])
 def test_auto_choice(backend, dtype, T, expected):

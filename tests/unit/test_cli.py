@@ -41,7 +41,8 @@ def ok(report) -> RunResult:
 def test_cpu_fallback_is_labelled_and_exits_0(monkeypatch):
     outcome, calls = invoke(monkeypatch, ok(model_report()), "--timeout-s", "42")
     assert outcome.exit_code == 0, outcome.output
-    assert calls[0][0][1:] == ["-m", "model.smoke", "--json"] and calls[0][1] == 42
+    assert calls[0][0][1:] == ["-m", "model.smoke", "--json", "--level", "quick"]
+    assert calls[0][1] == 42
     assert "WARN jax.backend" in outcome.output and "CPU fallback" in outcome.output
     assert outcome.output.strip().splitlines()[-1].startswith("VERDICT cpu-fallback")
 
@@ -123,7 +124,7 @@ def mutated(change) -> dict:
      "timings_s.load: expected a number, got a boolean"),
     (lambda r: r["timings_s"].__setitem__("attention.flash", "1"),
      "timings_s.attention.flash: expected a number, got a string"),
-    (lambda r: r.__setitem__("schema", "envcheck.model-smoke/v2"), "model-smoke/v2, not"),
+    (lambda r: r.__setitem__("schema", "envcheck.model-smoke/v1"), "model-smoke/v1, not"),
 ])
 def test_a_model_report_of_another_shape_is_one_failed_check(monkeypatch, change, named):
     """A report from an image another envcheck version built: a failed model.run naming what
@@ -226,11 +227,11 @@ def test_every_check_id_is_documented():
 
     from envcheck.gpu_smoke.chain import CONTAINER_IDS
     from envcheck.nvidia.catalog import CATALOG_BY_ID
-    from model.report import CHECK_IDS
+    from model.report import ALL_CHECK_IDS
 
     reference = (REPO / "docs" / "checks.md").read_text()
     source = "\n".join(p.read_text() for p in (REPO / "envcheck").rglob("*.py"))
-    ids = set(re.findall(r'Check\(\s*"([a-z][a-z0-9.-]+)"', source)) | set(CHECK_IDS)
+    ids = set(re.findall(r'Check\(\s*"([a-z][a-z0-9.-]+)"', source)) | set(ALL_CHECK_IDS)
     ids |= set(CATALOG_BY_ID) | set(CONTAINER_IDS)  # ids chosen at run time
     assert len(ids) >= 12
     for check_id in sorted(ids):

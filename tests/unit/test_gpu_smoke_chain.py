@@ -63,7 +63,8 @@ def test_healthy_h100_host_passes_every_link_and_runs_on_the_gpu(tmp_path):
     gpu_probe, model = client.created
     assert gpu_probe["device_requests"][0].count == -1
     assert gpu_probe["device_requests"][0].capabilities == [["gpu"]]
-    assert model["device_requests"] and model["command"][-2:] == ["model.smoke", "--json"]
+    assert model["device_requests"] and model["command"][-5:] == [
+        "model.smoke", "--json", "--level", "quick", "--in-container"]
 
 
 def test_least_privilege_options_on_every_container(tmp_path):
@@ -657,7 +658,7 @@ def test_no_base_to_build_from_tests_on_the_host_and_says_so(tmp_path, monkeypat
     docker = FakeDocker(missing_image=True)
     fake_build(monkeypatch, docker, builder.NoBase("base image x:1 is not present locally and "
                                                    "cannot be pulled (no such host)"))
-    monkeypatch.setattr(chain, "host_model_run", lambda timeout_s: RunResult(
+    monkeypatch.setattr(chain, "host_model_run", lambda timeout_s, level: RunResult(
         0, json.dumps(model_report("cpu")), ""))
     report = smoke(bare_host(tmp_path), docker, build=BuildOptions(base_image="x:1"))
     present = by_id(report)["image.present"]
@@ -731,7 +732,7 @@ def test_daemon_that_stops_answering_after_the_ping(tmp_path, monkeypatch):
         def info(self):
             raise requests.exceptions.ConnectionError("Connection aborted.")
 
-    monkeypatch.setattr(smoke_module, "host_model_run", lambda timeout_s: RunResult(
+    monkeypatch.setattr(smoke_module, "host_model_run", lambda timeout_s, level: RunResult(
         0, json.dumps(model_report("cpu")), ""))
     report = smoke(healthy_host(tmp_path), Dying())
     assert_link(report, "docker.reachable", "fail", "systemctl start docker")
