@@ -2,13 +2,14 @@
 # Everything that needs a real GPU, in one script, for a GPU host as sandboxed ones often are: no
 # network, no Docker, a python3 (3.11+) that already has JAX with a CUDA plugin (CUDA 12 or 13).
 #   scripts/gpu_check.sh            (results land in $OUT, default ./gpu-check-results)
-# It makes a venv that sees the system site-packages (so the system's JAX and CUDA wheels are the
-# ones tested), installs envcheck into it with --no-deps, and adds the small pure wheels the system
-# lacks (click, rich, msgspec, docker, isal, …) from ./.whl/ when present, else from the package
-# index. Then it records: nvidia-smi, JAX's devices, `model.smoke --level medium` (every device:
-# parity, generation, every attention implementation, matmul/memory/transfer against the
-# datasheet, the all-reduce), `gpu-smoke --no-container --level medium --require-gpu`, the attention
-# tests on the GPU backend (our Pallas kernel compiled by Triton), and bench_attention --gpu.
+# It makes a venv that sees the system site-packages (so the system's JAX and CUDA wheels are
+# the ones tested; a PYTHON that is a venv already is used as it is), installs envcheck with
+# --no-deps, and adds the small pure wheels the system lacks (click, rich, msgspec, docker, isal,
+# …) from ./.whl/ when present, else from the package index. Then it records: nvidia-smi, JAX's
+# devices, `model.smoke --level medium` (every device: parity, generation, every attention
+# implementation, matmul/memory/transfer against the datasheet, the all-reduce), `gpu-smoke
+# --no-container --level medium --require-gpu`, the attention tests on the GPU backend (our
+# Pallas kernel compiled by Triton), and bench_attention --gpu.
 # Each step has a time limit; the whole run is kept under 8 minutes. Exit 1 if a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,10 +31,12 @@ step() {  # step NAME LIMIT_S COMMAND...: run, tee to $OUT/NAME.txt, remember fa
 if ! "$PY" -c 'import jax' 2>/dev/null; then
   echo "no JAX in $PY: install jax[cuda12] (or jax[cuda13]) first, or set PYTHON"; exit 2
 fi
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv --system-site-packages "$VENV" || exit 2
+if "$PY" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
+  py="$PY"  # already a venv (its JAX is there): install into it
+else
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv --system-site-packages "$VENV" || exit 2
+  py="$VENV/bin/python"
 fi
-py="$VENV/bin/python"
 "$py" -m pip install --quiet --no-deps --no-build-isolation -e . >"$OUT/install.txt" 2>&1 || {
   cat "$OUT/install.txt"; exit 2; }
 missing=$("$py" - <<'EOF'
