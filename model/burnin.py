@@ -27,7 +27,8 @@ def checksum(array) -> str:
 def burn_in(infos: list[DeviceInfo], duration_s: float, fault) -> BurnInCheck:
     devices = jax.devices()
     n = SIZES["gpu" if infos[0].platform == "gpu" else "cpu"]["matmul"]
-    product = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    product = jax.jit(lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.DEFAULT,
+                                           preferred_element_type=jnp.float32))
     a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (3, 4))
     placed = [(jax.device_put(a, d), jax.device_put(b, d)) for d in devices]
     golden: dict[str, str] = {}  # kind -> first result's checksum

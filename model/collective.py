@@ -1,9 +1,10 @@
 """interconnect.allreduce: an all-reduce over every local device (psum under shard_map; NCCL on
 GPUs), checked for the exact sum on known values and timed over a size sweep at the medium and
 long levels. Bus bandwidth as nccl-tests computes it for all-reduce: busbw = algbw × 2(n−1)/n,
-algbw = bytes per device / time. Judged against the link the datasheet gives the device kind
-(NVLink per direction, else its PCIe generation x16): busbw ≥ 40% of it. Uncalibrated on
-hardware so far (see docs/benchmarks.md); on CPU devices there is no link to judge against.
+algbw = bytes per device / time. Judged against what the link should give (model/links.py:
+NVML's active NVLinks or PCIe generation × width where this process can read NVML, else the
+datasheet's NVLink or PCIe x16): busbw ≥ 40% of it. Uncalibrated on hardware so far (see
+docs/benchmarks.md); on CPU devices there is no link to judge against.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from model import links
 from model.report import AllReduceCheck, DeviceInfo, SweepPoint
-from model.specs import PCIE_GBPS, spec_for
+from model.specs import spec_for
 
 LINK_FLOOR = 0.40
 CHECK_BYTES = 1 << 20  # per device, the exactness check at every level
@@ -73,15 +75,12 @@ def sweep(devices: list, sizes: tuple[int, ...]) -> list[SweepPoint]:
 
 
 def expected_link(infos: list[DeviceInfo]) -> tuple[str | None, float | None]:
-    """The link the all-reduce runs over, by datasheet: NVLink where every device has it."""
+    """What the link should give: NVML's active NVLinks or PCIe link (model/links.py), else
+    the datasheet's."""
     specs = [spec_for(info.kind)[0] for info in infos]
-    if any(spec is None for spec in specs):
-        return None, None
-    if all(spec.nvlink_gbps for spec in specs):
-        gbps = min(spec.nvlink_gbps for spec in specs)
-        return f"NVLink, {gbps:g} GB/s per direction ({specs[0].name})", gbps
-    gen = min(spec.pcie_gen for spec in specs)
-    return f"PCIe {gen}.0 x16, {PCIE_GBPS[gen]:g} GB/s per direction", PCIE_GBPS[gen]
+    facts = [links.nvml_facts(info.pci_bus_id) if info.platform == "gpu" else None
+             for info in infos]
+    return links.expected(specs, facts)
 
 
 def allreduce_check(infos: list[DeviceInfo], level: str) -> AllReduceCheck:

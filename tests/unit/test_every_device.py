@@ -313,3 +313,35 @@ def test_an_image_with_an_older_model_test_says_to_rebuild():
     assert problem.summary == ("the image's model test is of an older envcheck (it does not take "
                                "--level quick --in-container)")
     assert "rebuild the image with `envcheck build`" in problem.fix
+
+
+def pcie_max(capture: str) -> list[tuple[int, int]]:
+    """(PCIe Generation Max, Link Width Max) of each GPU of an `nvidia-smi -q` capture."""
+    gens = re.findall(r"PCIe Generation\s*\n\s*Max\s*:\s*(\d+)", real(capture))
+    widths = re.findall(r"Link Width\s*\n\s*Max\s*:\s*(\d+)x", real(capture))
+    return [(int(g), int(w)) for g, w in zip(gens, widths, strict=True)]
+
+
+def test_the_all_reduce_link_from_nvml_facts_as_the_captures_give_them():
+    from model.links import LinkFacts, expected
+
+    assert pcie_max("nvidia-smi-q_rtx4080super_595.txt") == [(4, 16)]
+    assert pcie_max("nvidia-smi-q_4xa100-sxm4_555.txt") == [(4, 16)] * 4
+    rtx = spec_for("NVIDIA GeForce RTX 4080 SUPER")[0]
+    facts = [LinkFacts(pcie_gen=g, pcie_width=w, nvlinks_active=0)
+             for g, w in pcie_max("nvidia-smi-q_rtx4080super_595.txt") * 2]
+    assert expected([rtx, rtx], facts) == ("PCIe 4.0 x16 (NVML), 31.5 GB/s per direction", 31.5)
+    narrow = [facts[0], LinkFacts(pcie_gen=4, pcie_width=8, nvlinks_active=0)]
+    assert expected([rtx, rtx], narrow)[1] == 15.75  # a x8 slot lowers what the link gives
+    a100 = spec_for("NVIDIA A100-SXM4-80GB")[0]
+    nvlink = [LinkFacts(pcie_gen=g, pcie_width=w, nvlinks_active=12)
+              for g, w in pcie_max("nvidia-smi-q_4xa100-sxm4_555.txt")]
+    assert expected([a100] * 4, nvlink) == (
+        "NVLink, 12 active links (NVML), 300 GB/s per direction", 300.0)
+    nvlink[2] = LinkFacts(pcie_gen=4, pcie_width=16, nvlinks_active=8)  # four links down
+    assert expected([a100] * 4, nvlink)[0].startswith(
+        "NVLink, 8 active links (the datasheet's 12) (NVML), 200 GB/s")
+    h100 = spec_for("NVIDIA H100 80GB HBM3")[0]
+    assert expected([h100, h100], [None, None]) == (
+        "NVLink, 450 GB/s per direction (H100 SXM datasheet)", 450.0)
+    assert expected([None, None], [None, None]) == (None, None)  # CPU devices: nothing to say
