@@ -18,7 +18,7 @@ smoke: $(VENV)/.runtime-installed
 # Real components the integration tests drive (Debian packages; installed when root or sudo).
 SYSTEM_PACKAGES := skopeo docker-registry docker.io docker-compose debootstrap apache2-utils gcc binutils \
 	patchelf gzip zstd curl time \
-	slurmctld slurmd slurm-client munge
+	slurmctld slurmd slurm-client munge prometheus
 
 test: $(VENV)/.test-installed
 	scripts/install_system_packages.sh $(SYSTEM_PACKAGES) || echo "warning: could not install $(SYSTEM_PACKAGES); integration tests that need them will skip (or fail under CI=true)"

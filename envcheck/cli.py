@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -35,6 +36,9 @@ def cli() -> None:
 @click.option("--timeout-s", type=click.FloatRange(min=1), default=600, show_default=True,
               help="Limit for the model test.")
 @click.option("--redact-uuids", is_flag=True, help="Replace GPU/MIG UUIDs (to share a report).")
+@click.option("--metrics", type=click.Path(path_type=Path), callback=options.metrics_file,
+              metavar="FILE", help="Also write Prometheus metrics there (node_exporter's "
+                                   "textfile format, atomically).")
 @click.option("--level", type=click.Choice(["quick", "medium", "long"]), default="quick",
               show_default=True, help="quick: every device's numerics and a short matmul; "
               "medium: + memory/transfer bandwidth, all-reduce sweep, siblings; long: + burn-in.")
@@ -50,8 +54,8 @@ def cli() -> None:
 @click.option("--network", type=click.Choice(["host", "default"]), default="default",
               show_default=True, help="With --build-missing: as `envcheck build --network`.")
 def gpu_smoke_command(image: str, no_container: bool, as_json: bool, require_gpu: bool,
-                      timeout_s: float, redact_uuids: bool, level: str, duration: float,
-                      build_missing: bool,
+                      timeout_s: float, redact_uuids: bool, metrics: Path | None, level: str,
+                      duration: float, build_missing: bool,
                       base_image: str | None, ca_bundle: Path | None, network: str) -> None:
     """Check the GPU passthrough chain link by link, then run the bundled GPT-2 test in the
     container (on the GPU, or the labelled CPU fallback).
@@ -65,23 +69,29 @@ def gpu_smoke_command(image: str, no_container: bool, as_json: bool, require_gpu
     """
     from envcheck.build import BuildOptions
     from envcheck.gpu_smoke import gpu_smoke
-    from envcheck.gpu_smoke.chain import Level
+    from envcheck.gpu_smoke.chain import ModelLevel
     from envcheck.gpu_smoke.render import render_smoke
 
     build = BuildOptions(base_image=base_image, network=network,
                          ca_bundle=ca_bundle) if build_missing else None
+    start_s = time.perf_counter()
     with spinner("checking the host") as update:
         on_stage = (lambda name: update(f"gpu-smoke: {name}")) if update else None
         # the burn-in's duration comes on top of the model test's own limit
         limit_s = timeout_s + (duration if level == "long" else 0)
         report = gpu_smoke(image=image, no_container=no_container, timeout_s=limit_s,
-                           build=build, on_stage=on_stage, level=Level(level, duration))
+                           build=build, on_stage=on_stage, level=ModelLevel(level, duration))
     if redact_uuids:
         report = redacted_report(report)
     if as_json:
         click.echo(json.dumps(to_json(report), indent=2))
     else:
         render_smoke(report, Console(highlight=False, soft_wrap=True))
+    if metrics:
+        from envcheck import metrics as prometheus
+
+        prometheus.write(metrics, prometheus.smoke_registry(report,
+                                                            time.perf_counter() - start_s))
     failed = report.verdict == "fail" or (require_gpu and report.verdict != "gpu")
     sys.exit(EXIT_FAILED if failed else EXIT_OK)
 
@@ -109,8 +119,11 @@ def fleet_group() -> None:
 @click.option("--require-gpu", is_flag=True, help="Exit 1 unless every node's verdict is gpu.")
 @click.option("--all", "show_all", is_flag=True, help="List every node, however many.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON report (envcheck.fleet/v1).")
+@click.option("--metrics", type=click.Path(path_type=Path), callback=options.metrics_file,
+              metavar="FILE", help="Also write Prometheus metrics there (node_exporter's "
+                                   "textfile format, atomically).")
 def fleet_slurm_command(partition, nodes, gres, image, no_container, timeout_s, require_gpu,
-                        show_all, as_json) -> None:
+                        show_all, as_json, metrics) -> None:
     """Run `envcheck gpu-smoke --json` on every node (one srun task per node) and print one
     table: node, verdict, GPUs, driver, model time, first failed check; then the groups of
     nodes that fail the same way.
@@ -119,6 +132,7 @@ def fleet_slurm_command(partition, nodes, gres, image, no_container, timeout_s, 
     Example:
         envcheck fleet slurm --partition gpu --gres gpu:1
     """
+    from envcheck import metrics as prometheus
     from envcheck.fleet import slurm
     from envcheck.fleet.aggregate import render, summarize
 
@@ -128,6 +142,8 @@ def fleet_slurm_command(partition, nodes, gres, image, no_container, timeout_s, 
                                           no_container=no_container)
     fleet = summarize(rows, "slurm", require_gpu=require_gpu, seconds=round(seconds, 3))
     click.echo(json.dumps(to_json(fleet), indent=2) if as_json else render(fleet, show_all))
+    if metrics:
+        prometheus.write(metrics, prometheus.fleet_registry(fleet, seconds))
     sys.exit(EXIT_OK if fleet.ok else EXIT_FAILED)
 
 
@@ -167,15 +183,17 @@ def fleet_k8s_render_command(kind, image, namespace, nodes, runtime_class) -> No
 @click.option("--require-gpu", is_flag=True, help="Exit 1 unless every node's verdict is gpu.")
 @click.option("--all", "show_all", is_flag=True, help="List every node, however many.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON report (envcheck.fleet/v1).")
-def fleet_k8s_collect_command(namespace, require_gpu, show_all, as_json) -> None:
+@click.option("--metrics", type=click.Path(path_type=Path), callback=options.metrics_file,
+              metavar="FILE", help="Also write Prometheus metrics there (node_exporter's "
+                                   "textfile format, atomically).")
+def fleet_k8s_collect_command(namespace, require_gpu, show_all, as_json, metrics) -> None:
     """Read the smoke pods' logs (kubernetes client) and print the fleet table.
 
     \b
     Example:
         envcheck fleet k8s collect --namespace envcheck
     """
-    import time
-
+    from envcheck import metrics as prometheus
     from envcheck.fleet import k8s
     from envcheck.fleet.aggregate import render, summarize
 
@@ -184,6 +202,8 @@ def fleet_k8s_collect_command(namespace, require_gpu, show_all, as_json) -> None
     fleet = summarize(rows, "kubernetes", require_gpu=require_gpu,
                       seconds=round(time.perf_counter() - start_s, 3))
     click.echo(json.dumps(to_json(fleet), indent=2) if as_json else render(fleet, show_all))
+    if metrics:
+        prometheus.write(metrics, prometheus.fleet_registry(fleet, fleet.seconds or 0.0))
     sys.exit(EXIT_OK if fleet.ok else EXIT_FAILED)
 
 

@@ -4,6 +4,7 @@ usage error line (exit 2) naming the option and the form it takes, before anythi
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import click
 
@@ -75,3 +76,17 @@ def platform(ctx, param, value: str | None) -> str | None:
         raise click.BadParameter(f"{value!r} is not OS/ARCH or OS/ARCH/VARIANT (e.g. "
                                  "linux/amd64, linux/arm64/v8)")
     return value.lower()
+
+
+def metrics_file(ctx, param, value: Path | None) -> Path | None:
+    """A metrics file whose directory exists and is writable (checked before the run)."""
+    from envcheck.errors import UnreadableInput
+    from envcheck.metrics import check_target
+
+    if value is None:
+        return None
+    try:
+        check_target(value)
+    except UnreadableInput as problem:
+        raise click.BadParameter(str(problem).removeprefix(f"--metrics {value}: ")) from None
+    return value

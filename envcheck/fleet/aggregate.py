@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from envcheck.gpu_smoke.report import SmokeReport
+from envcheck.gpu_smoke.report import PerfFigure, SmokeReport
 from envcheck.report import ReportError, read_report
 
 SCHEMA = "envcheck.fleet/v1"
@@ -37,6 +37,8 @@ class NodeResult(msgspec.Struct):
     fix: str | None = None
     model_s: float | None = None
     cuda_visible_devices: str | None = None
+    checks: dict[str, str] = {}  # check id -> status, of a node that reported
+    performance: list[PerfFigure] = []  # its model test's perf figures (for --metrics)
     detail: str = ""
 
     def key(self) -> tuple[str, str, str]:
@@ -94,7 +96,9 @@ def from_report(node: str, document: dict[str, Any]) -> NodeResult:
         summary=first.summary if first else "",
         fix=checks[first.id].fix if first and first.id in checks else None,
         model_s=report.timings_s.get("model"),
-        cuda_visible_devices=report.node.cuda_visible_devices)
+        cuda_visible_devices=report.node.cuda_visible_devices,
+        checks={c.id: c.status for c in report.checks},
+        performance=report.model.performance if report.model else [])
 
 
 def report_node(report: dict[str, Any]) -> str | None:

@@ -49,7 +49,7 @@ MODEL_ARGV = ["python", "-m", "model.smoke", "--json"]
 
 
 @dataclasses.dataclass(frozen=True)
-class Level:
+class ModelLevel:
     """How deep the model test goes (model.smoke --level), and the burn-in's length."""
 
     name: str = "quick"
@@ -80,7 +80,7 @@ def gpu_smoke(*, image: str = DEV_IMAGE, no_container: bool = False,
               timeout_s: float = 600.0, build: BuildOptions | None = None,
               probe: Probe | None = None, connect=None, predict=None,
               on_stage: Callable[[str], None] | None = None,
-              level: Level = Level()) -> SmokeReport:
+              level: ModelLevel = ModelLevel()) -> SmokeReport:
     """The whole chain. With `build`, an image the engine lacks is built first (as `docker
     run` pulls one); where it cannot be (no base image to be had), the model test runs on this
     host and the report says the container path was not tested. `probe` (root + runner) and
@@ -158,7 +158,7 @@ def host_facts(driver: DriverFacts, nvml: NvmlFacts) -> HostFacts:
 def container_chain(client, image: str, driver: str | None, toolkit: ToolkitFacts,
                     checks: list[Check], stage, timeout_s: float,
                     build: BuildOptions | None = None, predict=preflight.predict,
-                    level: Level = Level()) -> ContainerPath:
+                    level: ModelLevel = ModelLevel()) -> ContainerPath:
     """Links 4-7 on a reachable daemon: image (built first when missing and `build` says
     how), GPU probe container, model test in the container (on the GPU when the probe got
     one, else the CPU fallback)."""
@@ -252,7 +252,7 @@ def node_facts() -> NodeFacts:
                      cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
-def host_model_run(timeout_s: float, level: Level = Level()) -> RunResult:
+def host_model_run(timeout_s: float, level: ModelLevel = ModelLevel()) -> RunResult:
     return runner_module.run([sys.executable, *level.argv(in_container=False)[1:]], timeout_s)
 
 

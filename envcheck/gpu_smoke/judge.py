@@ -8,13 +8,14 @@ import json
 import re
 
 from envcheck.gpu_smoke import passthrough
-from envcheck.gpu_smoke.report import FirstFailed, ModelFacts, Verdict
+from envcheck.gpu_smoke.report import FirstFailed, ModelFacts, PerfFigure, Verdict
 from envcheck.nvidia.catalog import UNKNOWN, classify
 from envcheck.report import Check, ReportError, read_report
 from envcheck.runner import RunResult
 from model.report import (
     ALL_CHECK_IDS,
     SCHEMA,
+    AllReduceCheck,
     AttentionCheck,
     DeviceFacts,
     GenerateCheck,
@@ -138,7 +139,32 @@ def model_facts(report: ModelReport) -> ModelFacts:
                       attention=report.check(AttentionCheck).implementations,
                       max_abs_diff=parity.max_abs_diff, tolerance=parity.tolerance,
                       generate_tokens_per_s=report.check(GenerateCheck).tokens_per_s,
-                      timings_s=report.timings_s, devices=report.devices)
+                      timings_s=report.timings_s, devices=report.devices,
+                      performance=perf_figures(report))
+
+
+MEASURES = {"perf.matmul": "matmul_tflops", "perf.memory": "memory_gbps",
+            "perf.transfer": "transfer_gbps"}
+
+
+def perf_figures(report: ModelReport) -> list[PerfFigure]:
+    """Every figure of the report's perf.* checks, with its device's UUID and kind, and the
+    all-reduce's best bus bandwidth."""
+    infos = {run.device.index: run.device for run in report.devices}
+    figures = []
+    for check in report.checks:
+        if check.id in MEASURES:
+            directions = getattr(check, "directions", None)
+            for i, entry in enumerate(check.entries):
+                info = infos.get(entry.device)
+                figures.append(PerfFigure(
+                    measure=MEASURES[check.id], value=entry.value, device=entry.device,
+                    uuid=info and info.uuid, kind=info and info.kind,
+                    direction=directions[i] if directions else None))
+        elif isinstance(check, AllReduceCheck) and check.sweep:
+            figures.append(PerfFigure(measure="allreduce_busbw_gbps",
+                                      value=max(p.busbw_gbps for p in check.sweep)))
+    return figures
 
 
 def verdict(checks: list[Check], model_report: ModelReport | None) -> Verdict:

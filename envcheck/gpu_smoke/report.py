@@ -53,6 +53,17 @@ class ImageFacts(msgspec.Struct, kw_only=True):
     env: dict[str, str]  # NVIDIA_*, CUDA_*, NV_CUDNN*, JAX_*, XLA_*; secrets redacted
 
 
+class PerfFigure(msgspec.Struct, kw_only=True):
+    """One measured figure of the model test's perf and interconnect checks (for --metrics)."""
+
+    measure: Literal["matmul_tflops", "memory_gbps", "transfer_gbps", "allreduce_busbw_gbps"]
+    value: float
+    device: int | None = None  # index in the model report's devices; None: over all of them
+    uuid: str | None = None
+    kind: str | None = None
+    direction: Literal["h2d", "d2h"] | None = None
+
+
 class ModelFacts(msgspec.Struct, kw_only=True):
     """What gpu-smoke keeps of the model test's report (model/report.py)."""
 
@@ -64,6 +75,7 @@ class ModelFacts(msgspec.Struct, kw_only=True):
     generate_tokens_per_s: float | None
     timings_s: dict[str, float]
     devices: list[DeviceRun] = []  # the model checks per device
+    performance: list[PerfFigure] = []  # the perf.* and all-reduce figures, per device
 
 
 class FirstFailed(msgspec.Struct, kw_only=True):

@@ -287,14 +287,14 @@ def test_nvml_counters_before_and_after_a_long_run(changes, status, said):
 
 def test_the_long_level_reads_the_counters_before_and_after(tmp_path):
     from envcheck.gpu_smoke import gpu_smoke
-    from envcheck.gpu_smoke.chain import Level
+    from envcheck.gpu_smoke.chain import ModelLevel
     from tests.gpu_host import FakeDocker, connect_to, healthy_host, predicted
 
     runs = {}
     for level in ("quick", "long"):
         report = gpu_smoke(probe=healthy_host(tmp_path / level).probe,
                            connect=connect_to(FakeDocker()), predict=predicted(),
-                           level=Level(level, 5))
+                           level=ModelLevel(level, 5))
         runs[level] = {c.id: c for c in report.checks}
         assert report.level == level
     assert "host.counters" not in runs["quick"]
