@@ -14,7 +14,7 @@ from rich.console import Console
 
 from envcheck import __version__, options
 from envcheck.dev_image import CPU_BASE, CUDA_BASE, DEV_IMAGE
-from envcheck.errors import EXIT_FAILED, EXIT_OK
+from envcheck.errors import EXIT_FAILED, EXIT_OK, UnreadableInput
 from envcheck.process import OneLineGroup, run
 from envcheck.progress import layer_bars, spinner
 from envcheck.report import redacted_report, to_json
@@ -44,6 +44,14 @@ def cli() -> None:
               "medium: + memory/transfer bandwidth, all-reduce sweep, siblings; long: + burn-in.")
 @click.option("--duration", type=click.FloatRange(min=1), default=600, show_default=True,
               help="With --level long: the burn-in's seconds (added to --timeout-s).")
+@click.option("--health-check", is_flag=True,
+              help="As slurmd's HealthCheckProgram: check this node (quick level, within "
+                   "--budget-s), drain it on failure, resume it if envcheck drained it.")
+@click.option("--node", help="With --health-check: the node's Slurm name [default: "
+                             "SLURMD_NODENAME, else the short host name].")
+@click.option("--budget-s", type=click.FloatRange(min=5), default=50, show_default=True,
+              help="With --health-check: kill the check after this long and drain the node "
+                   "(slurmd kills its HealthCheckProgram at 60 s).")
 @click.option("--build-missing", is_flag=True,
               help="Build the image first when the engine lacks it (as `envcheck build`); "
                    "where no base can be had, test on this host and say so.")
@@ -55,7 +63,8 @@ def cli() -> None:
               show_default=True, help="With --build-missing: as `envcheck build --network`.")
 def gpu_smoke_command(image: str, no_container: bool, as_json: bool, require_gpu: bool,
                       timeout_s: float, redact_uuids: bool, metrics: Path | None, level: str,
-                      duration: float, build_missing: bool,
+                      duration: float, health_check: bool, node: str | None, budget_s: float,
+                      build_missing: bool,
                       base_image: str | None, ca_bundle: Path | None, network: str) -> None:
     """Check the GPU passthrough chain link by link, then run the bundled GPT-2 test in the
     container (on the GPU, or the labelled CPU fallback).
@@ -67,6 +76,22 @@ def gpu_smoke_command(image: str, no_container: bool, as_json: bool, require_gpu
         envcheck gpu-smoke --build-missing
         envcheck gpu-smoke --level medium --require-gpu
     """
+    if health_check:
+        from envcheck import runner
+        from envcheck.fleet import health
+
+        name = health.node_name(node)
+        with health.exclusive(name) as alone:
+            if not alone:
+                click.echo(f"envcheck health check on {name}: another one is running; this one "
+                           "did nothing")
+                sys.exit(EXIT_OK)
+            result = health.check(name, health.smoke_argv(budget_s, no_container, image,
+                                                          require_gpu),
+                                  budget_s, require_gpu, runner.run)
+        click.echo(result.line())
+        sys.exit(EXIT_OK if result.row.status == "reported" and not any(
+            a.action == "drain" for a in result.actions) else EXIT_FAILED)
     from envcheck.build import BuildOptions
     from envcheck.gpu_smoke import gpu_smoke
     from envcheck.gpu_smoke.chain import ModelLevel
@@ -122,8 +147,11 @@ def fleet_group() -> None:
 @click.option("--metrics", type=click.Path(path_type=Path), callback=options.metrics_file,
               metavar="FILE", help="Also write Prometheus metrics there (node_exporter's "
                                    "textfile format, atomically).")
+@click.option("--drain", is_flag=True, help="Drain failing nodes (reason 'envcheck: …'); resume "
+                                            "nodes envcheck drained that now pass.")
+@click.option("--dry-run", is_flag=True, help="With --drain: print the scontrol commands only.")
 def fleet_slurm_command(partition, nodes, gres, image, no_container, timeout_s, require_gpu,
-                        show_all, as_json, metrics) -> None:
+                        show_all, as_json, metrics, drain, dry_run) -> None:
     """Run `envcheck gpu-smoke --json` on every node (one srun task per node) and print one
     table: node, verdict, GPUs, driver, model time, first failed check; then the groups of
     nodes that fail the same way.
@@ -136,14 +164,22 @@ def fleet_slurm_command(partition, nodes, gres, image, no_container, timeout_s, 
     from envcheck.fleet import slurm
     from envcheck.fleet.aggregate import render, summarize
 
+    if dry_run and not drain:
+        raise click.UsageError("--dry-run goes with --drain (it prints the scontrol commands "
+                               "--drain would run)")
     with spinner("running gpu-smoke on every node through srun"):
         rows, seconds = slurm.timed_fleet(partition=partition, nodes=nodes, gres=gres,
                                           image=image, timeout_s=timeout_s,
                                           no_container=no_container)
     fleet = summarize(rows, "slurm", require_gpu=require_gpu, seconds=round(seconds, 3))
+    if drain:
+        fleet.actions = slurm.act(rows, partition, nodes, require_gpu, dry_run)
     click.echo(json.dumps(to_json(fleet), indent=2) if as_json else render(fleet, show_all))
     if metrics:
         prometheus.write(metrics, prometheus.fleet_registry(fleet, seconds))
+    if any(action.error for action in fleet.actions):
+        raise UnreadableInput("some of --drain's scontrol commands failed (listed above): "
+                              f"{next(a.error for a in fleet.actions if a.error)}")
     sys.exit(EXIT_OK if fleet.ok else EXIT_FAILED)
 
 

@@ -3,7 +3,7 @@
 # `down` here also waits for the daemons and kills stragglers.)
 # Bring up a self-contained fake multi-node Slurm cluster on ONE host (as root),
 # with its own munged (own socket/key), N slurmd "nodes" and fake GPUs.
-# Usage: fake_slurm_cluster.sh up   DIR [NODES=3] [GPUS_PER_NODE=2] [BASEPORT=17100]
+# Usage: [SLURM_EXTRA_CONF=lines] fake_slurm_cluster.sh up DIR [NODES=3] [GPUS_PER_NODE=2] [BASEPORT=17100]
 #        fake_slurm_cluster.sh down DIR
 # Then:  export SLURM_CONF=DIR/etc/slurm.conf ; srun -N3 --gres=gpu:1 cmd
 # Needs: apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge
@@ -68,6 +68,8 @@ MpiDefault=none
 ReturnToService=2
 SlurmdTimeout=30
 EOF
+# lines of the caller's (e.g. HealthCheckProgram=… HealthCheckInterval=…), one per line
+[ -n "${SLURM_EXTRA_CONF:-}" ] && printf '%s\n' "$SLURM_EXTRA_CONF"
 for ((i=1; i<=NODES; i++)); do
   echo "NodeName=n$i NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((BASE+i)) CPUs=$NCPU RealMemory=1000 Gres=gpu:$GPUS State=UNKNOWN"
 done

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import json
 import re
+import shlex
 from typing import Any, Literal
 
 import msgspec
@@ -61,6 +62,17 @@ class Group(msgspec.Struct, kw_only=True):
     fix: str | None
 
 
+class NodeAction(msgspec.Struct, kw_only=True):
+    """What `fleet slurm --drain` did (or, with --dry-run, would do) on one node, and why."""
+
+    node: str
+    action: Literal["drain", "resume", "left drained"]
+    reason: str | None = None
+    argv: list[str] = []  # the scontrol command (none for "left drained")
+    done: bool = False  # the command ran and scontrol accepted it
+    error: str | None = None
+
+
 class FleetReport(msgspec.Struct, kw_only=True):
     schema: Literal["envcheck.fleet/v1"] = SCHEMA
     engine: Literal["slurm", "kubernetes"]
@@ -70,6 +82,7 @@ class FleetReport(msgspec.Struct, kw_only=True):
     seconds: float | None
     groups: list[Group]
     nodes: list[NodeResult]
+    actions: list[NodeAction] = []  # --drain's, in node order
 
     def to_json(self) -> dict:
         return msgspec.to_builtins(self)
@@ -207,6 +220,15 @@ def render_lines(fleet: FleetReport, show_all: bool = False) -> list[str]:
             lines.append(f"         {group.summary[:160]}")
         if group.fix:
             lines.append(f"         fix: {group.fix[:160]}")
+    dry_run = any(a.argv and not a.done and not a.error for a in fleet.actions)
+    lines += [f"{'would run (--dry-run)' if dry_run else 'actions (--drain)'}:"] * bool(
+        fleet.actions)
+    for action in fleet.actions:
+        state = "" if not action.argv else (" done" if action.done else f" FAILED: {action.error}"
+                                            if action.error else " (not run)")
+        lines.append(f"  {action.node}: {action.action}{state} — {action.reason or ''}")
+        if action.argv and not action.done and not action.error:
+            lines.append("    " + shlex.join(action.argv))
     return lines
 
 

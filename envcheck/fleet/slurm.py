@@ -25,7 +25,14 @@ import time
 from pathlib import Path
 
 from envcheck import runner as runner_module
-from envcheck.fleet.aggregate import NodeResult, from_report, parse_report, report_node
+from envcheck.fleet import drain
+from envcheck.fleet.aggregate import (
+    NodeAction,
+    NodeResult,
+    from_report,
+    parse_report,
+    report_node,
+)
 from envcheck.fleet.sinfo import (
     Partition,
     availability,
@@ -277,6 +284,15 @@ def _read(path: Path) -> str:
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
+
+
+def act(rows: list[NodeResult], partition: str | None, nodes: str | None, require_gpu: bool,
+        dry_run: bool, run: Runner | None = None) -> list[NodeAction]:
+    """--drain: drain the failed nodes, resume those envcheck drained that passed (drain.py)."""
+    run = run or runner_module.run
+    return drain.drain_fleet(rows, lambda: list_nodes(partition, nodes, run),
+                             lambda argv, timeout_s: run(argv, timeout_s, env=slurm_env()),
+                             require_gpu, dry_run)
 
 
 def timed_fleet(**options) -> tuple[list[NodeResult], float]:

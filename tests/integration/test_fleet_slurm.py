@@ -69,18 +69,50 @@ def test_one_row_per_node_with_gres(cluster):
     assert report["groups"][0] == {**report["groups"][0], "nodes": "n[1-3]", "count": 3}
 
 
-def test_a_drained_node_is_a_row(cluster):
+def test_a_drained_node_is_a_row_and_drain_leaves_it_to_its_admin(cluster):
+    """n3 drained by an admin is a row; with --require-gpu --drain on this GPU-less cluster n1
+    and n2 fail and are drained with envcheck's marker, n3 stays as the admin left it."""
     _, env = cluster
-    scontrol(env, "update", "nodename=n3", "state=drain", "reason=envcheck test")
+    scontrol(env, "update", "nodename=n3", "state=drain", 'reason=envcheck test (RMA 4711)')
     try:
-        rc, report, _ = fleet(env, "--timeout-s", "300")
+        before = node_states(env)
+        rc, report, _ = fleet(env, "--timeout-s", "300", "--require-gpu", "--drain")
+        after = node_states(env)
     finally:
-        scontrol(env, "update", "nodename=n3", "state=resume")
+        subprocess.run(["scontrol", "update", "nodename=n[1-3]", "state=resume"], env=env,
+                       timeout=30, check=False)
     nodes = {n["node"]: n for n in report["nodes"]}
     assert rc == 1 and not report["ok"]
     assert nodes["n3"]["status"] == "drained" and "envcheck test" in nodes["n3"]["detail"]
     assert nodes["n1"]["verdict"] == nodes["n2"]["verdict"] == "cpu-fallback"
     assert report["totals"] == {"cpu-fallback": 2, "drained": 1}
+    actions = {a["node"]: a for a in report["actions"]}
+    for name in ("n1", "n2"):
+        assert actions[name]["action"] == "drain" and actions[name]["done"], actions[name]
+        state, reason = after[name]
+        assert state.startswith("drain") and reason.startswith("envcheck: host.gpu: "), after
+    assert after["n3"] == before["n3"] == ("drain", "envcheck test (RMA 4711)")
+    assert actions["n3"]["action"] == "left drained" and actions["n3"]["argv"] == []
+
+
+def node_states(env: dict) -> dict[str, tuple[str, str]]:
+    """node -> (sinfo's short state, its reason), as `sinfo -N` shows them."""
+    done = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%t|%E"], env=env, check=True,
+                          capture_output=True, text=True, timeout=30)
+    return {name: (state, reason) for name, state, reason in
+            (line.split("|", 2) for line in done.stdout.splitlines())}
+
+
+def test_dry_run_prints_the_commands_and_changes_nothing(cluster):
+    _, env = cluster
+    before = node_states(env)
+    rc, report, _ = fleet(env, "--nodes", "n1", "--require-gpu", "--drain", "--dry-run",
+                          "--timeout-s", "300")
+    assert rc == 1 and node_states(env) == before
+    assert [(a["node"], a["action"], a["done"]) for a in report["actions"]] == [
+        ("n1", "drain", False)]
+    assert report["actions"][0]["argv"][:4] == ["scontrol", "update", "NodeName=n1",
+                                                "State=DRAIN"]
 
 
 def test_run_from_inside_a_job(cluster):
