@@ -4,9 +4,11 @@ is a failure, never a silent skip (`make test` installs them)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,28 @@ import pytest
 from scripts import cuda_image
 from scripts.local_registry import Registry
 from tests.conftest import IN_CI, require_binary  # noqa: F401 (re-exported to the tests)
+
+SLURM_SCRIPT = Path(__file__).resolve().parents[2] / "scripts/fake_slurm_cluster.sh"
+
+
+@contextlib.contextmanager
+def slurm_cluster(folder: Path, nodes: int, port: int, extra_conf: str = ""
+                  ) -> Iterator[dict[str, str]]:
+    """A local Slurm cluster in `folder` (scripts/fake_slurm_cluster.sh: `nodes` slurmd nodes
+    n1.., 2 fake GPUs each, slurmctld on `port`, `extra_conf` lines appended to slurm.conf);
+    yields the environment that points the Slurm commands at it; stopped by pid at the end."""
+    for binary in ("slurmctld", "slurmd", "srun", "sinfo", "munged"):
+        require_binary(binary)
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster needs root (slurmd launches jobs)")
+    done = subprocess.run([str(SLURM_SCRIPT), "up", str(folder), str(nodes), "2", str(port)],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "SLURM_EXTRA_CONF": extra_conf})
+    try:
+        assert done.returncode == 0, done.stderr
+        yield {**os.environ, "SLURM_CONF": str(folder / "etc/slurm.conf")}
+    finally:
+        subprocess.run([str(SLURM_SCRIPT), "down", str(folder)], timeout=60, check=False)
 
 
 def start_registry(root: Path, htpasswd: Path | None = None) -> Registry:

@@ -8,7 +8,6 @@ same decisions in tests/unit/test_drain.py and under Slurm in test_fleet_slurm.p
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -16,9 +15,8 @@ import time
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.conftest import require_binary
+from tests.integration.conftest import slurm_cluster
 
-SCRIPT = REPO / "scripts/fake_slurm_cluster.sh"
 BASE_PORT = 17500
 WRAPPER = """#!/bin/sh
 # slurmd's HealthCheckProgram in the test: the flag file says whether a GPU is required
@@ -58,27 +56,16 @@ def log(folder) -> str:
 
 @pytest.fixture(scope="module")
 def health_cluster(tmp_path_factory):
-    for binary in ("slurmctld", "slurmd", "sinfo", "munged"):
-        require_binary(binary)
-    if os.geteuid() != 0:
-        pytest.skip("the local Slurm cluster needs root (slurmd runs the health check)")
     folder = tmp_path_factory.mktemp("slurm-health")
-    conf = folder / "etc/slurm.conf"
     wrapper = folder / "health-check.sh"
-    wrapper.write_text(WRAPPER.format(conf=conf, repo=REPO, folder=folder, python=sys.executable))
+    wrapper.write_text(WRAPPER.format(conf=folder / "etc/slurm.conf", repo=REPO, folder=folder,
+                                      python=sys.executable))
     wrapper.chmod(0o755)
     (folder / "hang").touch()
     extra = (f"HealthCheckProgram={wrapper}\nHealthCheckInterval=2\n"
              "HealthCheckNodeState=ANY")
-    done = subprocess.run([str(SCRIPT), "up", str(folder), "1", "2", str(BASE_PORT)],
-                          capture_output=True, text=True, timeout=120, check=False,
-                          env={**os.environ, "SLURM_EXTRA_CONF": extra})
-    env = {**os.environ, "SLURM_CONF": str(conf)}
-    try:
-        assert done.returncode == 0, done.stderr
+    with slurm_cluster(folder, 1, BASE_PORT, extra) as env:
         yield folder, env
-    finally:
-        subprocess.run([str(SCRIPT), "down", str(folder)], timeout=60, check=False)
 
 
 def test_slurmd_runs_the_health_check_which_drains_then_resumes(health_cluster):
